@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:
+#   make run    create .venv, install, train C2AL on the embedded MovieLens-100k
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN_ARGS ?=
+
+.PHONY: install run test bench clean
+
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py
+	@echo ">> creating $(VENV) and installing the pinned CPU dependency set"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@echo ">> python train.py $(RUN_ARGS) (MovieLens-100k from the recbole wheel)"
+	$(BIN)/python train.py $(RUN_ARGS)
+
+test: $(STAMP)
+	@echo ">> pytest tests"
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

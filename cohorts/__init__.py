@@ -1,0 +1,1 @@
+"""Cohort mining (installed as c2al.cohorts)."""

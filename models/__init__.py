@@ -1,0 +1,1 @@
+"""Models over injected TorchRec EmbeddingBagCollections (installed as c2al.models)."""
