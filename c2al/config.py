@@ -1,0 +1,137 @@
+"""One config dataclass per run; the command line is generated from its fields.
+
+The config is printed at start and saved inside every checkpoint and report,
+so a result file always says what made it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+from c2al.errors import C2ALError
+
+MODELS = ("afm", "attention-fm", "two-tower")
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    default = kw.pop("default")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Everything that defines a run of train.py."""
+
+    # data
+    data: str = _opt("movielens-100k (embedded default), synthetic, a MovieLens directory, or a CSV/Parquet PATH", default="movielens-100k")
+    label: str = _opt("tabular data: the 0/1 label column", default="")
+    sparse: str = _opt("tabular data: comma-separated categorical columns", default="")
+    dense: str = _opt("tabular data: comma-separated numeric columns", default="")
+    user_col: str = _opt("tabular data: the user id column", default="")
+    item_col: str = _opt("tabular data: the item id column (two-tower)", default="")
+    time_col: str = _opt("tabular data: timestamp column; splits by time per user when given with --user-col", default="")
+    cohort_features: str = _opt("comma-separated columns the cohort miner clusters on (default: the source's user-side features)", default="")
+    valid_frac: float = _opt("share of each user's (latest) rows held out for validation", default=0.1)
+    test_frac: float = _opt("share of each user's latest rows held out for test", default=0.1)
+    # model
+    model: str = _opt(f"model: {', '.join(MODELS)}", default="afm", choices=MODELS)
+    embedding_dim: int = _opt("embedding dimension D of every table", default=16)
+    attention_dim: int = _opt("AFM attention MLP width / AttentionFM rank K'", default=16)
+    two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)", default="bce", choices=("bce", "softmax"))
+    # training
+    epochs: int = _opt("passes over the training split", default=5)
+    batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
+    lr: float = _opt("learning rate of the dense parameters", default=3e-3)
+    dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=("adam", "adagrad", "sgd"))
+    weight_decay: float = _opt("L2 weight decay of dense parameters", default=0.0)
+    table_lr: float = _opt("learning rate of the fused embedding-table optimizer", default=0.05)
+    table_optimizer: str = _opt("fused table optimizer (adam only on CUDA)", default="rowwise_adagrad", choices=("sgd", "adagrad", "rowwise_adagrad", "adam"))
+    sharding: str = _opt("sharding type forced on every table", default="table_wise", choices=("table_wise", "column_wise", "row_wise", "data_parallel"))
+    pipeline: bool = _opt("train through TorchRec's TrainPipelineSparseDist", default=False)
+    device: str = _opt("auto, cpu or cuda", default="auto")
+    seed: int = _opt("seed of initialization, shuffling and mining", default=0)
+    checkpoint_every: int = _opt("steps between checkpoints (0: only at the end of each epoch)", default=0)
+    resume: bool = _opt("resume from OUT/checkpoint.pt if it exists", default=False)
+    out: str = _opt("output directory (default runs/<data>-<model>-seed<seed>)", default="")
+    quiet: bool = _opt("no progress bars", default=False)
+    # C2AL
+    aux_cohorts: int = _opt("run C2AL with K auxiliary cohorts (baseline, mining, C2AL, comparison); bare flag means K=2", default=0, nargs="?", const=2)
+    aux_weight: str = _opt("lambda of the auxiliary losses: one float or K comma-separated floats", default="0.1")
+    aux_head: str = _opt("auxiliary head: clone (the model's own output head, fresh weights), mlp or linear", default="clone", choices=("clone", "mlp", "linear"))
+    cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, kmeans+axes", default="kmeans")
+    n_clusters: int = _opt("clusters the miner proposes as candidates", default=16)
+    divergence: str = _opt("miner contrast: js, kl or wasserstein", default="js", choices=("js", "kl", "wasserstein"))
+    min_share: float = _opt("smallest traffic share of an exposed cohort", default=0.02)
+    max_share: float = _opt("largest traffic share of an exposed cohort", default=0.2)
+    cohorts: str = _opt("reuse a saved cohort miner (directory or .json written by a previous run)", default="")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise C2ALError(f"unknown config fields {unknown}")
+        return cls(**d)
+
+    def list_of(self, name: str) -> list[str]:
+        value = getattr(self, name)
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    def aux_weights(self) -> list[float]:
+        try:
+            w = [float(v) for v in self.list_of("aux_weight")]
+        except ValueError:
+            raise C2ALError(f"--aux-weight must be floats, got {self.aux_weight!r}") from None
+        k = self.aux_cohorts
+        if len(w) == 1:
+            return w * max(k, 1)
+        if len(w) != k:
+            raise C2ALError(f"--aux-weight has {len(w)} values but --aux-cohorts is {k}")
+        return w
+
+    def check(self) -> "Config":
+        if self.batch_size <= 0 or self.epochs <= 0 or self.embedding_dim <= 0:
+            raise C2ALError("--batch-size, --epochs and --embedding-dim must be positive")
+        if not 0 < self.valid_frac + self.test_frac < 1:
+            raise C2ALError("--valid-frac + --test-frac must lie in (0, 1)")
+        if self.aux_cohorts < 0:
+            raise C2ALError("--aux-cohorts must be >= 1 (or absent)")
+        if self.aux_cohorts:
+            self.aux_weights()
+        return self
+
+
+# Fields that change parameter shapes or data: a checkpoint must agree on them.
+SHAPE_FIELDS = ("data", "label", "sparse", "dense", "user_col", "item_col", "model", "embedding_dim", "attention_dim")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keep the usage examples of the description as written and show defaults."""
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    for f in fields(Config):
+        meta = dict(f.metadata)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        helptext = meta.pop("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            continue
+        typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        p.add_argument(flag, type=typ, default=default, help=helptext, **meta)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str = "") -> Config:
+    ns = build_parser(description).parse_args(argv)
+    return Config(**vars(ns)).check()

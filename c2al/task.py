@@ -1,0 +1,124 @@
+"""The shared task: one train step and one evaluation, used by every loop.
+
+Like the `task.py` of Flower's quickstart, this is the only place that knows
+how a batch becomes a loss and a prediction; the centralized loop here and the
+federated loop both call it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from c2al.data.batch import Batch, iter_batches
+from c2al.data.schema import Schema, Table
+from c2al.distributed import DistInfo, all_gather_arrays
+from c2al.errors import C2ALError
+
+LossFn = Callable[[nn.Module, Batch], "StepOutput"]
+
+
+class StepOutput(NamedTuple):
+    """What one forward of a train module gives back."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    logits: torch.Tensor  # [B] main-task logits
+    parts: dict[str, torch.Tensor]  # named loss terms, detached, for logging
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over rows of non-zero weight (padding rows carry weight 0)."""
+    per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+class TrainModule(nn.Module):
+    """Thin train wrapper, as TorchRec's DLRMTrain: batch in, (loss, outputs) out.
+
+    The model never owns its loss. A model wrapped by `c2al.attach` returns
+    `AuxOutput` and brings its own `loss(output, labels, cohort_ids, weights)`;
+    any other model returns logits and is trained with BCE.
+
+    Args:
+        model: a model taking (dense_features, sparse_features), or a c2al wrapper.
+        loss: "bce", or "softmax" for two-tower in-batch sampled softmax.
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "bce") -> None:
+        super().__init__()
+        self.model = model
+        self.loss_kind = loss
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        out = self.model(batch.dense, batch.sparse)
+        if hasattr(out, "aux_logits"):
+            loss, parts = self.model.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)
+            logits = out.logits
+        else:
+            logits = out
+            loss = weighted_bce(logits.reshape(-1), batch.labels, batch.weights)
+            parts = {"main": loss.detach()}
+        if self.loss_kind == "softmax":
+            loss = self._softmax_loss(batch) + 0.0 * loss
+        return loss, (loss.detach(), logits.detach().reshape(-1), parts)
+
+    def _softmax_loss(self, batch: Batch) -> torch.Tensor:
+        from c2al.losses import in_batch_softmax_loss
+
+        inner = getattr(self.model, "model", self.model)
+        query, candidate = inner.towers(batch.dense, batch.sparse)
+        return in_batch_softmax_loss(query, candidate, batch.labels * batch.weights)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    *,
+    total: int | None = None,
+    desc: str = "train",
+    show: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """One pass; returns mean loss and mean of each named loss part."""
+    model.train()
+    sums: dict[str, float] = {}
+    n = 0
+    bar = tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        loss, (_, _, parts) = model(batch)
+        if not torch.isfinite(loss):
+            raise C2ALError(f"{desc}: loss became {loss.item()} at step {n}; lower --lr / --table-lr")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        n += 1
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+        if on_step is not None:
+            on_step(n, loss.item())
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo, *, show: bool = False, desc: str = "eval") -> np.ndarray:
+    """Predicted probabilities for every row of `table`, in row order, on every rank."""
+    model.eval()
+    mine: list[np.ndarray] = []
+    batches = iter_batches(table, schema, batch_size, shuffle=False, rank=info.rank, world_size=info.world_size)
+    for batch in tqdm(batches, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+        _, (_, logits, _) = model(batch.to(info.device))
+        keep = batch.weights.cpu().numpy() > 0
+        mine.append(torch.sigmoid(logits.float()).cpu().numpy()[keep])
+    per_rank = all_gather_arrays(mine, info)
+    # Global batch b is rank 0's part of b, then rank 1's part of b, ...
+    ordered = [part for b in range(len(mine)) for rank_parts in per_rank for part in [rank_parts[b]]]
+    probs = np.concatenate(ordered) if ordered else np.zeros(0)
+    if len(probs) != len(table):
+        raise RuntimeError(f"gathered {len(probs)} predictions for {len(table)} rows")
+    return probs
