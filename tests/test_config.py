@@ -1,0 +1,55 @@
+"""The CLI is generated from Config; its contract flags must parse as documented."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from c2al.config import Config, build_parser, parse_args
+from c2al.errors import C2ALError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_config_field_has_a_flag():
+    flags = {a.dest for a in build_parser()._actions}
+    assert {f for f in Config.__dataclass_fields__} <= flags
+
+
+def test_tabular_role_flags_are_the_public_contract():
+    cfg = parse_args(["--data", "x.csv", "--label", "click", "--sparse", "a,b", "--dense", "c,d",
+                      "--user-col", "u", "--cohort-features", "e,f"])
+    assert (cfg.label, cfg.list_of("sparse"), cfg.list_of("dense"), cfg.user_col, cfg.list_of("cohort_features")) == (
+        "click", ["a", "b"], ["c", "d"], "u", ["e", "f"])
+
+
+def test_bare_aux_cohorts_means_two():
+    assert parse_args(["--aux-cohorts"]).aux_cohorts == 2
+    assert parse_args(["--aux-cohorts", "3"]).aux_cohorts == 3
+    assert parse_args([]).aux_cohorts == 0
+
+
+def test_aux_weight_broadcasts_or_must_match_k():
+    assert parse_args(["--aux-cohorts", "3", "--aux-weight", "0.3"]).aux_weights() == [0.3, 0.3, 0.3]
+    with pytest.raises(C2ALError, match="--aux-weight has 2 values"):
+        parse_args(["--aux-cohorts", "3", "--aux-weight", "0.1,0.2"])
+
+
+def test_non_numeric_aux_weight_is_named():
+    with pytest.raises(C2ALError, match="--aux-weight"):
+        parse_args(["--aux-cohorts", "--aux-weight", "big"])
+
+
+def test_config_roundtrips_through_dict():
+    cfg = parse_args(["--model", "two-tower", "--seed", "7"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_config_field_is_rejected():
+    with pytest.raises(C2ALError, match="unknown config fields"):
+        Config.from_dict({"modle": "afm"})
+
+
+def test_help_explains_the_method_and_flags():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--aux-cohorts" in out and "--cohort-features" in out and "torchrun" in out
