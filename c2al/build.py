@@ -40,8 +40,7 @@ def load_splits(cfg: Config):  # -> Splits
     """The data source named by --data, with tabular roles from the flags."""
     from c2al.data.sources import load_source
 
-    return load_source(
-        cfg.data,
+    roles = dict(
         label=cfg.label or None,
         sparse=cfg.list_of("sparse"),
         dense=cfg.list_of("dense"),
@@ -51,5 +50,15 @@ def load_splits(cfg: Config):  # -> Splits
         time_col=cfg.time_col or None,
         valid_frac=cfg.valid_frac,
         test_frac=cfg.test_frac,
-        seed=cfg.seed,
     )
+    if not is_movielens(cfg.data):  # MovieLens splits by time; only random splits take a seed
+        roles["seed"] = cfg.seed
+    return load_source(cfg.data, **roles)
+
+
+def is_movielens(data: str) -> bool:
+    from pathlib import Path
+
+    from c2al.data.sources import is_movielens_dir
+
+    return data.startswith(("movielens", "ml-")) or is_movielens_dir(Path(data))

@@ -39,7 +39,7 @@ def _only(source: str, roles: dict[str, Any], allowed: tuple[str, ...]) -> dict[
     return roles
 
 
-def _is_movielens_dir(p: Path) -> bool:
+def is_movielens_dir(p: Path) -> bool:
     return p.is_dir() and (
         any(p.glob("*.inter")) or any((p / f).exists() for f in ("u.data", "ratings.dat", "ratings.csv"))
     )
@@ -83,7 +83,7 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
                 roles[k] = tuple((int if k == "vocab_sizes" else float)(x) for x in parts)
         return make_synthetic_splits(SyntheticConfig(**roles), **split_args).validate()
     path = Path(name)
-    if _is_movielens_dir(path):
+    if is_movielens_dir(path):
         return load_movielens(path, **_only(name, roles, _MOVIELENS_ARGS)).validate()
     if path.name.lower().endswith(_TABLE_SUFFIXES):
         roles = _only(name, roles, _TABULAR_ARGS)
