@@ -1,1 +1,31 @@
-"""Models over injected TorchRec EmbeddingBagCollections (installed as c2al.models)."""
+"""Models over injected TorchRec EmbeddingBagCollections (installed as c2al.models).
+
+Every model is split into named `*Arch` parts (TorchRec `models/dlrm.py` style),
+takes `forward(dense_features, sparse_features)` and returns [B] logits. The
+shared representation that C2AL's auxiliary heads read is the output of the
+submodule named by `SHARED_AT` ("inter_arch"); its width is
+`model.inter_arch.out_features`.
+"""
+from c2al.models.afm import AFM, AFMInteractionArch
+from c2al.models.attention_fm import AttentionFM, AttentionFMInteractionArch
+from c2al.models.common import MLP, DenseArch, SparseArch, make_ebc, table_name
+from c2al.models.two_tower import DotInteractionArch, SumOverArch, TowerArch, TwoTower
+
+SHARED_AT = "inter_arch"
+
+__all__ = [
+    "AFM",
+    "AFMInteractionArch",
+    "AttentionFM",
+    "AttentionFMInteractionArch",
+    "DenseArch",
+    "DotInteractionArch",
+    "MLP",
+    "SHARED_AT",
+    "SparseArch",
+    "SumOverArch",
+    "TowerArch",
+    "TwoTower",
+    "make_ebc",
+    "table_name",
+]

@@ -1,0 +1,213 @@
+"""Attentional Factorization Machine (Xiao et al., IJCAI 2017) over a TorchRec EBC.
+
+Letters: B batch, F fields (sparse fields, plus one when there are dense
+features), D embedding dim, A attention hidden size, P = F(F-1)/2 pairs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from c2al.errors import C2ALError
+from c2al.models.common import DenseArch, SparseArch
+
+
+class AFMInteractionArch(nn.Module):
+    """Attention-pooled pairwise interactions; its output is the shared representation.
+
+    Every pair of fields (i < j) gives the element-wise product v_i * v_j. An
+    attention MLP (D -> A with ReLU -> 1) scores each pair, a softmax over the P
+    pairs turns scores into weights, and the weighted sum of the products is the
+    [B, D] output. C2AL's auxiliary heads read this output (`at="inter_arch"`).
+
+    Args:
+        num_fields: F, the number of fields stacked by the model (>= 2).
+        embedding_dim: D.
+        attention_dim: A, the attention MLP's hidden size.
+        dropout: dropout on the pairwise products entering the weighted sum
+            (Xiao's dropout on the pair-wise interaction layer); the attention
+            weights themselves are computed from the undropped products.
+        device: where the parameters are created.
+
+    Example:
+        >>> arch = AFMInteractionArch(num_fields=3, embedding_dim=4, attention_dim=8)
+        >>> arch(torch.randn(2, 3, 4)).shape
+        torch.Size([2, 4])
+        >>> arch.attention(torch.randn(2, 3, 4)).shape  # P = 3 pairs
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        attention_dim: int = 16,
+        dropout: float = 0.0,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.attention_norm_dim: int = -1  # attention() sums to 1 over the pairs
+        if num_fields < 2:
+            raise C2ALError(f"AFM needs at least 2 fields to form pairs, got {num_fields}")
+        self.F: int = num_fields
+        self.out_features: int = embedding_dim
+        left, right = torch.triu_indices(num_fields, num_fields, offset=1, device=device)
+        # Not persistent: derived from F, so checkpoints stay free of it.
+        self.register_buffer("left", left, persistent=False)
+        self.register_buffer("right", right, persistent=False)
+        self.P: int = int(left.numel())
+        self.hidden = nn.Sequential(nn.Linear(embedding_dim, attention_dim, device=device), nn.ReLU())
+        self.score = nn.Linear(attention_dim, 1, bias=False, device=device)  # Xiao's h
+        self.dropout = nn.Dropout(dropout)
+
+    def pairs(self, fields: torch.Tensor) -> torch.Tensor:
+        """Element-wise products of all field pairs i < j.
+
+        Args:
+            fields: [B, F, D].
+
+        Returns:
+            [B, P, D], pairs in row-major upper-triangle order (0,1), (0,2), ...
+        """
+        return fields.index_select(1, self.left) * fields.index_select(1, self.right)
+
+    def attention_hidden(self, fields: torch.Tensor) -> torch.Tensor:
+        """ReLU activations of the attention MLP, for dead-unit statistics.
+
+        Args:
+            fields: [B, F, D].
+
+        Returns:
+            [B, P, A].
+        """
+        return self.hidden(self.pairs(fields))
+
+    def attention(self, fields: torch.Tensor) -> torch.Tensor:
+        """Attention weight of every pair; each row sums to 1.
+
+        Args:
+            fields: [B, F, D].
+
+        Returns:
+            [B, P].
+        """
+        return self._attention_from_pairs(self.pairs(fields))
+
+    def _attention_from_pairs(self, pairs: torch.Tensor) -> torch.Tensor:
+        scores = self.score(self.hidden(pairs)).squeeze(-1)  # [B, P]
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            fields: [B, F, D].
+
+        Returns:
+            [B, D] attention-weighted sum of pairwise products (shared representation).
+        """
+        pairs = self.pairs(fields)  # [B, P, D]
+        weights = self._attention_from_pairs(pairs)  # [B, P]
+        return torch.bmm(weights.unsqueeze(1), self.dropout(pairs)).squeeze(1)  # [B, D]
+
+
+class AFM(nn.Module):
+    """Attentional FM: logit = p . inter_arch(fields) + first_order(fields) + bias.
+
+    Parts: `sparse_arch` (EBC lookup -> [B, F_s, D]), `dense_arch` (dense
+    features -> one more D-dim field, appended after the sparse fields; None
+    without dense features), `inter_arch` (AFMInteractionArch, the SHARED
+    REPRESENTATION [B, D] that C2AL's auxiliary heads read), `first_order`
+    and `over_arch`.
+
+    `first_order` is a bias-free Linear over the flattened field embeddings
+    [B, F*D] -> 1. Xiao's linear term is a learned scalar per id; here the
+    per-id weight is w_f . v_id, i.e. constrained to the span of that id's
+    embedding, which saves a second lookup per feature (and a second set of
+    sharded tables). For MEAN-pooled multi-hot fields it equals the mean of
+    those per-id weights, because the Linear commutes with pooling.
+
+    `over_arch` is the projection p: Linear(D, 1) whose bias is the global
+    bias w_0; it reads only `inter_arch`'s output, so a head cloned from it
+    can read the shared representation directly.
+
+    Args:
+        embedding_bag_collection: injected EBC (e.g. `make_ebc`), one D for all tables.
+        dense_in_features: number of dense features; 0 for none.
+        attention_dim: A, hidden size of the attention MLP.
+        dropout: dropout on the pairwise products (see AFMInteractionArch).
+        dense_device: where the non-embedding parameters are created (the EBC
+            may be on "meta" for sharding).
+
+    Example:
+        >>> from c2al.data.schema import Schema, SparseFeature
+        >>> from c2al.models.common import make_ebc
+        >>> schema = Schema(sparse=(SparseFeature("user", 10), SparseFeature("item", 20)))
+        >>> model = AFM(make_ebc(schema, dim=8), dense_in_features=3)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["user", "item"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.int32))
+        >>> model(torch.randn(2, 3), kjt).shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        dense_in_features: int,
+        attention_dim: int = 16,
+        dropout: float = 0.0,
+        dense_device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if dense_in_features < 0:
+            raise C2ALError(f"AFM: dense_in_features must be >= 0, got {dense_in_features}")
+        self.sparse_arch = SparseArch(embedding_bag_collection)
+        D = self.sparse_arch.D
+        self.dense_arch: DenseArch | None = (
+            DenseArch(dense_in_features, D, device=dense_device) if dense_in_features > 0 else None
+        )
+        num_fields = self.sparse_arch.F + (1 if dense_in_features > 0 else 0)
+        self.inter_arch = AFMInteractionArch(num_fields, D, attention_dim, dropout, device=dense_device)
+        self.first_order = nn.Linear(num_fields * D, 1, bias=False, device=dense_device)
+        self.over_arch = nn.Linear(D, 1, device=dense_device)
+
+    def field_embeddings(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """
+        Args:
+            dense_features: [B, n_dense] (ignored when the model has no dense_arch).
+            sparse_features: KJT with every EBC feature.
+
+        Returns:
+            [B, F, D]: sparse fields in EBC order, then the dense field if any.
+        """
+        fields = self.sparse_arch(sparse_features)  # [B, F_s, D]
+        if self.dense_arch is not None:
+            fields = torch.cat([fields, self.dense_arch(dense_features).unsqueeze(1)], dim=1)
+        return fields
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """
+        Args:
+            dense_features: [B, n_dense].
+            sparse_features: KJT with every EBC feature, straight from the batch.
+
+        Returns:
+            [B] logits.
+        """
+        fields = self.field_embeddings(dense_features, sparse_features)  # [B, F, D]
+        shared = self.inter_arch(fields)  # [B, D]
+        return (self.over_arch(shared) + self.first_order(fields.flatten(1))).squeeze(-1)
+
+    @torch.no_grad()
+    def attention_weights(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Pair attention weights, detached.
+
+        Args:
+            dense_features: [B, n_dense].
+            sparse_features: KJT with every EBC feature.
+
+        Returns:
+            [B, P] weights summing to 1 per row; pair order as `inter_arch.pairs`.
+        """
+        return self.inter_arch.attention(self.field_embeddings(dense_features, sparse_features))
