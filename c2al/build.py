@@ -17,7 +17,8 @@ def build_model(cfg: Config, schema: Schema) -> nn.Module:
     ebc = make_ebc(schema, cfg.embedding_dim, device="cpu")
     n_dense = len(schema.dense)
     if cfg.model == "afm":
-        return AFM(ebc, dense_in_features=n_dense, attention_dim=cfg.attention_dim)
+        linear = make_ebc(schema, 4, device="cpu", prefix="w_")  # Xiao's per-id first-order weights
+        return AFM(ebc, dense_in_features=n_dense, attention_dim=cfg.attention_dim, dropout=cfg.dropout, first_order_ebc=linear)
     if cfg.model == "attention-fm":
         return AttentionFM(ebc, dense_in_features=n_dense, rank=cfg.attention_dim)
     if cfg.model == "two-tower":

@@ -39,9 +39,10 @@ class Config:
     model: str = _opt(f"model: {', '.join(MODELS)}", default="afm", choices=MODELS)
     embedding_dim: int = _opt("embedding dimension D of every table", default=16)
     attention_dim: int = _opt("AFM attention MLP width / AttentionFM rank K'", default=16)
+    dropout: float = _opt("AFM dropout on the pairwise products", default=0.2)
     two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)", default="bce", choices=("bce", "softmax"))
     # training
-    epochs: int = _opt("passes over the training split", default=5)
+    epochs: int = _opt("passes over the training split", default=4)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)
     dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=("adam", "adagrad", "sgd"))

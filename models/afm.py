@@ -112,6 +112,28 @@ class AFMInteractionArch(nn.Module):
         return torch.bmm(weights.unsqueeze(1), self.dropout(pairs)).squeeze(1)  # [B, D]
 
 
+class FirstOrderArch(nn.Module):
+    """Per-id linear weights: the sum over fields of each pooled row's entries, plus w . dense.
+
+    Args:
+        embedding_bag_collection: small tables (any dimension), one per sparse feature.
+        dense_in_features: number of dense features; 0 for none.
+        device: where the dense weight is created.
+    """
+
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.embedding_bag_collection = embedding_bag_collection
+        self.dense = nn.Linear(dense_in_features, 1, bias=False, device=device) if dense_in_features > 0 else None
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Returns [B, 1]."""
+        out = self.embedding_bag_collection(sparse_features).values().sum(dim=1, keepdim=True)  # [B, 1]: row sums
+        if self.dense is not None:
+            out = out + self.dense(dense_features)
+        return out
+
+
 class AFM(nn.Module):
     """Attentional FM: logit = p . inter_arch(fields) + first_order(fields) + bias.
 
@@ -121,7 +143,11 @@ class AFM(nn.Module):
     REPRESENTATION [B, D] that C2AL's auxiliary heads read), `first_order`
     and `over_arch`.
 
-    `first_order` is a bias-free Linear over the flattened field embeddings
+    `first_order` is Xiao's per-id linear term when `first_order_ebc` (small
+    tables over the same features, e.g. `make_ebc(schema, 4, prefix="w_")`)
+    is injected: each id's weight is the sum of its row (FBGEMM's fused kernels
+    need dimensions divisible by 4, so a row of 4 stands in for one scalar),
+    plus a Linear over the dense field. Without it, `first_order` is a bias-free Linear over the flattened field embeddings
     [B, F*D] -> 1. Xiao's linear term is a learned scalar per id; here the
     per-id weight is w_f . v_id, i.e. constrained to the span of that id's
     embedding, which saves a second lookup per feature (and a second set of
@@ -139,6 +165,7 @@ class AFM(nn.Module):
         dropout: dropout on the pairwise products (see AFMInteractionArch).
         dense_device: where the non-embedding parameters are created (the EBC
             may be on "meta" for sharding).
+        first_order_ebc: optional small tables giving each id its own linear weight (row sum).
 
     Example:
         >>> from c2al.data.schema import Schema, SparseFeature
@@ -158,6 +185,7 @@ class AFM(nn.Module):
         attention_dim: int = 16,
         dropout: float = 0.0,
         dense_device: torch.device | None = None,
+        first_order_ebc: EmbeddingBagCollection | None = None,
     ) -> None:
         super().__init__()
         if dense_in_features < 0:
@@ -169,7 +197,11 @@ class AFM(nn.Module):
         )
         num_fields = self.sparse_arch.F + (1 if dense_in_features > 0 else 0)
         self.inter_arch = AFMInteractionArch(num_fields, D, attention_dim, dropout, device=dense_device)
-        self.first_order = nn.Linear(num_fields * D, 1, bias=False, device=dense_device)
+        self.first_order: nn.Module = (
+            nn.Linear(num_fields * D, 1, bias=False, device=dense_device)
+            if first_order_ebc is None
+            else FirstOrderArch(first_order_ebc, dense_in_features, device=dense_device)
+        )
         self.over_arch = nn.Linear(D, 1, device=dense_device)
 
     def field_embeddings(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
@@ -197,7 +229,11 @@ class AFM(nn.Module):
         """
         fields = self.field_embeddings(dense_features, sparse_features)  # [B, F, D]
         shared = self.inter_arch(fields)  # [B, D]
-        return (self.over_arch(shared) + self.first_order(fields.flatten(1))).squeeze(-1)
+        if isinstance(self.first_order, FirstOrderArch):
+            linear = self.first_order(dense_features, sparse_features)  # [B, 1]
+        else:
+            linear = self.first_order(fields.flatten(1))  # [B, 1]
+        return (self.over_arch(shared) + linear).squeeze(-1)
 
     @torch.no_grad()
     def attention_weights(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:

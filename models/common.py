@@ -16,19 +16,20 @@ from c2al.data.schema import Schema
 from c2al.errors import C2ALError
 
 
-def table_name(feature: str) -> str:
+def table_name(feature: str, prefix: str = "t_") -> str:
     """The embedding table name `make_ebc` gives a feature.
 
     Args:
         feature: sparse feature name.
+        prefix: prepended to the feature name.
 
     Returns:
-        "t_<feature>".
+        "<prefix><feature>", "t_<feature>" by default.
     """
-    return f"t_{feature}"
+    return f"{prefix}{feature}"
 
 
-def make_ebc(schema: Schema, dim: int, device: str | torch.device = "cpu") -> EmbeddingBagCollection:
+def make_ebc(schema: Schema, dim: int, device: str | torch.device = "cpu", prefix: str = "t_") -> EmbeddingBagCollection:
     """One embedding table per sparse feature of `schema`, all of dimension `dim`.
 
     Single-valued fields pool with SUM (a no-op for one id, and the cheapest
@@ -40,6 +41,8 @@ def make_ebc(schema: Schema, dim: int, device: str | torch.device = "cpu") -> Em
         dim: embedding dimension D shared by every table.
         device: where the tables live; "meta" builds them without memory so a
             sharder (DistributedModelParallel) can place them later.
+        prefix: table-name prefix; a second collection over the same schema (AFM's
+            first-order weights) needs another one, since table names are global to a plan.
 
     Returns:
         An EmbeddingBagCollection whose output keys are the feature names.
@@ -50,7 +53,7 @@ def make_ebc(schema: Schema, dim: int, device: str | torch.device = "cpu") -> Em
         raise C2ALError(f"make_ebc: dim must be >= 1, got {dim}")
     tables = [
         EmbeddingBagConfig(
-            name=table_name(f.name),
+            name=table_name(f.name, prefix),
             embedding_dim=dim,
             num_embeddings=f.num_embeddings,
             feature_names=[f.name],
