@@ -1,1 +1,4 @@
-"""Cohort mining (installed as c2al.cohorts)."""
+"""Cohort mining (installed as c2al.cohorts): candidate cohorts, contrast scores, selection."""
+from c2al.cohorts.miner import CohortMiner
+
+__all__ = ["CohortMiner"]

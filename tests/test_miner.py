@@ -1,0 +1,401 @@
+"""Tests of the cohort miner (c2al.cohorts) and its divergences."""
+from __future__ import annotations
+
+import doctest
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import adjusted_rand_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from c2al.cohorts import CohortMiner
+from c2al.cohorts import divergence as dv
+from c2al.cohorts import miner as miner_module
+from c2al.errors import C2ALError
+
+
+def planted_blobs(n: int = 8000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Background N(0, I) users plus two tight 4% blobs: one clicks a lot, one hardly at all.
+
+    Returns X [n, 5], labels, baseline scores and the truth (-1 background, 0 / 1 blobs).
+    """
+    rng = np.random.default_rng(seed)
+    truth = rng.choice([-1, 0, 1], size=n, p=[0.92, 0.04, 0.04])
+    X = rng.normal(size=(n, 5))
+    X[truth >= 0] *= 0.5
+    X[truth == 0, 0] += 6.0
+    X[truth == 1, 1] -= 6.0
+    logit = np.select([truth == 0, truth == 1], [1.5, -4.0], -1.5) + 0.5 * rng.normal(size=n)
+    scores = 1.0 / (1.0 + np.exp(-logit))
+    return X, (rng.random(n) < scores).astype(np.int64), scores, truth
+
+
+def segmented_frame(n: int = 6000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A categorical country (rare 'zz' users score high) and a numeric value (top 5% score low).
+
+    'zz' users are all low-value, so the two planted cohorts share no user and can both be exposed.
+    """
+    rng = np.random.default_rng(seed)
+    country = rng.choice(["de", "fr", "it", "uk", "zz"], size=n, p=[0.3, 0.3, 0.2, 0.15, 0.05])
+    value = np.where(country == "zz", rng.uniform(0.0, 0.5, size=n), rng.lognormal(size=n))
+    top = value >= np.quantile(value, 0.95)
+    logit = np.where(country == "zz", 2.0, np.where(top, -4.0, -1.0)) + 0.3 * rng.normal(size=n)
+    scores = 1.0 / (1.0 + np.exp(-logit))
+    X = pd.DataFrame({"country": country, "value": value})
+    return X, (rng.random(n) < scores).astype(np.int64), scores
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return planted_blobs()
+
+
+# ----------------------------------------------------------------- recovery
+@pytest.mark.parametrize("candidates", ["kmeans", "gmm"])
+def test_recovers_planted_cohorts(blobs, candidates: str) -> None:
+    X, y, scores, truth = blobs
+    ids = CohortMiner(candidates=candidates, random_state=0).fit(X, y, scores).predict(X)
+    assert adjusted_rand_score(truth, ids) > 0.9
+    planted = truth >= 0
+    assert adjusted_rand_score(truth[planted], ids[planted]) > 0.9
+
+
+def test_recovers_planted_cohorts_from_labels_when_scores_absent(blobs) -> None:
+    X, y, _, truth = blobs
+    ids = CohortMiner(random_state=0).fit(X, y).predict(X)
+    assert adjusted_rand_score(truth, ids) > 0.8
+
+
+def test_exposed_cohorts_are_disjoint() -> None:
+    X, y, scores, _ = planted_blobs(seed=1)
+    miner = CohortMiner(4, candidates="kmeans+axes", random_state=0).fit(X, y, scores)
+    ids = miner.predict(X)
+    # on overlapping cohorts the lower id would steal rows, so counts would fall short of the sizes
+    exposed = miner.candidates_.set_index("cohort").loc[range(4), "size"].to_numpy()
+    np.testing.assert_array_equal(np.bincount(ids[ids >= 0], minlength=4), exposed)
+
+
+def test_cohort_ids_are_ordered_by_decreasing_contrast(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(3, random_state=0).fit(X, y, scores)
+    assert np.all(np.diff(miner.contrast_) <= 0)
+    np.testing.assert_allclose([c["contrast"] for c in miner.cohorts_], miner.contrast_)
+
+
+def test_cohort_shares_respect_bounds(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(3, min_share=0.03, max_share=0.1, random_state=0).fit(X, y, scores)
+    assert all(0.03 <= c["share"] <= 0.1 for c in miner.cohorts_)
+
+
+def test_fit_predict_equals_predict_on_training_rows(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(candidates="kmeans+gmm+axes", random_state=0)
+    np.testing.assert_array_equal(miner.fit_predict(X, y, scores), miner.predict(X))
+
+
+def test_same_seed_gives_same_cohorts(blobs) -> None:
+    X, y, scores, _ = blobs
+    first = CohortMiner(random_state=3).fit(X, y, scores).predict(X)
+    np.testing.assert_array_equal(CohortMiner(random_state=3).fit(X, y, scores).predict(X), first)
+
+
+def test_axis_candidates_find_categorical_value_and_numeric_tail() -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(candidates="axes", axes=["country", "value"], random_state=0).fit(X, y, scores)
+    by_source = miner.candidates_.groupby("source").size().to_dict()
+    assert by_source == {"axis:country": 5, "axis:value": 7}  # 5 values; quintiles + 2 tails
+    rules = {c["source"]: c for c in miner.cohorts_}
+    assert set(rules) == {"axis:country", "axis:value"}
+    assert rules["axis:country"]["value"] == "zz"
+    assert rules["axis:value"]["low"] == pytest.approx(np.quantile(X["value"], 0.95))
+    assert rules["axis:value"]["high"] is None
+
+
+def test_axes_accept_column_positions_on_arrays(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(candidates="axes", axes=[0, 1], random_state=0).fit(X, y, scores)
+    assert set(miner.candidates_["source"]) == {"axis:x0", "axis:x1"}
+
+
+def test_accepts_float32_and_integer_features() -> None:
+    # stands in for check_estimators_dtypes, which fits on labels {1, 2}
+    rng = np.random.default_rng(0)
+    X = 3 * rng.uniform(size=(200, 4))
+    y = rng.integers(0, 2, size=200)
+    for dtype in (np.float32, np.float64, np.int32, np.int64):
+        ids = CohortMiner(candidates="kmeans+axes", random_state=0).fit(X.astype(dtype), y).predict(X.astype(dtype))
+        assert ids.dtype == np.int64 and len(ids) == 200
+
+
+def test_own_cluster_assignment_equals_scikit_learn_predict() -> None:
+    # predict reimplements the assignment so a loaded miner needs no pickled estimator
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+    X = np.random.default_rng(0).normal(size=(3000, 4))
+    X[:800] += 3.0
+    km = KMeans(6, n_init=1, random_state=0).fit(X)
+    np.testing.assert_array_equal(miner_module._nearest_center(X, km.cluster_centers_), km.predict(X))
+    gm = GaussianMixture(6, random_state=0).fit(X)
+    np.testing.assert_array_equal(
+        miner_module._likeliest_component(X, gm.weights_, gm.means_, gm.precisions_cholesky_), gm.predict(X))
+
+
+def test_unseen_category_at_predict_joins_no_value_cohort() -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(candidates="axes", axes=["country"], random_state=0).fit(X, y, scores)
+    new = pd.DataFrame({"country": ["xx", "zz"], "value": [0.1, 0.1]})
+    zz = [c["cohort"] for c in miner.cohorts_ if c.get("value") == "zz"]
+    np.testing.assert_array_equal(miner.predict(new), [-1, zz[0]])
+
+
+def test_refit_without_clustering_drops_cluster_centers(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(random_state=0).fit(X, y, scores)
+    miner.set_params(candidates="axes").fit(X, y, scores)
+    assert not hasattr(miner, "cluster_centers_")
+
+
+def test_docstring_example_runs() -> None:
+    result = doctest.testmod(miner_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------- divergences
+def test_js_of_two_bernoullis_matches_hand_computation() -> None:
+    # M = (0.7, 0.3); JS = (0.5 ln(5/7) + 0.5 ln(5/3)) / 2 + (0.9 ln(9/7) + 0.1 ln(1/3)) / 2
+    hand = 0.5 * (0.5 * np.log(5 / 7) + 0.5 * np.log(5 / 3)) + 0.5 * (0.9 * np.log(9 / 7) + 0.1 * np.log(1 / 3))
+    assert dv.js_divergence([0.5, 0.5], [0.9, 0.1]) == pytest.approx(hand, abs=1e-12)
+    assert hand == pytest.approx(0.1017492250791968, abs=1e-12)
+
+
+def test_kl_of_two_bernoullis_matches_hand_computation() -> None:
+    # 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = ln(5/3)
+    assert dv.kl_divergence([0.5, 0.5], [0.9, 0.1]) == pytest.approx(np.log(5 / 3), abs=1e-12)
+
+
+def test_wasserstein_of_two_bernoullis_is_the_rate_gap() -> None:
+    assert dv.wasserstein_distance([0.5, 0.5], [0.9, 0.1], [0.0, 1.0]) == pytest.approx(0.4, abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", dv.METRICS)
+def test_divergence_is_zero_for_identical_distributions(metric: str) -> None:
+    p = np.array([0.2, 0.0, 0.5, 0.3])
+    fn = {"js": dv.js_divergence, "kl": dv.kl_divergence,
+          "wasserstein": lambda a, b: dv.wasserstein_distance(a, b, np.arange(4.0))}[metric]
+    assert fn(p, p) == pytest.approx(0.0, abs=1e-12)
+    counts = np.array([3.0, 0.0, 7.0, 5.0])  # smoothing is applied alike to equal counts
+    assert dv.divergence(metric, counts, counts, np.arange(4.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", dv.METRICS)
+def test_divergence_is_positive_for_different_histograms(metric: str) -> None:
+    assert dv.divergence(metric, np.array([3.0, 0.0, 7.0, 5.0]), np.array([5.0, 7.0, 0.0, 3.0]),
+                         np.arange(4.0)) > 0.05
+
+
+def test_smoothing_pulls_a_small_cohort_toward_the_prior() -> None:
+    prior = np.array([900.0, 100.0])  # pooled: 10% positives
+    # 5 samples without a positive look like the population, not like a 0% cohort
+    probs = dv.to_probabilities(np.array([5.0, 0.0]), dv.SMOOTHING, prior)
+    np.testing.assert_allclose(probs, [5.9 / 6.0, 0.1 / 6.0])
+
+
+def test_binned_wasserstein_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.beta(2, 8, size=4000), rng.beta(3, 5, size=6000)
+    pooled = np.concatenate([a, b])
+    edges = dv.bin_edges(pooled, 200)
+    index = dv.bin_index(pooled, edges)
+    support = dv.bin_support(pooled, index, len(edges) + 1)
+    counts_a = np.bincount(index[:4000], minlength=len(support))
+    counts_b = np.bincount(index[4000:], minlength=len(support))
+    binned = dv.divergence("wasserstein", counts_a, counts_b, support)
+    assert binned == pytest.approx(scipy.stats.wasserstein_distance(a, b), abs=2e-3)
+
+
+def test_pairwise_kl_is_symmetrized() -> None:
+    counts = np.array([[8.0, 2.0], [3.0, 7.0], [5.0, 5.0]])
+    matrix = dv.pairwise("kl", counts, np.array([0.0, 1.0]))
+    np.testing.assert_allclose(matrix, matrix.T)
+    np.testing.assert_allclose(np.diag(matrix), 0.0, atol=1e-12)
+
+
+def test_select_cohorts_takes_the_most_divergent_disjoint_pair() -> None:
+    contrast = np.array([0.9, 0.8, 0.7, 0.1])
+    pair = np.array([[0, 0.2, 0.9, 0.1], [0.2, 0, 0.5, 0.1], [0.9, 0.5, 0, 0.1], [0.1, 0.1, 0.1, 0]])
+    disjoint = ~np.eye(4, dtype=bool)
+    disjoint[0, 2] = disjoint[2, 0] = False  # the most divergent pair shares samples
+    assert sorted(miner_module.select_cohorts(contrast, pair, disjoint, 2)) == [1, 2]
+    assert miner_module.select_cohorts(contrast, pair, disjoint, 3)[2] == 3  # 0 overlaps 2
+
+
+# --------------------------------------------------------------- save / load
+def test_save_load_roundtrip_predicts_identically(tmp_path: Path) -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(3, candidates="kmeans+gmm+axes", random_state=0).fit(X, y, scores)
+    miner.save(tmp_path / "cohorts")
+    loaded = CohortMiner.load(tmp_path / "cohorts.json")
+    np.testing.assert_array_equal(loaded.predict(X), miner.predict(X))
+    assert loaded.cohorts_ == miner.cohorts_ and loaded.get_params() == miner.get_params()
+    pd.testing.assert_frame_equal(loaded.candidates_, miner.candidates_, check_dtype=False)
+
+
+def test_saved_files_are_json_and_npz_without_pickle(tmp_path: Path) -> None:
+    X, y, scores, _ = planted_blobs(n=3000)
+    CohortMiner(candidates="kmeans+gmm", random_state=0).fit(X, y, scores).save(tmp_path / "m.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.npz"]  # no temp file left
+    json.loads((tmp_path / "m.json").read_text())
+    with zipfile.ZipFile(tmp_path / "m.npz") as archive:
+        assert all(name.endswith(".npy") for name in archive.namelist())
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as arrays:
+        assert {"cluster_centers_", "contrast_", "gmm_precisions_cholesky_"} <= set(arrays.files)
+        assert all(arrays[name].dtype != object for name in arrays.files)
+
+
+def test_load_rejects_arrays_that_do_not_match_the_json(tmp_path: Path) -> None:
+    X, y, scores, _ = planted_blobs(n=3000)
+    CohortMiner(random_state=0).fit(X, y, scores).save(tmp_path / "m")
+    CohortMiner(random_state=1).fit(X, y, scores).save(tmp_path / "other")
+    (tmp_path / "m.npz").write_bytes((tmp_path / "other.npz").read_bytes())
+    with pytest.raises(C2ALError, match="m.npz"):
+        CohortMiner.load(tmp_path / "m")
+
+
+def test_save_creates_missing_folders(tmp_path: Path) -> None:
+    X, y, scores, _ = planted_blobs(n=3000)
+    path = CohortMiner(random_state=0).fit(X, y, scores).save(tmp_path / "run" / "cohorts")
+    assert path == tmp_path / "run" / "cohorts.json" and (tmp_path / "run" / "cohorts.npz").exists()
+
+
+def test_load_of_a_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(C2ALError, match="nothing.json"):
+        CohortMiner.load(tmp_path / "nothing")
+
+
+# ------------------------------------------------------ scikit-learn checks
+EXPECTED_FAILED_CHECKS = {
+    "check_clustering": "fits without y; the miner needs binary labels to contrast cohorts "
+                        "(fit(X) raises 'requires y')",
+    "check_estimators_dtypes": "passes labels {1, 2}; y must be 0/1 since PLR is the share of 1s "
+                               "(X dtypes are covered by test_accepts_float32_and_integer_features)",
+    "check_fit2d_1feature": "passes labels {1, 2} (same reason as check_estimators_dtypes)",
+}
+
+
+# kmeans+axes: the checks force n_clusters=1, a single cluster holding every sample,
+# from which no cohort with share <= max_share exists; axis buckets still give candidates
+@parametrize_with_checks([CohortMiner(candidates="kmeans+axes")],
+                         expected_failed_checks=lambda _: EXPECTED_FAILED_CHECKS)
+def test_sklearn_estimator_checks(estimator, check) -> None:
+    check(estimator)
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize("params, match", [
+    ({"divergence": "cosine"}, "divergence='cosine'"),
+    ({"candidates": "dbscan"}, "candidates='dbscan'"),
+    ({"candidates": "kmeans+kmeans"}, "candidates="),
+    ({"n_cohorts": 0}, "n_cohorts=0"),
+    ({"min_share": 0.3, "max_share": 0.2}, "min_share=0.3"),
+    ({"candidates": "axes", "axes": ["age"]}, "unknown column 'age'"),
+])
+def test_bad_parameter_raises_naming_it(blobs, params: dict, match: str) -> None:
+    X, y, scores, _ = blobs
+    with pytest.raises(C2ALError, match=match):
+        CohortMiner(**params).fit(X, y, scores)
+
+
+def test_wide_categorical_column_is_refused_for_clustering() -> None:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"user": [f"u{i}" for i in range(600)], "age": rng.normal(size=600)})
+    with pytest.raises(C2ALError, match="'user' has more than 256 values"):
+        CohortMiner().fit(X, rng.integers(0, 2, size=600))
+
+
+def test_too_many_cohorts_says_how_many_qualify(blobs) -> None:
+    X, y, scores, _ = blobs
+    with pytest.raises(C2ALError, match=r"n_cohorts=20 but only \d+ candidates .* lower n_cohorts or min_share"):
+        CohortMiner(20, random_state=0).fit(X, y, scores)
+
+
+def test_constant_feature_is_named() -> None:
+    X, y, scores = segmented_frame()
+    X["plan"] = "free"
+    with pytest.raises(C2ALError, match="'plan' is constant.*no information"):
+        CohortMiner().fit(X, y, scores)
+
+
+@pytest.mark.parametrize("column", ["value", "country"])
+def test_nan_in_features_is_named(column: str) -> None:
+    X, y, scores = segmented_frame()
+    X.loc[7, column] = np.nan
+    with pytest.raises(C2ALError, match=f"'{column}' contains NaN.*row 7"):
+        CohortMiner().fit(X, y, scores)
+
+
+def test_nan_in_scores_is_named(blobs) -> None:
+    X, y, scores, _ = blobs
+    scores = scores.copy()
+    scores[3] = np.nan
+    with pytest.raises(C2ALError, match="scores contain NaN.*row 3"):
+        CohortMiner().fit(X, y, scores)
+
+
+def test_scores_outside_unit_interval_are_rejected(blobs) -> None:
+    X, y, scores, _ = blobs
+    with pytest.raises(C2ALError, match=r"scores must be probabilities in \[0, 1\]"):
+        CohortMiner().fit(X, y, scores * 2)
+
+
+@pytest.mark.parametrize("which", ["y", "scores"])
+def test_length_mismatch_names_the_array(blobs, which: str) -> None:
+    X, y, scores, _ = blobs
+    args = {"y": y, "scores": scores}
+    args[which] = args[which][:-1]
+    with pytest.raises(C2ALError, match=f"{which} should be a 1d array of {len(X)}"):
+        CohortMiner().fit(X, **args)
+
+
+def test_non_binary_labels_are_rejected(blobs) -> None:
+    X, y, scores, _ = blobs
+    with pytest.raises(C2ALError, match="y must be binary 0/1 labels"):
+        CohortMiner().fit(X, y * 3, scores)
+
+
+def test_missing_labels_are_rejected(blobs) -> None:
+    X, _, scores, _ = blobs
+    with pytest.raises(C2ALError, match="requires y"):
+        CohortMiner().fit(X, None, scores)
+
+
+def test_predict_with_different_columns_names_them() -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(candidates="axes", random_state=0).fit(X, y, scores)
+    with pytest.raises(C2ALError, match=r"missing \['value'\], unexpected \['amount'\]"):
+        miner.predict(X.rename(columns={"value": "amount"}))
+
+
+def test_predict_with_reordered_columns_is_rejected() -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(candidates="axes", random_state=0).fit(X, y, scores)
+    with pytest.raises(C2ALError, match="different order"):
+        miner.predict(X[["value", "country"]])
+
+
+def test_predict_with_a_different_number_of_columns_is_rejected(blobs) -> None:
+    X, y, scores, _ = blobs
+    miner = CohortMiner(random_state=0).fit(X, y, scores)
+    with pytest.raises(C2ALError, match="X has 4 features, but CohortMiner is expecting 5"):
+        miner.predict(X[:, :4])
+
+
+def test_predict_before_fit_raises_not_fitted() -> None:
+    with pytest.raises(NotFittedError):
+        CohortMiner().predict(np.zeros((3, 2)))
