@@ -100,8 +100,12 @@ def fit(
             if cfg.checkpoint_every and (base + n) % cfg.checkpoint_every == 0 and (base + n) % steps_per_epoch:
                 save(base + n)
 
+        def step_seed(n: int, base: int = step) -> int:
+            return (cfg.seed * 1_000_003 + (base + n) * 7919 + info.rank) % (2**63)
+
         stats = train_epoch(dmp, optimizer, batches, total=steps_per_epoch - skip,
-                            desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}", show=info.is_main and not cfg.quiet, on_step=on_step)
+                            desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}", show=info.is_main and not cfg.quiet,
+                            on_step=on_step, step_seed=step_seed)
         step = (epoch + 1) * steps_per_epoch
         valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
         trained.history.append({"epoch": epoch + 1, **stats, "valid_ne": valid["ne"], "valid_auc": valid["auc"]})

@@ -82,13 +82,21 @@ def train_epoch(
     desc: str = "train",
     show: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    step_seed: Callable[[int], int] | None = None,
 ) -> dict[str, float]:
-    """One pass; returns mean loss and mean of each named loss part."""
+    """One pass; returns mean loss and mean of each named loss part.
+
+    `step_seed(n)` (n counts this call's steps from 0) reseeds torch's RNG before
+    each step, so dropout masks depend on the global step only and a resumed
+    run draws exactly what an uninterrupted one would.
+    """
     model.train()
     sums: dict[str, float] = {}
     n = 0
     bar = tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
     for batch in bar:
+        if step_seed is not None:
+            torch.manual_seed(step_seed(n))
         loss, (_, _, parts) = model(batch)
         if not torch.isfinite(loss):
             raise C2ALError(f"{desc}: loss became {loss.item()} at step {n}; lower --lr / --table-lr")
