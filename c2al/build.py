@@ -54,6 +54,8 @@ def load_splits(cfg: Config):  # -> Splits
     )
     if not is_movielens(cfg.data):  # MovieLens splits by time; only random splits take a seed
         roles["seed"] = cfg.seed
+    if is_movielens(cfg.data) or cfg.data.startswith("synthetic"):
+        roles.pop("cohort_features")  # their cohort frames are fixed; --cohort-features picks columns of it
     return load_source(cfg.data, **roles)
 
 

@@ -153,3 +153,29 @@ def clicks_parquet(tmp_path: Path, clicks_frame: pd.DataFrame) -> Path:
     p = tmp_path / "clicks.parquet"
     clicks_frame.to_parquet(p, index=False)
     return p
+
+
+@pytest.fixture(scope="session")
+def train_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4000 click rows for train.py runs: 200 users in 4 cities with an age, 80 items.
+
+    Clicks depend on city x item and x1, so a factorization model learns them
+    within 2 epochs; users older than 60 (about 7% of traffic) click more, a
+    cohort the miner can expose.
+    """
+    rng = np.random.default_rng(0)
+    n, users, items = 4000, 200, 80
+    u = rng.integers(0, users, n)
+    i = rng.integers(0, items, n)
+    city = u % 4
+    user_age = rng.normal(40, 12, users)
+    age = user_age[u]
+    x1 = rng.normal(size=n)
+    logit = 2.0 * (city == i % 4) + 0.8 * x1 - 1.2 + 1.5 * (age > 60)
+    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    df = pd.DataFrame({"user": u, "item": i, "city": [f"c{c}" for c in city], "age": age.round(1),
+                       "hour": rng.integers(0, 24, n), "x1": x1, "x2": rng.normal(size=n),
+                       "ts": rng.integers(0, 10**6, n), "click": click})
+    path = tmp_path_factory.mktemp("train_data") / "clicks.csv"
+    df.to_csv(path, index=False)
+    return path

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,27 +14,9 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def clicks_csv(tmp_path_factory) -> Path:
-    """4000 rows, 200 users in 4 cities, 80 items; clicks depend on city x item and x1."""
-    rng = np.random.default_rng(0)
-    n, users, items = 4000, 200, 80
-    u = rng.integers(0, users, n)
-    i = rng.integers(0, items, n)
-    city = u % 4
-    x1 = rng.normal(size=n)
-    logit = 2.0 * (city == i % 4) + 0.8 * x1 - 1.2
-    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    df = pd.DataFrame({"user": u, "item": i, "city": [f"c{c}" for c in city], "hour": rng.integers(0, 24, n),
-                       "x1": x1, "x2": rng.normal(size=n), "ts": rng.integers(0, 10**6, n), "click": click})
-    path = tmp_path_factory.mktemp("data") / "clicks.csv"
-    df.to_csv(path, index=False)
-    return path
-
-
 def args(csv: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
-            "--user-col", "user", "--item-col", "item", "--cohort-features", "city", "--epochs", "2",
+            "--user-col", "user", "--item-col", "item", "--cohort-features", "city,age", "--epochs", "2",
             "--batch-size", "256", "--out", str(out), "--quiet", *extra]
 
 
@@ -43,8 +24,8 @@ def report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def test_baseline_writes_report_with_config(clicks_csv, tmp_path):
-    assert train.main(args(clicks_csv, tmp_path)) == 0
+def test_baseline_writes_report_with_config(train_csv, tmp_path):
+    assert train.main(args(train_csv, tmp_path)) == 0
     rep = report(tmp_path)
     assert rep["config"]["model"] == "afm" and rep["config"]["epochs"] == 2
     assert 0 < rep["overall"]["ne"] < 1 and rep["overall"]["auc"] > 0.6
@@ -52,35 +33,35 @@ def test_baseline_writes_report_with_config(clicks_csv, tmp_path):
 
 
 @pytest.mark.parametrize("model", ["attention-fm", "two-tower"])
-def test_each_model_trains_from_the_cli(clicks_csv, tmp_path, model):
-    assert train.main(args(clicks_csv, tmp_path, "--model", model)) == 0
+def test_each_model_trains_from_the_cli(train_csv, tmp_path, model):
+    assert train.main(args(train_csv, tmp_path, "--model", model)) == 0
     assert report(tmp_path)["overall"]["ne"] < 1.0
 
 
-def test_two_tower_trains_with_in_batch_softmax(clicks_csv, tmp_path):
-    assert train.main(args(clicks_csv, tmp_path, "--model", "two-tower", "--two-tower-loss", "softmax")) == 0
+def test_two_tower_trains_with_in_batch_softmax(train_csv, tmp_path):
+    assert train.main(args(train_csv, tmp_path, "--model", "two-tower", "--two-tower-loss", "softmax")) == 0
     assert np.isfinite(report(tmp_path)["history"][-1]["loss"])
 
 
-def test_same_seed_same_result(clicks_csv, tmp_path):
-    train.main(args(clicks_csv, tmp_path / "a"))
-    train.main(args(clicks_csv, tmp_path / "b"))
+def test_same_seed_same_result(train_csv, tmp_path):
+    train.main(args(train_csv, tmp_path / "a"))
+    train.main(args(train_csv, tmp_path / "b"))
     assert report(tmp_path / "a")["overall"] == report(tmp_path / "b")["overall"]
 
 
-def test_resume_continues_where_it_stopped(clicks_csv, tmp_path):
-    train.main(args(clicks_csv, tmp_path / "straight"))
-    train.main(args(clicks_csv, tmp_path / "split", "--epochs", "1"))
-    train.main(args(clicks_csv, tmp_path / "split", "--epochs", "2", "--resume"))
+def test_resume_continues_where_it_stopped(train_csv, tmp_path):
+    train.main(args(train_csv, tmp_path / "straight"))
+    train.main(args(train_csv, tmp_path / "split", "--epochs", "1"))
+    train.main(args(train_csv, tmp_path / "split", "--epochs", "2", "--resume"))
     a, b = report(tmp_path / "straight"), report(tmp_path / "split")
     assert b["history"][0]["epoch"] == 1 and len(b["history"]) == 2
     assert a["overall"]["ne"] == pytest.approx(b["overall"]["ne"], rel=1e-5)
 
 
-def test_resume_mid_epoch_from_step_checkpoint(clicks_csv, tmp_path, monkeypatch):
+def test_resume_mid_epoch_from_step_checkpoint(train_csv, tmp_path, monkeypatch):
     import c2al.centralized as centralized
 
-    train.main(args(clicks_csv, tmp_path / "straight"))
+    train.main(args(train_csv, tmp_path / "straight"))
     original = centralized.train_epoch
 
     def crash_at_step_7(*a, on_step=None, **kw):
@@ -92,16 +73,16 @@ def test_resume_mid_epoch_from_step_checkpoint(clicks_csv, tmp_path, monkeypatch
 
     monkeypatch.setattr(centralized, "train_epoch", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
-        train.main(args(clicks_csv, tmp_path / "cut", "--checkpoint-every", "5"))
+        train.main(args(train_csv, tmp_path / "cut", "--checkpoint-every", "5"))
     monkeypatch.setattr(centralized, "train_epoch", original)
     assert not (tmp_path / "cut" / "report.json").exists()
-    train.main(args(clicks_csv, tmp_path / "cut", "--checkpoint-every", "5", "--resume"))
+    train.main(args(train_csv, tmp_path / "cut", "--checkpoint-every", "5", "--resume"))
     assert report(tmp_path / "straight")["overall"]["ne"] == pytest.approx(report(tmp_path / "cut")["overall"]["ne"], rel=1e-5)
 
 
-def test_resume_refuses_checkpoint_of_other_config(clicks_csv, tmp_path, capsys):
-    train.main(args(clicks_csv, tmp_path, "--epochs", "1"))
-    rc = train.main(args(clicks_csv, tmp_path, "--embedding-dim", "8", "--resume"))
+def test_resume_refuses_checkpoint_of_other_config(train_csv, tmp_path, capsys):
+    train.main(args(train_csv, tmp_path, "--epochs", "1"))
+    rc = train.main(args(train_csv, tmp_path, "--embedding-dim", "8", "--resume"))
     assert rc == 2 and "embedding_dim" in capsys.readouterr().err
 
 
@@ -120,20 +101,20 @@ def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--table-optimizer", "adam"], "adam"),
     ],
 )
-def test_bad_input_is_one_line_error(clicks_csv, tmp_path, extra, needle):
-    res = run_cli(*args(clicks_csv, tmp_path), *extra)
+def test_bad_input_is_one_line_error(train_csv, tmp_path, extra, needle):
+    res = run_cli(*args(train_csv, tmp_path), *extra)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0]
 
 
-def test_two_processes_match_one(clicks_csv, tmp_path):
+def test_two_processes_match_one(train_csv, tmp_path):
     """torchrun with 2 gloo processes sees the same global batches as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert train.main(args(clicks_csv, one)) == 0
+    assert train.main(args(train_csv, one)) == 0
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *args(clicks_csv, two)],
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *args(train_csv, two)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = report(one), report(two)

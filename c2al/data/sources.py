@@ -39,6 +39,32 @@ def _only(source: str, roles: dict[str, Any], allowed: tuple[str, ...]) -> dict[
     return roles
 
 
+def _scalar(key: str, value: str) -> int | float:
+    try:
+        return float(value) if key in _FLOAT_OPTIONS or "." in value or "e" in value else int(value)
+    except ValueError:
+        raise C2ALError(f"--data synthetic: option {key}={value!r} is not a number") from None
+
+
+_FLOAT_OPTIONS = ("majority_ctr", "valid_frac", "test_frac")
+
+
+def synthetic_options(name: str) -> dict[str, str]:
+    """`synthetic:n_rows=20000,minority_shares=0.03/0.02` -> {"n_rows": "20000", ...}.
+
+    Tuple values are written with "/" since "," separates the options.
+    """
+    if ":" not in name:
+        return {}
+    opts = {}
+    for part in filter(None, name.split(":", 1)[1].split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise C2ALError(f"--data {name!r}: option {part!r} is not key=value")
+        opts[key.strip()] = value.strip().replace("/", ",")
+    return opts
+
+
 def is_movielens_dir(p: Path) -> bool:
     return p.is_dir() and (
         any(p.glob("*.inter")) or any((p / f).exists() for f in ("u.data", "ratings.dat", "ratings.csv"))
@@ -74,13 +100,16 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
         return load_movielens(None, **_only(name, roles, _MOVIELENS_ARGS)).validate()
     if name.startswith("movielens:"):
         return load_movielens(name.split(":", 1)[1], **_only(name, roles, _MOVIELENS_ARGS)).validate()
-    if name == "synthetic":
-        roles = _only(name, roles, _SYNTHETIC_ARGS)
+    if name == "synthetic" or name.startswith("synthetic:"):
+        roles = {**roles, **synthetic_options(name)}
+        roles = _only("synthetic", roles, _SYNTHETIC_ARGS)
         split_args = {k: roles.pop(k) for k in _SPLIT_ARGS if k in roles}
         for k, v in roles.items():  # "0.03,0.02" from a CLI flag becomes a tuple of floats
             if isinstance(v, (str, list)) and k in ("minority_shares", "minority_ctrs", "vocab_sizes"):
                 parts = v.split(",") if isinstance(v, str) else v
                 roles[k] = tuple((int if k == "vocab_sizes" else float)(x) for x in parts)
+            elif isinstance(v, str):
+                roles[k] = _scalar(k, v)
         return make_synthetic_splits(SyntheticConfig(**roles), **split_args).validate()
     path = Path(name)
     if is_movielens_dir(path):
