@@ -1,0 +1,99 @@
+"""`train.py --aux-cohorts`: the whole method, on every kind of --data, and under torchrun."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+SYNTHETIC = "synthetic:n_rows=12000,n_users=1500,n_items=200,minority_shares=0.05/0.04"
+FAST = ["--epochs", "1", "--batch-size", "256", "--quiet"]
+
+
+def run_c2al(out: Path, *extra: str) -> dict:
+    assert train.main(["--data", SYNTHETIC, "--aux-cohorts", "--out", str(out), *FAST, *extra]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("c2al")
+    return out, run_c2al(out)
+
+
+def test_report_has_the_documented_schema(synthetic_run):
+    _, rep = synthetic_run
+    assert set(rep) >= {"config", "overall", "cohorts", "attention"}
+    assert set(rep["overall"]) >= {"ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"}
+    assert len(rep["cohorts"]) == 2
+    for c in rep["cohorts"]:
+        assert set(c) >= {"id", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"}
+        assert c["ne_diff_pct"] == pytest.approx((c["ne_c2al"] - c["ne_base"]) / c["ne_base"] * 100)
+    assert rep["config"]["aux_cohorts"] == 2
+    assert set(rep["attention"]["baseline"]) >= {"near_zero_share", "attention_entropy", "dead_relu_share"}
+
+
+def test_run_writes_miner_checkpoints_and_plot(synthetic_run):
+    out, _ = synthetic_run
+    for name in ("cohorts.json", "baseline.pt", "c2al.pt", "report.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_served_checkpoint_is_the_plain_model(synthetic_run):
+    """The C2AL checkpoint is already stripped: exactly the baseline's parameter names and shapes."""
+    out, _ = synthetic_run
+    served = torch.load(out / "c2al.pt", weights_only=True)["model"]
+    base = torch.load(out / "baseline.pt", weights_only=True)["model"]
+    base = {k.removeprefix("model."): v for k, v in base.items()}
+    assert {k: tuple(v.shape) for k, v in served.items()} == {k: tuple(v.shape) for k, v in base.items()}
+
+
+def test_saved_miner_is_reused_with_cohorts_flag(synthetic_run, tmp_path):
+    out, rep = synthetic_run
+    again = run_c2al(tmp_path, "--cohorts", str(out / "cohorts.json"))
+    assert [c["share"] for c in again["cohorts"]] == [c["share"] for c in rep["cohorts"]]
+
+
+def test_saved_miner_with_other_k_is_refused(synthetic_run, tmp_path, capsys):
+    out, _ = synthetic_run
+    rc = train.main(["--data", SYNTHETIC, "--aux-cohorts", "3", "--cohorts", str(out / "cohorts.json"), "--out", str(tmp_path), *FAST])
+    assert rc == 2 and "--aux-cohorts is 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["attention-fm", "two-tower"])
+def test_every_model_runs_c2al(tmp_path, model):
+    rep = run_c2al(tmp_path, "--model", model, "--aux-head", "mlp" if model == "two-tower" else "clone")
+    assert len(rep["cohorts"]) == 2 and rep["overall"]["ne_c2al"] > 0
+
+
+def test_c2al_runs_on_movielens(tmp_path):
+    rc = train.main(["--aux-cohorts", "--out", str(tmp_path), "--epochs", "1", "--quiet"])
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rc == 0 and rep["config"]["data"] == "movielens-100k" and len(rep["cohorts"]) == 2
+
+
+def test_c2al_runs_on_a_csv_with_role_flags(train_csv, tmp_path):
+    rc = train.main(["--data", str(train_csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
+                     "--user-col", "user", "--cohort-features", "age,city", "--aux-cohorts", "--max-share", "0.3",
+                     "--out", str(tmp_path), *FAST])
+    assert rc == 0 and len(json.loads((tmp_path / "report.json").read_text())["cohorts"]) == 2
+
+
+def test_unknown_cohort_feature_is_named(tmp_path, capsys):
+    rc = train.main(["--data", SYNTHETIC, "--aux-cohorts", "--cohort-features", "age_z,shoe_size", "--out", str(tmp_path), *FAST])
+    assert rc == 2 and "shoe_size" in capsys.readouterr().err
+
+
+def test_c2al_runs_under_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), "--data", SYNTHETIC,
+                          "--aux-cohorts", "--out", str(tmp_path), *FAST], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["world_size"] == 2 and len(rep["cohorts"]) == 2
