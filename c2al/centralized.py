@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from c2al.checkpoint import copy_full_into, gather_full, load_checkpoint, restore, save_checkpoint
+from c2al.checkpoint import copy_full_into, load_checkpoint, restore, save_checkpoint
 from c2al.config import SHAPE_FIELDS, Config
 from c2al.data.batch import iter_batches, local_batch_size, num_batches
 from c2al.data.schema import Splits
@@ -47,7 +47,7 @@ def shard_train_module(cfg: Config, model: nn.Module, info: DistInfo) -> tuple[D
     """
     loss = "softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce"
     module = TrainModule(model, loss=loss)
-    init = gather_full(module.state_dict())
+    init = {k: v.detach().clone() for k, v in module.state_dict().items()}  # unsharded: the same on every rank
     dmp = shard(module, info, table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, sharding_type=cfg.sharding)
     copy_full_into(dmp.state_dict(), init)
     return dmp, dense_optimizer(dmp, cfg.dense_optimizer, cfg.lr, cfg.weight_decay)

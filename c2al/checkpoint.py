@@ -23,30 +23,78 @@ from c2al.errors import C2ALError
 FORMAT = "c2al-checkpoint-v1"
 
 
-def gather_full(obj: Any, dst: int = 0) -> Any:
-    """Replace every ShardedTensor/DTensor in a nested state by its full tensor.
+class _Shards:
+    """A ShardedTensor's local pieces, as plain tensors that can travel to rank 0."""
 
-    Collective: every rank must call it with the same structure. Ranks other
-    than `dst` get None in place of gathered tensors.
-    """
-    if isinstance(obj, dict):
-        return {k: gather_full(obj[k], dst) for k in sorted(obj, key=str)}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(gather_full(v, dst) for v in obj)
-    if isinstance(obj, ShardedTensor):
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        out = torch.empty(obj.size(), dtype=obj.dtype) if rank == dst else None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            obj.gather(dst=dst, out=out)
-        else:
-            for shard in obj.local_shards():
-                out[_slices(shard.metadata)] = shard.tensor.detach().cpu()  # type: ignore[index]
+    def __init__(self, size: tuple[int, ...], dtype: torch.dtype, pieces: list[tuple[tuple[int, ...], torch.Tensor]]) -> None:
+        self.size, self.dtype, self.pieces = size, dtype, pieces
+
+    def full(self) -> torch.Tensor:
+        out = torch.zeros(self.size, dtype=self.dtype)
+        for offsets, piece in self.pieces:
+            out[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape))] = piece
         return out
+
+
+def _local(obj: Any) -> Any:
+    """Replace ShardedTensors by their local pieces and copy tensors to CPU."""
+    if isinstance(obj, dict):
+        return {k: _local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_local(v) for v in obj)
+    if isinstance(obj, ShardedTensor):
+        pieces = [(tuple(sh.metadata.shard_offsets), sh.tensor.detach().cpu().clone()) for sh in obj.local_shards()]
+        return _Shards(tuple(obj.size()), obj.dtype, pieces)
     if hasattr(obj, "full_tensor"):  # DTensor
         return obj.full_tensor().detach().cpu()
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     return obj
+
+
+def _merge(a: Any, b: Any) -> Any:
+    """Union of two ranks' local states: dict keys united, shard pieces pooled."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _merge(out[k], v) if k in out else v
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return type(a)(_merge(x, y) for x, y in zip(a, b))
+    if isinstance(a, _Shards) and isinstance(b, _Shards):
+        return _Shards(a.size, a.dtype, a.pieces + b.pieces)
+    return a  # replicated values: every rank holds the same
+
+
+def _finish(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finish(obj[k]) for k in obj}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_finish(v) for v in obj)
+    if isinstance(obj, _Shards):
+        return obj.full()
+    return obj
+
+
+def gather_full(obj: Any, dst: int = 0) -> Any:
+    """Replace every ShardedTensor/DTensor in a nested state by its full tensor.
+
+    Collective: every rank must call it. Ranks may hold different keys (a
+    fused optimizer lists only the tables its rank owns); rank `dst` gets the
+    union, the other ranks get None.
+    """
+    local = _local(obj)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return _finish(local)
+    rank = dist.get_rank()
+    states: list[Any] | None = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(local, states, dst=dst)
+    if rank != dst:
+        return None
+    merged = states[0]
+    for other in states[1:]:
+        merged = _merge(merged, other)
+    return _finish(merged)
 
 
 def _slices(meta: Any) -> tuple[slice, ...]:

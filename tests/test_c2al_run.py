@@ -97,3 +97,8 @@ def test_c2al_runs_under_torchrun(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["world_size"] == 2 and len(rep["cohorts"]) == 2
+    # Table-wise sharding: each rank's fused optimizer lists only its own tables; the checkpoint holds all of them.
+    state = torch.load(tmp_path / "baseline.pt", weights_only=True)
+    tables = {k.rsplit(".", 2)[-2] for k in state["model"] if "embedding_bags" in k}
+    momenta = {k.rsplit(".", 2)[-2] for k in state["optimizer"]["state"] if "embedding_bags" in k}
+    assert len(tables) == 12 and momenta == tables
