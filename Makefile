@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-RUN_ARGS ?=
+RUN_ARGS ?= --aux-cohorts
 
 .PHONY: install run test bench clean
 
@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 install: $(STAMP)
 
 run: $(STAMP)
-	@echo ">> python train.py $(RUN_ARGS) (MovieLens-100k from the recbole wheel)"
+	@echo ">> python train.py $(RUN_ARGS)   (C2AL on MovieLens-100k, read from the recbole wheel; see README)"
 	$(BIN)/python train.py $(RUN_ARGS)
 
 test: $(STAMP)

@@ -105,7 +105,7 @@ def fit(
 
         stats = train_epoch(dmp, optimizer, batches, total=steps_per_epoch - skip,
                             desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}", show=info.is_main and not cfg.quiet,
-                            on_step=on_step, step_seed=step_seed)
+                            on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline, device=info.device)
         step = (epoch + 1) * steps_per_epoch
         valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
         trained.history.append({"epoch": epoch + 1, **stats, "valid_ne": valid["ne"], "valid_auc": valid["auc"]})

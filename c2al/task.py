@@ -53,8 +53,11 @@ class TrainModule(nn.Module):
         self.loss_kind = loss
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        from c2al.plugin import C2ALWrapper
+
         out = self.model(batch.dense, batch.sparse)
-        if hasattr(out, "aux_logits"):
+        # Decided on the module, not the output: under FX tracing `out` is a Proxy that has every attribute.
+        if isinstance(self.model, C2ALWrapper):
             loss, parts = self.model.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)
             logits = out.logits
         else:
@@ -83,33 +86,69 @@ def train_epoch(
     show: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     step_seed: Callable[[int], int] | None = None,
+    pipelined: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """One pass; returns mean loss and mean of each named loss part.
 
     `step_seed(n)` (n counts this call's steps from 0) reseeds torch's RNG before
     each step, so dropout masks depend on the global step only and a resumed
     run draws exactly what an uninterrupted one would.
+
+    With `pipelined`, steps go through TorchRec's TrainPipelineSparseDist
+    (`model` must be the DistributedModelParallel module): it FX-traces the
+    model and overlaps the next batch's input distribution with this step.
     """
     model.train()
     sums: dict[str, float] = {}
     n = 0
-    bar = tqdm(batches, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
-    for batch in bar:
+    bar = tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    if pipelined:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(model, optimizer, device or torch.device("cpu"))
+        source = iter(batches)
+
+        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+            try:
+                loss, _, parts = pipeline.progress(source)
+            except StopIteration:
+                return None
+            return loss, parts
+    else:
+        source = iter(batches)
+
+        def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+            batch = next(source, None)
+            if batch is None:
+                return None
+            loss, (_, _, parts) = model(batch)
+            if torch.isfinite(loss):
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            return loss, parts
+
+    while True:
         if step_seed is not None:
             torch.manual_seed(step_seed(n))
-        loss, (_, _, parts) = model(batch)
+        done = step()
+        if done is None:
+            break
+        loss, parts = done
         if not torch.isfinite(loss):
             raise C2ALError(f"{desc}: loss became {loss.item()} at step {n}; lower --lr / --table-lr")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
         n += 1
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        bar.update(1)
         bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
         if on_step is not None:
             on_step(n, loss.item())
+    bar.close()
+    if pipelined:
+        pipeline.detach()  # give the module its own forward back for evaluation
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 

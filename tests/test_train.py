@@ -49,6 +49,20 @@ def test_same_seed_same_result(train_csv, tmp_path):
     assert report(tmp_path / "a")["overall"] == report(tmp_path / "b")["overall"]
 
 
+def test_pipeline_flag_trains_through_torchrec_pipeline_with_the_same_result(train_csv, tmp_path, monkeypatch):
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    used = []
+    real = TrainPipelineSparseDist.progress
+    monkeypatch.setattr(TrainPipelineSparseDist, "progress", lambda self, it: used.append(1) or real(self, it))
+    train.main(args(train_csv, tmp_path / "eager"))
+    assert not used
+    train.main(args(train_csv, tmp_path / "pipelined", "--pipeline"))
+    assert used, "--pipeline did not go through TrainPipelineSparseDist"
+    a, b = report(tmp_path / "eager"), report(tmp_path / "pipelined")
+    assert a["overall"]["ne"] == pytest.approx(b["overall"]["ne"], rel=1e-5)
+
+
 def test_resume_continues_where_it_stopped(train_csv, tmp_path):
     train.main(args(train_csv, tmp_path / "straight"))
     train.main(args(train_csv, tmp_path / "split", "--epochs", "1"))
