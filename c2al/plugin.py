@@ -61,6 +61,7 @@ from c2al.errors import C2ALError
 HeadSpec = Union[None, nn.Module, Callable[[int], nn.Module]]
 
 _TORCHREC_LEAF_OPT_OUT = "_is_pytorch_fx_traceable"
+AUX_LABEL_MODES = ("conflicting", "own")
 _LAZY_HIDDEN = 32
 
 
@@ -159,6 +160,7 @@ class C2ALWrapper(nn.Module):
         at: dotted name of the submodule whose output is the shared representation.
         n_cohorts: K.
         aux_weights: lambda_k per cohort.
+        aux_labels: "conflicting" (the paper) or "own" (see `attach`).
         in_features: H when known before the first forward, else None.
 
     Example:
@@ -179,6 +181,7 @@ class C2ALWrapper(nn.Module):
         head: HeadSpec = None,
         *,
         in_features: int | None = None,
+        aux_labels: str = "conflicting",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -190,12 +193,15 @@ class C2ALWrapper(nn.Module):
                 f"c2al.attach: head must be None, an nn.Module to clone or a callable in_features -> nn.Module, "
                 f"got {type(head).__name__}"
             )
+        if aux_labels not in AUX_LABEL_MODES:
+            raise C2ALError(f"c2al.attach: aux_labels must be one of {AUX_LABEL_MODES}, got {aux_labels!r}")
         target = _find_submodule(model, at)
         _refuse_double_attach(target, at)
         self.model = model
         self.at = at
         self.n_cohorts = int(n_cohorts)
         self.aux_weights: tuple[float, ...] = _aux_weights(aux_weight, n_cohorts)
+        self.aux_labels: str = aux_labels
         self.in_features: int | None = _resolve_width(model, target, at, head, in_features)
         device = _dense_device(model, target)
         self.heads = nn.ModuleList(_build_head(head, self.in_features, device) for _ in range(n_cohorts))
@@ -253,6 +259,8 @@ class C2ALWrapper(nn.Module):
         Every term is a mean over rows weighted by `weights` (rows of weight 0,
         the padding of an evaluation shard, drop out); the denominator is
         clamped at 1 so an all-padding batch gives 0, as `c2al.task.weighted_bce`.
+        With aux_labels="own", rows outside cohort k also drop out of head k's
+        term (same denominator), so head k sees only its cohort's labels.
 
         Args:
             output: what this wrapper's forward returned.
@@ -271,7 +279,10 @@ class C2ALWrapper(nn.Module):
         main = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / denom
         targets = aux_labels(y, cohort_ids, self.n_cohorts)  # [B, K]
         per_row = F.binary_cross_entropy_with_logits(output.aux_logits, targets, reduction="none")  # [B, K]
-        per_cohort = (per_row * w.unsqueeze(1)).sum(0) / denom  # [K]
+        row_w = w.unsqueeze(1)  # [B, 1]
+        if self.aux_labels == "own":  # a multi-task control: no conflicting zero labels from other rows
+            row_w = row_w * aux_labels(torch.ones_like(y), cohort_ids, self.n_cohorts)  # [B, K] membership
+        per_cohort = (per_row * row_w).sum(0) / denom  # [K]
         lambdas = per_cohort.new_tensor(self.aux_weights)  # [K]
         total = main + (lambdas * per_cohort).sum()
         parts = {"main": main.detach()}
@@ -280,7 +291,8 @@ class C2ALWrapper(nn.Module):
         return total, parts
 
     def extra_repr(self) -> str:
-        return f"at={self.at!r}, n_cohorts={self.n_cohorts}, aux_weights={list(self.aux_weights)}"
+        extra = "" if self.aux_labels == "conflicting" else f", aux_labels={self.aux_labels!r}"
+        return f"at={self.at!r}, n_cohorts={self.n_cohorts}, aux_weights={list(self.aux_weights)}{extra}"
 
 
 def attach(
@@ -291,6 +303,7 @@ def attach(
     head: HeadSpec = None,
     *,
     in_features: int | None = None,
+    aux_labels: str = "conflicting",
 ) -> C2ALWrapper:
     """Wrap `model` with K cohort heads reading the output of its submodule `at`.
 
@@ -309,6 +322,9 @@ def attach(
             an nn.Module to clone per cohort with fresh parameters (e.g. `model.over_arch`, the
             paper's choice); or a callable `in_features -> nn.Module`.
         in_features: H, the representation width, when it cannot be inferred (see module docstring).
+        aux_labels: "conflicting" (the paper, default): head k learns y * 1[cohort == k] on every
+            row, so positives outside cohort k are pulled to 0. "own": head k learns y on cohort k's
+            rows only (a multi-task baseline without conflicting labels; same loss denominator).
 
     Returns:
         A C2ALWrapper: forward returns AuxOutput; `.loss(output, labels, cohort_ids, weights)`.
@@ -324,7 +340,7 @@ def attach(
         >>> detach(wrapper) is net
         True
     """
-    return C2ALWrapper(model, at, n_cohorts, aux_weight, head, in_features=in_features)
+    return C2ALWrapper(model, at, n_cohorts, aux_weight, head, in_features=in_features, aux_labels=aux_labels)
 
 
 def detach(wrapper: C2ALWrapper) -> nn.Module:
