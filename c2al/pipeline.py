@@ -42,6 +42,8 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
         "train_seconds": trained.seconds,
         "world_size": info.world_size,
     }
+    if cfg.model == "two-tower":
+        report["retrieval"] = retrieval_report({"model": trained.model}, splits, info, cfg)
     if info.is_main:
         print(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model})"))
         if segments:
@@ -49,6 +51,20 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
         write_json(report, out / "report.json")
         print(f"wrote {out / 'report.json'}")
     return report
+
+
+def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInfo, cfg: Config) -> dict[str, Any]:
+    """recall@K / NDCG@K of each two-tower model on the test users' held-out positives; printed on rank 0."""
+    from c2al.retrieval import retrieval_metrics
+
+    out = {name: retrieval_metrics(m, splits, info, batch_size=max(cfg.batch_size, 1024)) for name, m in models.items()}
+    if info.is_main:
+        cols = ["model"] + [k for k in next(iter(out.values())) if "@" in k and "popularity" not in k] + ["n_users", "n_items"]
+        ref = next(iter(out.values()))
+        cols_pop = [k for k in ref if k.startswith("popularity")]
+        out_rows = [{"model": n, **r} for n, r in out.items()] + [{"model": "most popular", **{k.removeprefix("popularity_"): ref[k] for k in cols_pop}}]
+        print(format_table(out_rows, cols, title="test split: retrieval over the full item catalog (seen items filtered)"))
+    return out if len(out) > 1 else next(iter(out.values()))
 
 
 def cohort_frame(cfg: Config, splits: Splits, split: str) -> pd.DataFrame:
@@ -114,6 +130,8 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     p_c2al = predict_with(served, cfg, splits, "test", info)
     report = compare(cfg, splits, cohort_ids["test"], p_base, p_c2al, miner)
     report["attention"] = attention_report(base.model, served, splits, cfg, info)
+    if cfg.model == "two-tower":
+        report["retrieval"] = retrieval_report({"baseline": base.model, "c2al": served}, splits, info, cfg)
     report["history"] = {"baseline": base.history, "c2al": trained.history}
     report["train_seconds"] = {"baseline": base.seconds, "c2al": trained.seconds}
     report["world_size"] = info.world_size

@@ -153,19 +153,29 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo, *, show: bool = False, desc: str = "eval") -> np.ndarray:
-    """Predicted probabilities for every row of `table`, in row order, on every rank."""
-    model.eval()
+def gather_rows(fn: Callable[[Batch], torch.Tensor], table: Table, schema: Schema, batch_size: int, info: DistInfo,
+                *, show: bool = False, desc: str = "eval") -> np.ndarray:
+    """`fn(batch)` ([B, ...] per batch) for every row of `table`, in row order, on every rank.
+
+    Ranks read interleaved shards of each global batch (padding rows of weight
+    0 keep the collectives even); the pieces are gathered and put back in order.
+    """
     mine: list[np.ndarray] = []
     batches = iter_batches(table, schema, batch_size, shuffle=False, rank=info.rank, world_size=info.world_size)
     for batch in tqdm(batches, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
-        _, (_, logits, _) = model(batch.to(info.device))
         keep = batch.weights.cpu().numpy() > 0
-        mine.append(torch.sigmoid(logits.float()).cpu().numpy()[keep])
+        mine.append(fn(batch.to(info.device)).float().cpu().numpy()[keep])
     per_rank = all_gather_arrays(mine, info)
     # Global batch b is rank 0's part of b, then rank 1's part of b, ...
     ordered = [part for b in range(len(mine)) for rank_parts in per_rank for part in [rank_parts[b]]]
-    probs = np.concatenate(ordered) if ordered else np.zeros(0)
-    if len(probs) != len(table):
-        raise RuntimeError(f"gathered {len(probs)} predictions for {len(table)} rows")
-    return probs
+    rows = np.concatenate(ordered) if ordered else np.zeros(0)
+    if len(rows) != len(table):
+        raise RuntimeError(f"gathered {len(rows)} rows for a table of {len(table)}")
+    return rows
+
+
+@torch.no_grad()
+def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo, *, show: bool = False, desc: str = "eval") -> np.ndarray:
+    """Predicted probabilities for every row of `table`, in row order, on every rank."""
+    model.eval()
+    return gather_rows(lambda b: torch.sigmoid(model(b)[1][1]), table, schema, batch_size, info, show=show, desc=desc)

@@ -70,6 +70,8 @@ def test_saved_miner_with_other_k_is_refused(synthetic_run, tmp_path, capsys):
 def test_every_model_runs_c2al(tmp_path, model):
     rep = run_c2al(tmp_path, "--model", model, "--aux-head", "mlp" if model == "two-tower" else "clone")
     assert len(rep["cohorts"]) == 2 and rep["overall"]["ne_c2al"] > 0
+    if model == "two-tower":
+        assert {"baseline", "c2al"} <= set(rep["retrieval"]) and 0 <= rep["retrieval"]["c2al"]["recall@10"] <= 1
 
 
 def test_c2al_runs_through_torchrec_pipeline(synthetic_run, tmp_path):
