@@ -5,6 +5,8 @@ features), D embedding dim, A attention hidden size, P = F(F-1)/2 pairs.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -12,6 +14,114 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from c2al.errors import C2ALError
 from c2al.models.common import DenseArch, SparseArch
+
+
+def _pair_blocks(num_fields: int) -> list[tuple[int, int, int]]:
+    """(i, offset, n) per field i: its pairs (i, i+1..F-1) sit at [offset, offset + n) in pair order."""
+    blocks, offset = [], 0
+    for i in range(num_fields - 1):
+        n = num_fields - 1 - i
+        blocks.append((i, offset, n))
+        offset += n
+    return blocks
+
+
+def _chunk_pairs(x: torch.Tensor, blocks: list[tuple[int, int, int]], num_pairs: int) -> torch.Tensor:
+    """[C, F, D] -> [C, P, D] products, written block by block (no gather, so no scatter backward)."""
+    q = x.new_empty(x.shape[0], num_pairs, x.shape[2])
+    for i, offset, n in blocks:
+        torch.mul(x[:, i : i + 1], x[:, i + 1 :], out=q[:, offset : offset + n])
+    return q
+
+
+def _dropout_mask(shape: torch.Size, p: float, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Inverted-dropout mask, drawn again from `seed` in backward instead of being kept."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=like.device) >= p
+    return keep.to(like.dtype).div_(1.0 - p)
+
+
+class _AttentionPool(torch.autograd.Function):
+    """Fused AFM pooling: pair products, attention MLP, softmax and weighted sum, chunk by chunk.
+
+    Only the [B, F, D] input is saved; each chunk's [C, P, D] products and
+    [C, P, A] activations are recomputed in backward, so they stay in cache and
+    peak memory does not grow with P. Gradients are hand-derived:
+    c_p = g . q_p, ds = w (c - sum w c), dz = (ds h) 1[z > 0],
+    dq = dz W + w g, and dq_ij flows to v_i as dq_ij * v_j (and to v_j as dq_ij * v_i).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score: torch.Tensor,
+                p: float, seed: int, chunk: int) -> torch.Tensor:
+        B, F, D = x.shape
+        blocks, P, h = _pair_blocks(F), F * (F - 1) // 2, score.reshape(-1)
+        out = x.new_empty(B, D)
+        for r0 in range(0, B, chunk):
+            xc = x[r0 : r0 + chunk]  # [C, F, D]
+            q = _chunk_pairs(xc, blocks, P)  # [C, P, D]
+            r = torch.addmm(bias, q.view(-1, D), weight.t()).relu_()  # [C*P, A]
+            w = torch.softmax(torch.mv(r, h).view(-1, P), dim=-1)  # [C, P]
+            if p > 0:
+                q.mul_(_dropout_mask(q.shape, p, seed + r0, q))
+            out[r0 : r0 + chunk] = (q * w.unsqueeze(-1)).sum(1)  # [C, D]
+        ctx.save_for_backward(x, weight, bias, score)
+        ctx.p, ctx.seed, ctx.chunk = p, seed, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, score = ctx.saved_tensors
+        p, seed, chunk = ctx.p, ctx.seed, ctx.chunk
+        B, F, D = x.shape
+        blocks, P, h = _pair_blocks(F), F * (F - 1) // 2, score.reshape(-1)
+        dx = torch.zeros_like(x)
+        dweight, dbias, dh = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(h)
+        for r0 in range(0, B, chunk):
+            xc, g = x[r0 : r0 + chunk], grad_out[r0 : r0 + chunk]  # [C, F, D], [C, D]
+            q = _chunk_pairs(xc, blocks, P)  # [C, P, D]
+            qf = q.view(-1, D)
+            r = torch.addmm(bias, qf, weight.t()).relu_()  # [C*P, A]
+            w = torch.softmax(torch.mv(r, h).view(-1, P), dim=-1)  # [C, P]
+            gq = g.unsqueeze(1)  # d out / d (w_p q_p): [C, 1, D], or [C, P, D] through the mask
+            if p > 0:
+                gq = gq * _dropout_mask(q.shape, p, seed + r0, q)
+            c = (q * gq).sum(-1)  # [C, P] = dL/dw
+            ds = (w * (c - (w * c).sum(-1, keepdim=True))).view(-1)  # [C*P] through the softmax
+            dh.addmv_(r.t(), ds)
+            dz = r.gt_(0).to(r.dtype).mul_(ds.unsqueeze(1)).mul_(h)  # [C*P, A]
+            dweight.addmm_(dz.t(), qf)
+            dbias.add_(dz.sum(0))
+            dq = torch.mm(dz, weight).view(-1, P, D).addcmul_(w.unsqueeze(-1), gq)  # [C, P, D]
+            dxc = dx[r0 : r0 + chunk]
+            for i, offset, n in blocks:
+                dqi = dq[:, offset : offset + n]  # pairs (i, j > i)
+                dxc[:, i].add_((dqi * xc[:, i + 1 :]).sum(1))
+                dxc[:, i + 1 :].addcmul_(dqi, xc[:, i : i + 1])
+        return dx, dweight, dbias, dh.view_as(score), None, None, None
+
+
+def afm_attention_pool(fields: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score: torch.Tensor,
+                       dropout: float = 0.0, chunk: int = 128) -> torch.Tensor:
+    """Attention-weighted sum of all pair products, without materializing [B, P, *] tensors.
+
+    Args:
+        fields: [B, F, D].
+        weight: [A, D], bias: [A]: the attention MLP's hidden layer.
+        score: [1, A], Xiao's h.
+        dropout: inverted-dropout rate on the products entering the sum (0 in eval).
+        chunk: rows processed at once; [chunk, P, D] is the largest temporary.
+
+    Returns:
+        [B, D], equal to the straightforward AFMInteractionArch forward.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
+    return _AttentionPool.apply(fields, weight, bias, score, float(dropout), seed, int(chunk))
+
+
+# FX tracers (TorchRec's pipelines, c2al's tap) record the fused call as one node.
+torch.fx.wrap("afm_attention_pool")
+
 
 
 class AFMInteractionArch(nn.Module):
@@ -30,6 +140,11 @@ class AFMInteractionArch(nn.Module):
             (Xiao's dropout on the pair-wise interaction layer); the attention
             weights themselves are computed from the undropped products.
         device: where the parameters are created.
+        lean: forward through `afm_attention_pool` (fused, chunked, hand-written
+            backward); False runs the straightforward [B, P, D] autograd graph,
+            kept as the reference and for benchmarks. Both give the same numbers
+            (the dropout masks are drawn differently).
+        chunk: rows per chunk of the lean path.
 
     Example:
         >>> arch = AFMInteractionArch(num_fields=3, embedding_dim=4, attention_dim=8)
@@ -46,8 +161,14 @@ class AFMInteractionArch(nn.Module):
         attention_dim: int = 16,
         dropout: float = 0.0,
         device: torch.device | None = None,
+        lean: bool = True,
+        chunk: int = 128,
     ) -> None:
         super().__init__()
+        if chunk < 1:
+            raise C2ALError(f"AFM: chunk must be >= 1, got {chunk}")
+        self.lean = lean
+        self.chunk = chunk
         self.attention_norm_dim: int = -1  # attention() sums to 1 over the pairs
         if num_fields < 2:
             raise C2ALError(f"AFM needs at least 2 fields to form pairs, got {num_fields}")
@@ -107,6 +228,9 @@ class AFMInteractionArch(nn.Module):
         Returns:
             [B, D] attention-weighted sum of pairwise products (shared representation).
         """
+        if self.lean:
+            p = self.dropout.p if self.training else 0.0
+            return afm_attention_pool(fields, self.hidden[0].weight, self.hidden[0].bias, self.score.weight, p, self.chunk)
         pairs = self.pairs(fields)  # [B, P, D]
         weights = self._attention_from_pairs(pairs)  # [B, P]
         return torch.bmm(weights.unsqueeze(1), self.dropout(pairs)).squeeze(1)  # [B, D]
@@ -166,6 +290,7 @@ class AFM(nn.Module):
         dense_device: where the non-embedding parameters are created (the EBC
             may be on "meta" for sharding).
         first_order_ebc: optional small tables giving each id its own linear weight (row sum).
+        lean: fused interaction (default) or the straightforward reference (see AFMInteractionArch).
 
     Example:
         >>> from c2al.data.schema import Schema, SparseFeature
@@ -186,6 +311,7 @@ class AFM(nn.Module):
         dropout: float = 0.0,
         dense_device: torch.device | None = None,
         first_order_ebc: EmbeddingBagCollection | None = None,
+        lean: bool = True,
     ) -> None:
         super().__init__()
         if dense_in_features < 0:
@@ -196,7 +322,7 @@ class AFM(nn.Module):
             DenseArch(dense_in_features, D, device=dense_device) if dense_in_features > 0 else None
         )
         num_fields = self.sparse_arch.F + (1 if dense_in_features > 0 else 0)
-        self.inter_arch = AFMInteractionArch(num_fields, D, attention_dim, dropout, device=dense_device)
+        self.inter_arch = AFMInteractionArch(num_fields, D, attention_dim, dropout, device=dense_device, lean=lean)
         self.first_order: nn.Module = (
             nn.Linear(num_fields * D, 1, bias=False, device=dense_device)
             if first_order_ebc is None
