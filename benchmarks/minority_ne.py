@@ -1,0 +1,553 @@
+"""Does C2AL lower minority-cohort NE, and is it the contrast and the conflict that help?
+
+Per seed and model: one baseline; the cohort miner on its validation
+predictions; then every arm trained from the baseline's seeded start and scored
+on the test split against that one baseline, on the SAME mined cohorts (so
+NE_diff is comparable across arms). Arms (the paper ran only the first):
+
+  c2al            K=2 mined cohorts, lambda 0.1, heads cloned from the output head
+  lambda_X        the same with lambda 0.03 / 0.3 / 1           (lambda sweep)
+  single_head     K=1: one head on the most contrasting mined cohort
+  linear_head     heads Linear(H, 1); mlp_head: Linear, ReLU, Linear
+  random_cohorts  random user subsets with the mined cohorts' train shares
+  least_contrast  the two least contrasting qualified candidates of the miner
+  own_labels      multi-task control: head k learns y on cohort k's rows only,
+                  no conflicting zero labels (c2al.attach(aux_labels="own"))
+
+Controls run on AFM; every model gets baseline vs c2al (TwoTower with a linear
+head, since its output head, a sum, has no parameters to clone). Over seeds the
+per-seed NE_diff % are paired differences against that seed's baseline: the
+summary gives their mean, a 95% t-interval, a paired t-test and a Wilcoxon
+signed-rank test. Torch runs on one thread: on a shared 2-core machine two
+threads made an AFM epoch 15x slower (58 s against 4 s).
+
+  python benchmarks/minority_ne.py                          # MovieLens-100k, 5 seeds (~25 min on 2 cores)
+  python benchmarks/minority_ne.py --data synthetic         # planted minority cohorts
+  python benchmarks/minority_ne.py --data my.csv --label click --sparse user,ad --user-col user --cohort-features age,country
+  python benchmarks/minority_ne.py --quick --out /tmp/q.json   # CI: tiny synthetic, 1 epoch, 2 seeds
+
+Writes benchmarks/results/minority_ne_<data>.json (config, machine, per-seed
+rows, summary) and .png; --quick writes only where --out says.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import c2al  # noqa: E402
+from c2al.build import load_splits, seeded_model  # noqa: E402
+from c2al.centralized import fit, predict_split, predict_with  # noqa: E402
+from c2al.config import Config  # noqa: E402
+from c2al.data.batch import iter_batches  # noqa: E402
+from c2al.data.schema import Splits, Table  # noqa: E402
+from c2al.distributed import DistInfo, init_distributed  # noqa: E402
+from c2al.errors import C2ALError  # noqa: E402
+from c2al.metrics import ndcg_at_k, ne_diff_pct, per_segment, recall_at_k, summarize  # noqa: E402
+from c2al.pipeline import attention_report, cohort_frame, compare, make_head, mine_cohorts  # noqa: E402
+from c2al.report import format_table, write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("afm", "attention-fm", "two-tower")
+QUICK_DATA = "synthetic:n_rows=6000,n_users=600,n_items=120,minority_shares=0.08/0.06"
+RECALL_K = 10
+# seconds per training epoch on MovieLens-100k's 81k train rows, 1 thread, for the printed estimate
+EPOCH_SECONDS = {"afm": 4.5, "attention-fm": 5.5, "two-tower": 3.0}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training against the baseline (see the module docstring)."""
+
+    name: str
+    cohorts: str = "mined"  # mined | random | least
+    k: int = 2
+    head: str = "clone"  # clone | linear | mlp (c2al.pipeline.make_head)
+    lam: float = 0.1
+    labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
+
+
+ARMS = {a.name: a for a in (
+    Arm("c2al"),
+    Arm("lambda_0.03", lam=0.03), Arm("lambda_0.3", lam=0.3), Arm("lambda_1", lam=1.0),
+    Arm("single_head", k=1),
+    Arm("linear_head", head="linear"), Arm("mlp_head", head="mlp"),
+    Arm("random_cohorts", cohorts="random"),
+    Arm("least_contrast", cohorts="least"),
+    Arm("own_labels", labels="own"),
+)}
+QUICK_ARMS = ("c2al", "random_cohorts", "least_contrast", "own_labels", "single_head")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided t-interval.
+
+    Args:
+        diffs: one difference per seed (arm minus baseline); nan entries are dropped.
+        level: confidence level.
+
+    Returns:
+        (mean, low, high); low = high = mean for one value, all nan for none.
+
+    Example:
+        >>> [round(v, 4) for v in paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])]
+        [3.0, 1.0368, 4.9632]
+    """
+    x = np.asarray([d for d in diffs if d is not None and math.isfinite(d)], dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) == 1:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def paired_tests(diffs: Sequence[float]) -> dict[str, float]:
+    """Two-sided p-values that the paired differences are centred on 0.
+
+    Returns:
+        {"t_p": one-sample t-test (= paired t-test), "wilcoxon_p": signed-rank test};
+        1.0 when every difference is 0, nan with fewer than 2 values.
+    """
+    x = np.asarray([d for d in diffs if d is not None and math.isfinite(d)], dtype=np.float64)
+    if len(x) < 2:
+        return {"t_p": math.nan, "wilcoxon_p": math.nan}
+    if np.all(x == 0):
+        return {"t_p": 1.0, "wilcoxon_p": 1.0}
+    t_p = 0.0 if x.std(ddof=1) == 0 else float(stats.ttest_1samp(x, 0.0).pvalue)
+    return {"t_p": t_p, "wilcoxon_p": float(stats.wilcoxon(x).pvalue)}
+
+
+def describe(diffs: Sequence[float]) -> dict[str, Any]:
+    """Mean, 95% CI and both tests of one metric's per-seed differences."""
+    mean, lo, hi = paired_ci(diffs)
+    return {"n": int(sum(1 for d in diffs if d is not None and math.isfinite(d))), "mean": mean,
+            "ci95": [lo, hi], **paired_tests(diffs), "values": list(diffs)}
+
+
+# ---------------------------------------------------------------- cohorts of each arm
+
+
+def random_cohorts(splits: Splits, mined_train: np.ndarray, k: int, seed: int) -> dict[str, np.ndarray]:
+    """Random disjoint user subsets whose train-row shares match the mined cohorts'."""
+    rng = np.random.default_rng(10_007 + seed)
+    users, counts = np.unique(splits.train.user_ids, return_counts=True)
+    order = rng.permutation(len(users))
+    cum = np.cumsum(counts[order])
+    owner = np.full(len(users), -1)
+    start = 0
+    for c in range(k):
+        want = int((mined_train == c).sum())
+        end = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + want)) + 1
+        owner[order[start:end]] = c
+        start = end
+    lookup = dict(zip(users.tolist(), owner.tolist()))
+    return {s: np.array([lookup.get(u, -1) for u in getattr(splits, s).user_ids.tolist()], dtype=np.int64)
+            for s in ("train", "valid", "test")}
+
+
+def least_contrasting(miner: Any, k: int) -> Any:
+    """A copy of the fitted miner exposing its k least contrasting qualified clusters instead.
+
+    The clusters of one clusterer partition the rows, so any k of them are disjoint.
+    The miner has no public "members of candidate i", so the cluster number is read
+    from the candidate's rule text ("kmeans cluster 5") and `predict` does the rest.
+    """
+    table = miner.candidates_
+    pool = table[table["qualified"] & table["source"].isin(("kmeans", "gmm")) & (table["cohort"] < 0)]
+    if len(pool):
+        pool = pool[pool["source"] == pool["source"].iloc[0]]
+    if len(pool) < k:
+        raise C2ALError(f"least_contrast needs {k} qualified cluster candidates outside the mined cohorts, "
+                        f"the miner has {len(pool)}; use --cohort-candidates kmeans or gmm")
+    rows = pool.nsmallest(k, "contrast")
+    out = copy.copy(miner)
+    out.cohorts_ = [{"source": r.source, "cluster": int(re.search(r"cluster (\d+)$", r.rule).group(1)),
+                     "rule": r.rule, "cohort": i, "share": float(r.share), "plr": float(r.plr),
+                     "contrast": float(r.contrast)} for i, r in enumerate(rows.itertuples())]
+    out.contrast_ = rows["contrast"].to_numpy(dtype=np.float64)
+    return out
+
+
+# ---------------------------------------------------------------- training and scoring
+
+
+def with_cohorts(splits: Splits, ids: dict[str, np.ndarray]) -> Splits:
+    return Splits(schema=splits.schema, train=splits.train.with_cohorts(ids["train"]),
+                  valid=splits.valid.with_cohorts(ids["valid"]), test=splits.test.with_cohorts(ids["test"]))
+
+
+def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """Attach, fit from the baseline's seeded start, detach; returns the served model and facts."""
+    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=str(arm.lam), aux_head=arm_head(cfg, arm))
+    model = seeded_model(acfg, splits.schema)  # same seed: same start as the baseline
+    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
+                          head=make_head(acfg, model), aux_labels=arm.labels)
+    before = [p.detach().clone() for p in wrapper.heads.parameters()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        trained = fit(acfg, with_cohorts(splits, ids), wrapper, info, tag=arm.name)
+    moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
+    facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before),
+             "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
+             "history": trained.history}
+    return c2al.detach(trained.model), facts
+
+
+def arm_head(cfg: Config, arm: Arm) -> str:
+    # TwoTower's over_arch is a parameter-free sum: a clone would make every aux logit the main logit
+    return "linear" if cfg.model == "two-tower" and arm.head == "clone" else arm.head
+
+
+@torch.no_grad()
+def tower_vectors(model: Any, table: Table, splits: Splits, side: int, info: DistInfo) -> torch.Tensor:
+    """Query (side 0) or candidate (side 1) tower output for every row of `table`, [N, H]."""
+    out = []
+    model.eval()
+    for b in iter_batches(table, splits.schema, 1024, shuffle=False, rank=info.rank, world_size=info.world_size):
+        out.append(model.towers(b.dense, b.sparse)[side][b.weights > 0])
+    return torch.cat(out)
+
+
+def retrieval(model: Any, splits: Splits, info: DistInfo, k: int = RECALL_K) -> dict[str, float]:
+    """recall@k / NDCG@k of test users' positive items over every item, train/valid items filtered."""
+    parts = [splits.train, splits.valid, splits.test]
+    catalog, vectors = [], []
+    for p in parts:  # one representative row per item, from the first split that has it
+        ids, first = np.unique(p.item_ids, return_index=True)
+        new = (ids >= 0) & ~np.isin(ids, np.asarray(catalog + [-1]))
+        if new.any():
+            catalog += ids[new].tolist()
+            vectors.append(tower_vectors(model, p.take(first[new]), splits, 1, info))
+    users, first = np.unique(splits.test.user_ids, return_index=True)
+    scores = tower_vectors(model, splits.test.take(first), splits, 0, info) @ torch.cat(vectors).T  # [U, I]
+    col = {int(i): j for j, i in enumerate(catalog)}
+    row = {int(u): j for j, u in enumerate(users)}
+    relevant: list[set[int]] = [set() for _ in users]
+    seen: list[set[int]] = [set() for _ in users]
+    for u, i, y in zip(splits.test.user_ids.tolist(), splits.test.item_ids.tolist(), splits.test.labels.tolist()):
+        if y > 0 and i >= 0:
+            relevant[row[u]].add(col[i])
+    for p in parts[:2]:
+        for u, i in zip(p.user_ids.tolist(), p.item_ids.tolist()):
+            if u in row and i >= 0:
+                seen[row[u]].add(col[i])
+    return {f"recall@{k}": recall_at_k(scores, relevant, k, exclude=seen),
+            f"ndcg@{k}": ndcg_at_k(scores, relevant, k, exclude=seen)}
+
+
+def attention_scalars(base_model: Any, model: Any, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
+    att = attention_report(base_model, model, splits, cfg, info)
+    return {m: att[m] for m in ("baseline", "c2al") if m in att}
+
+
+def score_arm(cfg: Config, splits: Splits, base: dict[str, Any], p: np.ndarray, own: Any, own_ids: np.ndarray | None) -> dict[str, Any]:
+    """Overall and mined-cohort NE against the baseline; own cohorts and planted ones where they differ."""
+    rep = compare(dataclasses.replace(cfg, aux_cohorts=base["k"]), splits, base["ids"]["test"], base["p_test"], p, base["miner"])
+    out = {"overall": rep["overall"], "cohorts": rep["cohorts"], "outside": rep["outside_cohorts"]}
+    if own is not None:
+        out["own_cohorts"] = compare(dataclasses.replace(cfg, aux_cohorts=len(own.cohorts_)), splits, own_ids,
+                                     base["p_test"], p, own)["cohorts"]
+    true = splits.test.true_cohorts
+    if true is not None and (true >= 0).any():
+        n = int(true.max()) + 1
+        pb, pa = per_segment(base["p_test"], splits.test.labels, true, n), per_segment(p, splits.test.labels, true, n)
+        out["planted"] = [{"id": b["id"], "share": b["share"], "ne_base": b["ne"], "ne_arm": a["ne"],
+                           "ne_diff_pct": ne_diff_pct(a["ne"], b["ne"])} for b, a in zip(pb, pa)]
+    return out
+
+
+def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, bar: Any) -> list[dict[str, Any]]:
+    """Baseline, mining, then every arm, for one (seed, model)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
+    bar.update(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict_split(trained, cfg, splits, "valid", info), Path(tmp), info)
+    ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
+    base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict_split(trained, cfg, splits, "test", info)}
+    rows = [{"seed": cfg.seed, "model": cfg.model, "arm": "baseline", "train_seconds": trained.seconds,
+             "ne": summarize(base["p_test"], splits.test.labels)["ne"],
+             "mined": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in miner.cohorts_],
+             "retrieval": retrieval(trained.model, splits, info) if cfg.model == "two-tower" else {}}]
+    for arm in arms:
+        own, own_ids = None, None
+        if arm.cohorts == "random":
+            arm_ids = random_cohorts(splits, ids["train"], arm.k, cfg.seed)
+            own = copy.copy(miner)
+            own.cohorts_ = [{"rule": f"random users {c}"} for c in range(arm.k)]
+            own.contrast_ = np.full(arm.k, math.nan)
+            own_ids = arm_ids["test"]
+        elif arm.cohorts == "least":
+            own = least_contrasting(miner, arm.k)
+            arm_ids = {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
+            own_ids = arm_ids["test"]
+        else:
+            arm_ids = {s: np.where(v < arm.k, v, -1) for s, v in ids.items()}  # K=1: cohort 0 only
+        served, facts = train_arm(cfg, splits, arm_ids, arm, info)
+        p = predict_with(served, cfg, splits, "test", info)
+        row = {"seed": cfg.seed, "model": cfg.model, "arm": arm.name, "spec": dataclasses.asdict(arm), **facts,
+               **score_arm(cfg, splits, base, p, own, own_ids),
+               "attention": attention_scalars(trained.model, served, splits, cfg, info) if cfg.model != "two-tower" else {}}
+        if cfg.model == "two-tower":
+            row["retrieval"] = retrieval(served, splits, info)
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
+# ---------------------------------------------------------------- summary, table, plot
+
+
+def metric_values(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+    """The per-seed differences summarized for one arm row (NE_diff %, retrieval deltas)."""
+    out = {"overall": row["overall"]["ne_diff_pct"]}
+    for c in row["cohorts"]:
+        out[f"cohort_{c['id']}"] = c["ne_diff_pct"]
+    for c in row.get("own_cohorts", []):
+        out[f"own_cohort_{c['id']}"] = c["ne_diff_pct"]
+    for c in row.get("planted", []):
+        out[f"planted_{c['id']}"] = c["ne_diff_pct"]
+    for key, value in row.get("retrieval", {}).items():
+        out[f"{key}_diff"] = value - base["retrieval"][key]
+    return out
+
+
+def attention_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm and activity scalar: mean over seeds of the baseline's and the arm's value, and their paired difference."""
+    out: dict[str, dict[str, Any]] = {}
+    by_scalar: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        att = r.get("attention") or {}
+        for key in att.get("baseline", {}):
+            vals = by_scalar.setdefault(key, {"baseline": [], "arm": []})
+            vals["baseline"].append(att["baseline"][key])
+            vals["arm"].append(att["c2al"][key])
+    for key, v in by_scalar.items():
+        out[key] = {"baseline": float(np.mean(v["baseline"])), "arm": float(np.mean(v["arm"])),
+                    "diff": describe([a - b for a, b in zip(v["arm"], v["baseline"])])}
+    return out
+
+
+def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (model, arm) and metric: mean, 95% CI, t and Wilcoxon p over seeds; controls also against c2al."""
+    bases = {(r["model"], r["seed"]): r for r in rows if r["arm"] == "baseline"}
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        if r["arm"] != "baseline":
+            for k, v in metric_values(r, bases[(r["model"], r["seed"])]).items():
+                values.setdefault((r["model"], r["arm"]), {}).setdefault(k, []).append(v)
+    summary: dict[str, Any] = {}
+    for (model, arm), metrics in values.items():
+        summary.setdefault(model, {})[arm] = {k: describe(v) for k, v in metrics.items()}
+        att = attention_summary([r for r in rows if r["model"] == model and r["arm"] == arm])
+        if att:
+            summary[model][arm]["attention"] = att
+    by_seed = {(r["model"], r["arm"], r["seed"]): r for r in rows}
+    for model, arms in summary.items():
+        for arm in arms:
+            if arm == "c2al" or (model, "c2al") not in values:
+                continue
+            seeds = sorted(s for (m, a, s) in by_seed if m == model and a == arm and (m, "c2al", s) in by_seed)
+            diff = {k: [metric_values(by_seed[(model, arm, s)], bases[(model, s)])[k]
+                        - metric_values(by_seed[(model, "c2al", s)], bases[(model, s)])[k] for s in seeds]
+                    for k in ("overall", "cohort_0", "cohort_1") if k in arms[arm] and k in summary[model]["c2al"]}
+            arms[arm]["minus_c2al"] = {k: describe(v) for k, v in diff.items()}
+    return summary
+
+
+def cell(d: dict[str, Any] | None, digits: int = 2) -> str:
+    if not d or not math.isfinite(d["mean"]):
+        return "-"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f},{hi:+.{digits}f}]"
+
+
+def pval(d: dict[str, Any] | None, key: str) -> str:
+    return "-" if not d or not math.isfinite(d[key]) else f"{d[key]:.3f}"
+
+
+def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+    for model, arms in summary.items():
+        for arm, m in arms.items():
+            out.append({"model": model, "arm": arm, "overall": cell(m.get("overall")), "p_t": pval(m.get("overall"), "t_p"),
+                        "p_wilcoxon": pval(m.get("overall"), "wilcoxon_p"),
+                        "cohort 0": cell(m.get("cohort_0")), "p0": pval(m.get("cohort_0"), "t_p"),
+                        "cohort 1": cell(m.get("cohort_1")), "p1": pval(m.get("cohort_1"), "t_p"),
+                        "vs c2al (overall)": cell(m.get("minus_c2al", {}).get("overall"))})
+    return out
+
+
+def print_summary(summary: dict[str, Any], n_seeds: int) -> None:
+    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "cohort 0", "p0", "cohort 1", "p1", "vs c2al (overall)"]
+    print(format_table(table_rows(summary), cols, title=f"test NE_diff % vs baseline on the mined cohorts, mean [95% CI] "
+                                                         f"over {n_seeds} seeds (< 0 is better); p: paired t-test / Wilcoxon"))
+    extra = []
+    for model, arms in summary.items():
+        for arm, m in arms.items():
+            keys = [k for k in m if k.startswith(("own_", "planted_", "recall", "ndcg"))]
+            extra += [{"model": model, "arm": arm, "metric": k, "mean [95% CI]": cell(m[k], 3 if "@" in k else 2),
+                       "p_t": pval(m[k], "t_p")} for k in keys]
+    if extra:
+        print(format_table(extra, ["model", "arm", "metric", "mean [95% CI]", "p_t"],
+                           title="own / planted cohorts (NE_diff %), retrieval deltas (arm - baseline)"))
+    att = [{"model": model, "arm": arm, "scalar": key, "baseline": v["baseline"], "arm value": v["arm"],
+            "diff [95% CI]": cell(v["diff"], 4), "p_t": pval(v["diff"], "t_p")}
+           for model, arms in summary.items() for arm, m in arms.items() for key, v in m.get("attention", {}).items()]
+    if att:
+        print(format_table(att, ["model", "arm", "scalar", "baseline", "arm value", "diff [95% CI]", "p_t"],
+                           title="attention activity on a test batch, mean over seeds (arm - baseline)"))
+
+
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [(model, arm) for model, arms in summary.items() for arm in arms]
+    panels = ("overall", "cohort_0", "cohort_1")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.38 * len(labels) + 1.6), sharey=True)
+    y = np.arange(len(labels))[::-1]
+    for ax, key in zip(axes, panels):
+        for yi, (model, arm) in zip(y, labels):
+            d = summary[model][arm].get(key)
+            if d and math.isfinite(d["mean"]):
+                lo, hi = d["ci95"]
+                color = "tab:green" if hi < 0 else "tab:red" if lo > 0 else "tab:gray"
+                ax.errorbar(d["mean"], yi, xerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{key.replace('_', ' ')} NE_diff %")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{m}: {a}" for m, a in labels])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="movielens-100k (default), synthetic[:opts], or a CSV/Parquet PATH")
+    for flag in ("label", "sparse", "dense", "user-col", "item-col", "time-col", "cohort-features"):
+        ap.add_argument(f"--{flag}", default="", help="tabular data role, as in train.py")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
+    ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
+    ap.add_argument("--arms", default=None, help=f"controls run on --control-model, from {list(ARMS)} (default all)")
+    ap.add_argument("--control-model", default="afm", help="the model every arm runs on; other models run c2al only")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default Config's; --quick 1)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core machine)")
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 2 seeds, few arms (CI)")
+    ap.add_argument("--out", default="", help="result JSON path (the PNG goes beside it); required with --quick")
+    args = ap.parse_args(argv)
+    if args.quick and not args.out:
+        ap.error("--quick needs --out PATH.json so it never overwrites committed results")
+    args.data = args.data or (QUICK_DATA if args.quick else "movielens-100k")
+    args.seeds = args.seeds or (2 if args.quick else 5)
+    args.models = [m.strip() for m in (args.models or ("afm,two-tower" if args.quick else ",".join(MODELS))).split(",")]
+    args.arms = [a.strip() for a in (args.arms or (",".join(QUICK_ARMS) if args.quick else ",".join(ARMS))).split(",")]
+    bad = [m for m in args.models if m not in MODELS] + [a for a in args.arms if a not in ARMS]
+    if bad:
+        ap.error(f"unknown model/arm {bad}; models {MODELS}, arms {list(ARMS)}")
+    if "c2al" not in args.arms:
+        args.arms.insert(0, "c2al")
+    return args
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    cfg = Config(data=args.data, label=args.label, sparse=args.sparse, dense=args.dense, user_col=args.user_col,
+                 item_col=args.item_col, time_col=args.time_col, cohort_features=args.cohort_features, quiet=True, device="cpu")
+    if args.epochs:
+        cfg.epochs = args.epochs
+    elif args.quick:
+        cfg.epochs = 1
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    return cfg.check()
+
+
+def plan(args: argparse.Namespace, n_train: int, epochs: int) -> list[tuple[str, list[Arm]]]:
+    per_seed = [(m, [ARMS[a] for a in (args.arms if m == args.control_model else ["c2al"])]) for m in args.models]
+    runs = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
+    est = args.seeds * sum((1 + len(arms)) * EPOCH_SECONDS[m] * epochs * n_train / 81_000 + 4 for m, arms in per_seed)
+    print(f"plan: {args.seeds} seeds x " + ", ".join(f"{m}: baseline + {[a.name for a in arms]}" for m, arms in per_seed))
+    print(f"      {runs} trainings of {epochs} epoch(s) on {n_train} train rows, estimated {est / 60:.1f} min on 1 thread")
+    return per_seed
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    name = Path(args.data).stem if Path(args.data).suffix else args.data
+    return RESULTS / f"minority_ne_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.json"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    cfg = base_config(args)
+    info = init_distributed("cpu")
+    splits = load_splits(cfg)
+    per_seed = plan(args, len(splits.train), cfg.epochs)
+    rows: list[dict[str, Any]] = []
+    total = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
+    with tqdm(total=total, desc="trainings", dynamic_ncols=True) as bar:
+        for seed in range(args.seeds):
+            for model, arms in per_seed:
+                bar.set_postfix(seed=seed, model=model)
+                rows += run_model(dataclasses.replace(cfg, seed=seed, model=model), splits, arms, info, bar)
+    summary = summarize_rows(rows)
+    print_summary(summary, args.seeds)
+    path = result_path(args)
+    result = {
+        "benchmark": "minority_ne", "data": args.data, "seeds": list(range(args.seeds)), "quick": args.quick,
+        "config": {"base": cfg.to_dict(), "args": {k: v for k, v in vars(args).items()},
+                   "arms": {a.name: dataclasses.asdict(a) for _, arms in per_seed for a in arms},
+                   "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+                   f"torch {torch.__version__} on {args.threads} thread(s), python {platform.python_version()}",
+        "seconds": time.perf_counter() - start,
+        "summary": summary,
+        "rows": rows,
+    }
+    write_json(result, path)
+    plot(summary, path.with_suffix(".png"), f"C2AL vs baseline, {args.data}, {args.seeds} seeds (95% CI)")
+    print(f"wrote {path} and {path.with_suffix('.png')} in {result['seconds'] / 60:.1f} min")
+    return result
+
+
+if __name__ == "__main__":
+    main()
