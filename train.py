@@ -54,6 +54,10 @@ def run(cfg: Config) -> dict[str, Any]:
         s = splits.schema
         print(f"data {s.name}: train {len(splits.train)}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
               f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")
+    if cfg.federated:
+        from c2al.federated.run import run_federated
+
+        return run_federated(cfg, splits, out)
     if cfg.aux_cohorts:
         return run_c2al(cfg, splits, info, out)
     return run_baseline(cfg, splits, info, out)

@@ -1,0 +1,113 @@
+"""Device heterogeneity after RF^2 (Maeng et al., RecSys 2022).
+
+Every client gets a device tier (low, mid, high). A tier sets how often the
+device is available for a round, how often it drops out mid-round, and how many
+local steps it can afford. RF^2's point is that tiers are not independent of
+the data: users of low-end devices behave differently, and ignoring that
+correlation understates an optimization's fairness impact. So tiers are drawn
+either independently of the data or correlated with a user feature: users are
+split into T equal groups by that feature, and group g draws its tier from a
+Dirichlet-distributed mix skewed toward tier g.
+
+Letters: T tiers, N clients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from c2al.errors import C2ALError
+
+TIERS = ("low", "mid", "high")
+MODES = ("none", "independent", "correlated")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """Per-tier behaviour, each a length-T tuple in TIERS order.
+
+    Attributes:
+        shares: population share of each tier (independent mode; the marginal target otherwise).
+        availability: probability that a device of the tier can take part in a round.
+        dropout: probability that a sampled device drops out mid-round (its update is lost).
+        steps: local step budget per round (0: no cap beyond the local epochs).
+    """
+
+    shares: tuple[float, ...] = (0.3, 0.4, 0.3)
+    availability: tuple[float, ...] = (0.5, 0.8, 0.95)
+    dropout: tuple[float, ...] = (0.15, 0.05, 0.02)
+    steps: tuple[int, ...] = (2, 5, 10)
+
+    def __post_init__(self) -> None:
+        for name in ("shares", "availability", "dropout", "steps"):
+            value = getattr(self, name)
+            if len(value) != len(TIERS):
+                raise C2ALError(f"--tier-{name}: expected {len(TIERS)} values ({'/'.join(TIERS)}), got {len(value)}")
+        if any(not 0 <= v <= 1 for v in (*self.shares, *self.availability, *self.dropout)):
+            raise C2ALError("--tier-shares, --tier-availability and --tier-dropout must lie in [0, 1]")
+        if abs(sum(self.shares) - 1) > 1e-6:
+            raise C2ALError(f"--tier-shares must sum to 1, got {sum(self.shares):g}")
+        if any(s < 0 for s in self.steps):
+            raise C2ALError("--tier-steps must be >= 0")
+
+    @classmethod
+    def uniform(cls) -> "TierSpec":
+        """No heterogeneity: every device always available, never drops, no step cap."""
+        return cls(shares=(0.0, 0.0, 1.0), availability=(1.0,) * 3, dropout=(0.0,) * 3, steps=(0,) * 3)
+
+
+def assign_tiers(n: int, mode: str, spec: TierSpec, seed: int, feature: np.ndarray | None = None,
+                 skew: float = 5.0) -> np.ndarray:
+    """A tier id (0 low .. T-1 high) per client.
+
+    Args:
+        n: clients.
+        mode: "none" (all high), "independent" (drawn by `spec.shares`), or "correlated"
+            (users ranked by `feature` into T groups; group g draws from Dirichlet(1 + skew * e_g)).
+        spec: the tier spec.
+        seed: RNG seed.
+        feature: one value per client (correlated mode), e.g. age or activity.
+        skew: how strongly the group leans to its own tier; 0 makes the mix uniform at random.
+
+    Returns:
+        int64 [N].
+
+    Example:
+        >>> assign_tiers(4, "none", TierSpec(), 0).tolist()
+        [2, 2, 2, 2]
+    """
+    rng = np.random.default_rng(seed)
+    t = len(TIERS)
+    if mode == "none":
+        return np.full(n, t - 1, dtype=np.int64)
+    if mode == "independent":
+        return rng.choice(t, size=n, p=np.asarray(spec.shares) / sum(spec.shares)).astype(np.int64)
+    if mode != "correlated":
+        raise C2ALError(f"--tiers must be one of {MODES}, got {mode!r}")
+    if feature is None or len(feature) != n:
+        raise C2ALError("--tiers correlated needs one feature value per client (--tier-feature)")
+    rank = np.argsort(np.argsort(np.asarray(feature, dtype=np.float64), kind="stable"), kind="stable")
+    group = rank * t // n  # [N], T equal-size groups, low feature values first
+    out = np.empty(n, dtype=np.int64)
+    for g in range(t):
+        mix = rng.dirichlet(1.0 + skew * np.eye(t)[g])
+        members = np.flatnonzero(group == g)
+        out[members] = rng.choice(t, size=len(members), p=mix)
+    return out
+
+
+def round_rng(seed: int, rnd: int, salt: int = 0) -> np.random.Generator:
+    """The RNG of one round: a resumed run draws what an uninterrupted one drew."""
+    return np.random.default_rng([seed, rnd, salt])
+
+
+def available(tiers: np.ndarray, spec: TierSpec, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the clients whose device is available this round."""
+    p = np.asarray(spec.availability)[tiers]
+    return np.flatnonzero(rng.random(len(tiers)) < p)
+
+
+def drops_out(tier: int, spec: TierSpec, rng: np.random.Generator) -> bool:
+    """Whether a sampled device of `tier` vanishes before reporting back."""
+    return bool(rng.random() < spec.dropout[tier])

@@ -1,0 +1,250 @@
+"""The federated jobs of train.py: `--federated` and `--federated --aux-cohorts`.
+
+Baseline: rounds of federated training, then per-tier (and planted-cohort)
+test metrics. C2AL: baseline rounds, federated cohort mining on the clients'
+validation predictions, C2AL rounds from the same seed with auxiliary heads
+(`c2al.attach`) trained on labels each client builds from its own cohort id,
+heads stripped (`c2al.detach`), and the report of `c2al.pipeline.compare`
+plus per-tier NE, MDAC and the agreement of federated with centralized mining.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from c2al.build import seeded_model
+from c2al.config import SHAPE_FIELDS, Config
+from c2al.data.schema import Splits, Table
+from c2al.errors import C2ALError
+from c2al.federated.aggregate import mdac
+from c2al.federated.client import ClientData, LocalTrainer, group_by_user, model_layout, per_user_features
+from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
+from c2al.federated.simulation import CPU, FedTrained, predict_table, run_rounds
+from c2al.federated.strategy import make_strategy
+from c2al.metrics import ne_diff_pct, per_segment, summarize
+from c2al.report import format_table, write_json
+from c2al.task import TrainModule
+
+FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "seed", "rounds", "clients_per_round", "server_optimizer", "tiers")
+
+
+def _floats(cfg: Config, name: str, cast: type = float) -> tuple:
+    try:
+        return tuple(cast(v) for v in cfg.list_of(name))
+    except ValueError:
+        raise C2ALError(f"--{name.replace('_', '-')} must be {len(TIERS)} comma-separated numbers, got {getattr(cfg, name)!r}") from None
+
+
+def tier_spec(cfg: Config) -> TierSpec:
+    if cfg.tiers == "none":
+        return TierSpec.uniform()
+    return TierSpec(shares=_floats(cfg, "tier_shares"), availability=_floats(cfg, "tier_availability"),
+                    dropout=_floats(cfg, "tier_dropout"), steps=_floats(cfg, "tier_steps", int))
+
+
+def make_clients(splits: Splits) -> list[ClientData]:
+    """One client per user with training rows; it also holds that user's valid and test rows."""
+    by = {name: group_by_user(getattr(splits, name)) for name in ("train", "valid", "test")}
+    empty = np.zeros(0, dtype=np.int64)
+    return [ClientData(cid=i, user=u, train=rows, valid=by["valid"].get(u, empty), test=by["test"].get(u, empty))
+            for i, (u, rows) in enumerate(sorted(by["train"].items()))]
+
+
+def check_federated(cfg: Config, population: int) -> None:
+    """One-line errors for settings that cannot run on this population."""
+    if cfg.clients_per_round <= 0 or cfg.clients_per_round > population:
+        raise C2ALError(f"--clients-per-round must be in [1, {population}] (the clients holding training rows), got {cfg.clients_per_round}")
+    if cfg.rounds <= 0 or cfg.local_epochs <= 0 or cfg.local_batch_size <= 0:
+        raise C2ALError("--rounds, --local-epochs and --local-batch-size must be positive")
+    if cfg.sam_rho < 0:
+        raise C2ALError(f"--sam-rho must be >= 0, got {cfg.sam_rho}")
+    if cfg.two_tower_hinge and cfg.model != "two-tower":
+        raise C2ALError("--two-tower-hinge needs --model two-tower")
+
+
+def client_tiers(cfg: Config, splits: Splits, clients: list[ClientData]) -> np.ndarray:
+    """Tier per client; correlated tiers follow --tier-feature (or the first numeric cohort feature, else activity)."""
+    spec = tier_spec(cfg)
+    feature = np.array([len(c.train) for c in clients], dtype=np.float64)  # activity
+    frame = splits.train.cohort_frame
+    name = cfg.tier_feature
+    if not name and frame is not None:
+        numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        name = numeric[0] if numeric else "activity"
+    if name and name != "activity":
+        if frame is None or name not in frame.columns:
+            raise C2ALError(f"unknown --tier-feature {name!r}; available: {[] if frame is None else list(frame.columns)} or activity")
+        col = frame[name]
+        values = col.to_numpy(dtype=np.float64) if pd.api.types.is_numeric_dtype(col) else pd.factorize(col)[0].astype(np.float64)
+        feature = np.array([values[c.train[0]] for c in clients])
+    return assign_tiers(len(clients), cfg.tiers, spec, cfg.seed, feature=feature, skew=cfg.tier_skew)
+
+
+def train_module(cfg: Config, model: nn.Module) -> TrainModule:
+    if cfg.two_tower_hinge:
+        from c2al.federated.losses import HingeTrainModule
+
+        return HingeTrainModule(model)
+    return TrainModule(model, loss="softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce")
+
+
+def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[ClientData], tiers: np.ndarray,
+                  checkpoint: Path | None, tag: str) -> FedTrained:
+    """Rounds of the configured engine over `clients`, from `model`'s (seeded) weights."""
+    module = train_module(cfg, model)
+    layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
+    trainer = LocalTrainer(module, layout, splits.schema, splits.train, dense_optimizer=cfg.dense_optimizer, lr=cfg.lr,
+                           table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, batch_size=cfg.local_batch_size,
+                           weight_decay=cfg.weight_decay)
+    spec = tier_spec(cfg)
+    strategy = make_strategy(cfg.server_optimizer, layout, cfg.clients_per_round, server_lr=cfg.server_lr,
+                             proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, spec=spec, seed=cfg.seed)
+    kw = dict(rounds=cfg.rounds, seed=cfg.seed, spec=spec, checkpoint=checkpoint, resume=cfg.resume,
+              config=cfg.to_dict(), shape_keys=FED_SHAPE_FIELDS, show=not cfg.quiet, tag=tag)
+    if cfg.engine == "flower":
+        from c2al.federated.flower import run_rounds_flower
+
+        return run_rounds_flower(trainer, strategy, clients, tiers, cfg=cfg, splits=splits, **kw)
+    return run_rounds(trainer, strategy, clients, tiers, **kw)
+
+
+def row_tiers(table: Table, clients: list[ClientData], tiers: np.ndarray) -> np.ndarray:
+    """Tier of each row's user (-1 for users without a client)."""
+    lookup = {c.user: int(tiers[c.cid]) for c in clients}
+    return np.array([lookup.get(int(u), -1) for u in table.user_ids], dtype=np.int64)
+
+
+def tier_rows(p_base: np.ndarray, p_new: np.ndarray | None, labels: np.ndarray, row_tier: np.ndarray) -> list[dict[str, Any]]:
+    rows_b = per_segment(p_base, labels, row_tier, len(TIERS))
+    rows_n = per_segment(p_new, labels, row_tier, len(TIERS)) if p_new is not None else rows_b
+    out = []
+    for t, (rb, rn) in enumerate(zip(rows_b, rows_n)):
+        row = {"tier": TIERS[t], "n": rb["n"], "share": rb["share"], "plr": rb["plr"], "ne_base": rb["ne"], "auc_base": rb["auc"]}
+        if p_new is not None:
+            row.update(ne_c2al=rn["ne"], auc_c2al=rn["auc"], ne_diff_pct=ne_diff_pct(rn["ne"], rb["ne"]))
+        out.append(row)
+    return out
+
+
+def federated_summary(cfg: Config, clients: list[ClientData], tiers: np.ndarray, phases: dict[str, FedTrained],
+                      tier_table: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = tier_spec(cfg)
+    summary = {
+        "engine": cfg.engine, "rounds": cfg.rounds, "clients_per_round": cfg.clients_per_round, "population": len(clients),
+        "server_optimizer": cfg.server_optimizer, "local_epochs": cfg.local_epochs, "local_batch_size": cfg.local_batch_size,
+        "sam_rho": cfg.sam_rho, "proximal_mu": cfg.proximal_mu if cfg.server_optimizer == "fedprox" else None,
+        "tiers": {"mode": cfg.tiers, "names": list(TIERS), "clients": np.bincount(tiers, minlength=len(TIERS)).tolist(),
+                  "availability": list(spec.availability), "dropout": list(spec.dropout), "steps": list(spec.steps)},
+        "history": {k: v.history for k, v in phases.items()},
+        "train_seconds": {k: v.seconds for k, v in phases.items()},
+    }
+    if tier_table and "ne_c2al" in tier_table[0]:
+        summary["mdac"] = mdac([r["ne_c2al"] for r in tier_table], [r["ne_base"] for r in tier_table])
+    return summary
+
+
+def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
+    """`train.py --federated` (and `--aux-cohorts`): returns the report written to OUT/report.json."""
+    clients = make_clients(splits)
+    check_federated(cfg, len(clients))
+    tiers = client_tiers(cfg, splits, clients)
+    print(f"federated: {len(clients)} clients, {cfg.clients_per_round} per round, {cfg.rounds} rounds, {cfg.server_optimizer}, "
+          f"tiers {cfg.tiers} (low/mid/high: {np.bincount(tiers, minlength=len(TIERS)).tolist()})")
+    if cfg.aux_cohorts:
+        return run_federated_c2al(cfg, splits, clients, tiers, out)
+    trained = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_checkpoint.pt", "federated")
+    probs = predict_table(trained, splits.test, splits.schema, cfg.batch_size)
+    test = splits.test
+    tier_table = tier_rows(probs, None, test.labels, row_tiers(test, clients, tiers))
+    segments = []
+    if test.true_cohorts is not None and (test.true_cohorts >= 0).any():
+        segments = per_segment(probs, test.labels, test.true_cohorts, int(test.true_cohorts.max()) + 1)
+    report = {"config": cfg.to_dict(), "overall": summarize(probs, test.labels), "segments": segments, "tiers": tier_table,
+              "federated": federated_summary(cfg, clients, tiers, {"train": trained}, tier_table)}
+    print(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, federated)"))
+    print(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "auc_base"], title="per device tier"))
+    write_json(report, out / "report.json")
+    print(f"wrote {out / 'report.json'}")
+    return report
+
+
+def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
+    import c2al
+    from c2al.federated.mining import mine_federated
+    from c2al.pipeline import attention_report, compare, cohort_frame, make_head, print_comparison, save_served
+
+    base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
+    p_valid = predict_table(base, splits.valid, splits.schema, cfg.batch_size)
+    frame = cohort_frame(cfg, splits, "valid")
+    # each client mines from its own validation rows: features, the baseline's scores, labels
+    fed = mine_federated([frame.iloc[c.valid] for c in clients], [p_valid[c.valid] for c in clients],
+                         [splits.valid.labels[c.valid] for c in clients], n_cohorts=cfg.aux_cohorts, n_clusters=cfg.n_clusters,
+                         divergence=cfg.divergence, min_share=cfg.min_share, max_share=cfg.max_share, seed=cfg.seed,
+                         iters=cfg.kmeans_iters)
+    agreement = mining_agreement(cfg, splits, fed, frame, p_valid)
+    # clients compute their own cohort ids from the broadcast centroids (vectorized here)
+    ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
+    with_cohorts = Splits(schema=splits.schema, train=splits.train.with_cohorts(ids["train"]),
+                          valid=splits.valid.with_cohorts(ids["valid"]), test=splits.test.with_cohorts(ids["test"]))
+    model = seeded_model(cfg, splits.schema)
+    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model))
+    trained = federated_fit(cfg, with_cohorts, wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
+    trained.install()
+    served = c2al.detach(wrapper)
+    save_served(served, cfg, out / "c2al.pt", CPU)
+
+    p_base = predict_table(base, splits.test, splits.schema, cfg.batch_size)
+    from c2al.task import predict
+
+    p_c2al = predict(TrainModule(served), splits.test, splits.schema, cfg.batch_size, CPU)
+    report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
+    report["miner"]["federated"] = True
+    tier_table = tier_rows(p_base, p_c2al, splits.test.labels, row_tiers(splits.test, clients, tiers))
+    report["tiers"] = tier_table
+    report["attention"] = attention_report(base.model, served, splits, cfg, CPU)
+    report["history"] = {"baseline": base.history, "c2al": trained.history}
+    report["train_seconds"] = {"baseline": base.seconds, "c2al": trained.seconds}
+    report["world_size"] = 1
+    report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
+    report["federated"]["mining"] = agreement
+    print_comparison(report)
+    print(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
+    print(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
+    print(f"federated vs centralized mining: ARI {agreement['ari']:.3f} on validation rows")
+    write_json(report, out / "report.json")
+    try:
+        from c2al.plots import plot_report
+
+        plot_report(report, out / "report.png")
+    except ImportError:
+        pass
+    print(f"wrote {out / 'report.json'}, {out / 'c2al.pt'}")
+    return report
+
+
+def mining_agreement(cfg: Config, splits: Splits, fed: Any, frame: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:
+    """Agreement of federated cohorts with the centralized CohortMiner's on the same rows and scores.
+
+    The centralized miner sees every raw feature; it is run here only as a
+    reference (a real federation could not).
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    from c2al.cohorts import CohortMiner
+
+    central = CohortMiner(n_cohorts=cfg.aux_cohorts, candidates="kmeans", n_clusters=cfg.n_clusters, divergence=cfg.divergence,
+                          min_share=cfg.min_share, max_share=cfg.max_share, random_state=cfg.seed)
+    try:
+        central.fit(frame, splits.valid.labels, scores=scores)
+    except C2ALError as e:
+        return {"ari": float("nan"), "error": str(e)}
+    a, b = fed.predict(frame), central.predict(frame)
+    jaccard = [[float(((a == i) & (b == j)).sum() / max(((a == i) | (b == j)).sum(), 1)) for j in range(cfg.aux_cohorts)]
+               for i in range(cfg.aux_cohorts)]
+    return {"ari": float(adjusted_rand_score(a, b)), "jaccard": jaccard,
+            "federated": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in fed.cohorts_],
+            "centralized": [{k: c.get(k) for k in ("rule", "share", "plr", "contrast")} for c in central.cohorts_]}

@@ -1,0 +1,272 @@
+"""The in-process engine: rounds of sampled clients, run one after another in this process.
+
+Each round: the strategy's `configure_fit` samples available clients; each
+sampled client may drop out mid-round (its device tier's rate), else trains on
+the shared working model (`LocalTrainer`); a client that raises is dropped
+with its reason; `aggregate_fit` rejects NaN / Inf / mis-shaped updates and
+averages the rest. The server state (shared parameters, server optimizer
+state, round) and the clients' private rows checkpoint atomically after every
+round, and `resume` continues from the last one. All randomness of a round
+is drawn from (seed, round), so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from c2al.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
+from c2al.data.schema import Schema, Table
+from c2al.distributed import DistInfo
+from c2al.errors import C2ALError
+from c2al.federated.client import SEED_STRIDE, ClientData, FitResult, LocalTrainer, Rows
+from c2al.federated.heterogeneity import TierSpec, drops_out, round_rng
+from c2al.federated.strategy import FedAvg, Params
+from c2al.task import predict
+
+log = logging.getLogger("c2al.federated")
+CPU = DistInfo(rank=0, world_size=1, device=torch.device("cpu"), backend="none")
+
+
+class ClientStore:
+    """Each client's private rows, as its device would keep them between rounds.
+
+    A client never seen yet starts from the initial table (the same seeded
+    initialization every client can compute). The server never reads this;
+    `tables` only serves evaluation in simulation, where writing every
+    client's row into one table equals each client scoring its own rows.
+    """
+
+    def __init__(self, init: dict[str, np.ndarray]) -> None:
+        self.init = {k: np.asarray(v) for k, v in init.items()}
+        self.rows: dict[int, dict[str, Rows]] = {}
+
+    def get(self, cid: int, ids_of: Callable[[str], np.ndarray]) -> dict[str, Rows]:
+        if cid in self.rows:
+            return self.rows[cid]
+        return {n: (ids_of(n), self.init[n][ids_of(n)]) for n in self.init}
+
+    def put(self, cid: int, private: dict[str, Rows]) -> None:
+        self.rows[cid] = {n: (np.asarray(i), np.asarray(r).copy()) for n, (i, r) in private.items()}
+
+    def tables(self) -> dict[str, np.ndarray]:
+        out = {n: t.copy() for n, t in self.init.items()}
+        for private in self.rows.values():
+            for n, (ids, rows) in private.items():
+                out[n][ids] = rows
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors (loads with weights_only=True)."""
+        cids = sorted(self.rows)
+        out: dict[str, Any] = {}
+        for n in self.init:
+            ids = [self.rows[c][n][0] for c in cids]
+            out[n] = {"cids": torch.tensor(np.repeat(cids, [len(i) for i in ids]), dtype=torch.int64),
+                      "ids": torch.from_numpy(np.concatenate(ids).astype(np.int64)) if ids else torch.zeros(0, dtype=torch.int64),
+                      "rows": torch.from_numpy(np.concatenate([self.rows[c][n][1] for c in cids])) if ids
+                      else torch.zeros(0, self.init[n].shape[1])}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = {}
+        for n, s in state.items():
+            cids, ids, rows = s["cids"].numpy(), s["ids"].numpy(), s["rows"].numpy()
+            for c in np.unique(cids):
+                m = cids == c
+                self.rows.setdefault(int(c), {})[n] = (ids[m], rows[m])
+
+
+@dataclass
+class FedTrained:
+    """The outcome of federated rounds: global shared parameters and the clients' private rows."""
+
+    trainer: LocalTrainer
+    params: Params
+    store: ClientStore
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The working model holding the global parameters and every client's private rows."""
+        self.install()
+        return self.trainer.module.model
+
+    def install(self) -> None:
+        """Write the global parameters and all private rows into the working model."""
+        self.trainer.load(self.params)
+        with torch.no_grad():
+            for n, t in self.store.tables().items():
+                self.trainer.params[n].copy_(torch.from_numpy(t))
+
+
+def initial_params(trainer: LocalTrainer) -> tuple[Params, dict[str, np.ndarray]]:
+    """Shared parameters and private tables of the (seeded) working model, as numpy copies."""
+    p = trainer.params
+    shared = {n: p[n].detach().numpy().copy() for n in trainer.layout.shared}
+    private = {n: p[n].detach().numpy().copy() for n in trainer.layout.private}
+    return shared, private
+
+
+def predict_table(trained: FedTrained, table: Table, schema: Schema, batch_size: int) -> np.ndarray:
+    """Probabilities for every row of `table` (each row scored with its own user's private row)."""
+    trained.install()
+    return predict(trained.trainer.module, table, schema, batch_size, CPU)
+
+
+ClientFn = Callable[[LocalTrainer, ClientData, Params, dict[str, Rows], dict[str, Any]], FitResult]
+
+
+def default_client_fn(trainer: LocalTrainer, client: ClientData, params: Params, private: dict[str, Rows],
+                      config: dict[str, Any]) -> FitResult:
+    base = int(config["step_seed"])
+    return trainer.fit(client, params, private, config, step_seed=lambda n: (base + n * 7919) % (2**63))
+
+
+def run_rounds(
+    trainer: LocalTrainer,
+    strategy: FedAvg,
+    clients: list[ClientData],
+    tiers: np.ndarray,
+    *,
+    rounds: int,
+    seed: int,
+    spec: TierSpec,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
+    shape_keys: tuple[str, ...] = (),
+    client_fn: ClientFn = default_client_fn,
+    show: bool = True,
+    tag: str = "federated",
+) -> FedTrained:
+    """Run `rounds` federated rounds from the working model's current (seeded) weights.
+
+    Args:
+        trainer: the clients' runtime around the working model.
+        strategy: configure/aggregate hooks and server optimizer.
+        clients: every client, indexed by cid.
+        tiers: device tier per client [N].
+        rounds: total rounds (a resumed run does the remaining ones).
+        seed: seed of sampling and dropout.
+        spec: tier behaviour (dropout).
+        checkpoint: where the server state is saved after each round; None for no checkpoints.
+        resume: continue from `checkpoint` when it exists.
+        config: the run config, saved inside checkpoints and checked on resume on `shape_keys`.
+        client_fn: how a client trains (tests inject failing clients here).
+        show: tqdm bar over rounds.
+        tag: label of the bar and log lines.
+
+    Returns:
+        FedTrained with the final global parameters and client store.
+    """
+    params, private_init = initial_params(trainer)
+    store = ClientStore(private_init)
+    trained = FedTrained(trainer=trainer, params=params, store=store)
+    start = 0
+    if checkpoint is not None and resume and checkpoint.exists():
+        start = _restore(trained, strategy, checkpoint, config, shape_keys)
+        if show:
+            print(f"[{tag}] resumed from {checkpoint} after round {start}")
+    began = time.perf_counter()
+    threads = torch.get_num_threads()
+    # A client's ops are tiny: on a busy machine intra-op thread spin-waits made them ~10x slower.
+    torch.set_num_threads(1)
+    try:
+        bar = tqdm(range(start, rounds), desc=f"[{tag}] rounds", disable=not show, dynamic_ncols=True, leave=False)
+        for rnd in bar:
+            metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn)
+            trained.history.append(metrics)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", ok=metrics["aggregated"], failed=len(metrics["failures"]))
+            if checkpoint is not None:
+                save_state(trained, strategy, checkpoint, rnd + 1, config or {}, tag)
+    finally:
+        torch.set_num_threads(threads)
+    trained.seconds = time.perf_counter() - began
+    return trained
+
+
+def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, rnd: int,
+              seed: int, spec: TierSpec, client_fn: ClientFn) -> dict[str, Any]:
+    """configure_fit -> clients (with dropout and failures) -> aggregate_fit; updates `trained` in place."""
+    rng = round_rng(seed, rnd)
+    plan = strategy.configure_fit(rnd, tiers, rng)
+    trainer, params = trained.trainer, trained.params
+    trainer.load(params)
+    results: list[tuple[int, FitResult]] = []
+    failures: list[tuple[int, str]] = []
+    for cid, conf in plan:
+        conf = {**conf, "step_seed": seed * 1_000_003 + (rnd * len(clients) + cid) * SEED_STRIDE}
+        if drops_out(int(tiers[cid]), spec, rng):
+            failures.append((cid, "dropped out mid-round"))
+            continue
+        client = clients[cid]
+        private = trained.store.get(cid, lambda n: trainer.touched(client, trainer.layout.private[n]))
+        try:
+            results.append((cid, client_fn(trainer, client, params, private, conf)))
+        except Exception as e:  # noqa: BLE001 - a failing device must not stop the federation
+            reason = f"raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            log.warning("round %d: client %d dropped: %s", rnd, cid, reason)
+            failures.append((cid, reason))
+            trainer.load(params)  # the client may have left the working model half-updated
+    if not plan:
+        log.warning("round %d: no client available", rnd)
+    new, metrics = strategy.aggregate_fit(rnd, params, results, failures)
+    rejected = {cid for cid, _ in failures}
+    for cid, res in results:
+        if cid not in rejected:  # a rejected client rolls its private rows back too
+            trained.store.put(cid, res.private)
+    trained.params = new
+    metrics["sampled"] = len(plan)
+    metrics["failures"] = [[int(c), r] for c, r in failures]
+    return metrics
+
+
+def save_state(trained: FedTrained, strategy: FedAvg, path: Path, rounds_done: int, config: dict[str, Any], tag: str) -> None:
+    """Server state + client store, atomically, as plain tensors."""
+    strategy_state = _tensors(strategy.state_dict())
+    atomic_torch_save({
+        "format": FORMAT, "config": json.dumps(config, sort_keys=True), "step": int(rounds_done),
+        "model": {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in trained.params.items()},
+        "optimizer": {"strategy": strategy_state, "clients": trained.store.state_dict()},
+        "extra": json.dumps({"history": trained.history, "tag": tag, "federated": True}),
+    }, path)
+
+
+def _restore(trained: FedTrained, strategy: FedAvg, path: Path, config: dict[str, Any] | None, keys: tuple[str, ...]) -> int:
+    payload = load_checkpoint(path, expect_config=config, keys=keys)
+    if not payload["extra"].get("federated"):
+        raise C2ALError(f"checkpoint {str(path)!r} is not a federated checkpoint")
+    model = payload["model"]
+    for n, v in trained.params.items():
+        if n not in model or tuple(model[n].shape) != v.shape:
+            raise C2ALError(f"checkpoint {str(path)!r}: parameter {n!r} missing or of another shape")
+        trained.params[n] = model[n].numpy().astype(v.dtype)
+    strategy.load_state_dict(_arrays(payload["optimizer"]["strategy"]))
+    trained.store.load_state_dict(payload["optimizer"]["clients"])
+    trained.history = payload["extra"].get("history", [])
+    return int(payload["step"])
+
+
+def _tensors(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
+
+
+def _arrays(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _arrays(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    return obj

@@ -1,0 +1,259 @@
+"""Federated C2AL: aggregation maths, local training, robustness, resume, federated k-means."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from c2al.build import seeded_model
+from c2al.config import Config
+from c2al.data.sources import load_source
+from c2al.federated import aggregate as agg
+from c2al.federated.client import ClientData, FitResult, LocalTrainer, model_layout, per_user_features
+from c2al.federated.heterogeneity import TierSpec, assign_tiers
+from c2al.federated.mining import federated_kmeans
+from c2al.federated.run import make_clients
+from c2al.federated.simulation import default_client_fn, run_rounds
+from c2al.federated.strategy import FedAdam, FedAvg, FedProx
+from c2al.task import TrainModule
+
+warnings.filterwarnings("ignore")
+DATA = "synthetic:n_rows=3000,n_users=60,n_items=200"
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_source(DATA)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: intra-op threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(cfg: Config, splits, model=None) -> LocalTrainer:
+    module = TrainModule(model if model is not None else seeded_model(cfg, splits.schema))
+    layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
+    return LocalTrainer(module, layout, splits.schema, splits.train, dense_optimizer=cfg.dense_optimizer, lr=cfg.lr,
+                        table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, batch_size=cfg.local_batch_size)
+
+
+def run(cfg: Config, splits, strategy_cls=FedAvg, rounds=3, spec=None, client_fn=default_client_fn, **kw):
+    trainer = make_trainer(cfg, splits)
+    clients = make_clients(splits)
+    spec = spec or TierSpec.uniform()
+    strategy = strategy_cls(trainer.layout, cfg.clients_per_round, spec=spec, seed=cfg.seed, **kw.pop("strategy_kw", {}))
+    tiers = np.full(len(clients), 2)
+    return run_rounds(trainer, strategy, clients, tiers, rounds=rounds, seed=cfg.seed, spec=spec, client_fn=client_fn,
+                      show=False, config=cfg.to_dict(), **kw), strategy
+
+
+# ----------------------------------------------------------------- pure aggregation maths
+def test_weighted_mean_matches_hand_computed_fedavg():
+    out = agg.weighted_mean([np.array([1.0, 2.0]), np.array([4.0, 8.0])], [1, 2])
+    np.testing.assert_allclose(out, [3.0, 6.0])
+
+
+def test_rowwise_mean_averages_each_row_over_clients_that_touched_it():
+    ids, rows = agg.rowwise_mean([np.array([0, 3]), np.array([3, 4])],
+                                 [np.array([[2.0], [4.0]]), np.array([[10.0], [6.0]])], [1.0, 3.0], n_rows=5)
+    assert ids.tolist() == [0, 3, 4]
+    np.testing.assert_allclose(rows.ravel(), [2.0, (4.0 + 30.0) / 4, 6.0])
+
+
+def test_fedadam_step_matches_hand_computed_first_step():
+    p, d = np.array([1.0, -1.0]), np.array([0.5, -0.2])
+    new, m, v = agg.fedadam_step(p, d, np.zeros(2), np.zeros(2), 1, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    np.testing.assert_allclose(m, [0.05, -0.02])
+    np.testing.assert_allclose(v, [0.0025, 0.0004])
+    eta = 0.1 * np.sqrt(1 - 0.99) / (1 - 0.9)
+    np.testing.assert_allclose(new, p + eta * m / (np.sqrt(v) + 1e-3))
+
+
+def test_mdac_is_largest_pairwise_gap_of_relative_change():
+    assert agg.mdac([0.95, 1.0, 1.02], [1.0, 1.0, 1.0]) == pytest.approx(0.07)
+
+
+def test_check_update_names_nan_inf_and_shape():
+    assert "NaN" in agg.check_update("w", np.array([1.0, np.nan]), (2,))
+    assert "infinite" in agg.check_update("w", np.array([1.0, np.inf]), (2,))
+    assert "shape" in agg.check_update("w", np.zeros(3), (2,))
+    assert agg.check_update("w", np.zeros(2), (2,)) is None
+
+
+def _fit(dense: dict, rows: dict, n: int) -> FitResult:
+    return FitResult(num_examples=n, dense=dense, rows=rows, private={}, metrics={"loss": 1.0})
+
+
+def test_fedavg_and_fedprox_aggregate_fit_hand_computed(splits):
+    cfg = Config(data=DATA)
+    layout = model_layout(seeded_model(cfg, splits.schema), ["user_id"])
+    layout.dense, layout.tables = ["d"], {"t": "item_id"}
+    params = {"d": np.zeros(2, dtype=np.float32), "t": np.ones((4, 1), dtype=np.float32)}
+    results = [(0, _fit({"d": np.array([1.0, 2.0])}, {"t": (np.array([1]), np.array([[1.0]]))}, 1)),
+               (1, _fit({"d": np.array([3.0, 6.0])}, {"t": (np.array([1, 2]), np.array([[3.0], [-1.0]]))}, 3))]
+    for cls in (FedAvg, FedProx):
+        new, metrics = cls(layout, 2).aggregate_fit(0, params, results, [])
+        np.testing.assert_allclose(new["d"], [2.5, 5.0])
+        np.testing.assert_allclose(new["t"].ravel(), [1.0, 1.0 + 2.5, 0.0, 1.0])
+        assert metrics["aggregated"] == 2
+    assert FedProx(layout, 2, proximal_mu=0.3).fit_config(0, 0, 2, 10)["proximal_mu"] == 0.3
+
+
+# ----------------------------------------------------------------- equivalence with centralized training
+def test_one_client_with_all_data_full_participation_matches_centralized(splits):
+    from c2al.centralized import fit
+    from c2al.checkpoint import gather_full
+    from c2al.data.schema import Splits
+    from c2al.distributed import init_distributed
+
+    bs = 64
+    n = len(splits.train) // bs * bs
+    sp = Splits(schema=splits.schema, train=splits.train.take(np.arange(n)), valid=splits.valid, test=splits.test)
+    cfg = Config(data=DATA, epochs=2, batch_size=bs, local_batch_size=bs, table_optimizer="sgd", table_lr=0.1, lr=3e-3, quiet=True)
+    central = fit(cfg, sp, seeded_model(cfg, sp.schema), init_distributed("cpu"), tag="c")
+    want = {k.removeprefix("model."): v for k, v in gather_full(central.dmp.state_dict()).items()}
+
+    trainer = make_trainer(cfg, sp)
+    one = ClientData(cid=0, user=-1, train=np.arange(n))
+    strategy = FedAvg(trainer.layout, 1, epochs=cfg.epochs, spec=TierSpec.uniform(), seed=cfg.seed)
+    fed = run_rounds(trainer, strategy, [one], np.array([2]), rounds=1, seed=cfg.seed, spec=TierSpec.uniform(), show=False)
+    got = fed.model.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4, msg=k)
+    start = seeded_model(cfg, sp.schema).state_dict()
+    assert any(not torch.equal(start[k], got[k]) for k in got)  # it did train
+
+
+# ----------------------------------------------------------------- robustness
+def test_poisoned_nan_client_is_rejected_and_global_model_stays_finite(splits, caplog):
+    cfg = Config(data=DATA, clients_per_round=8)
+
+    def poison(trainer, client, params, private, conf):
+        res = default_client_fn(trainer, client, params, private, conf)
+        if client.cid % 3 == 0:
+            res.dense = {k: np.full_like(v, np.nan) for k, v in res.dense.items()}
+        return res
+
+    fed, _ = run(cfg, splits, rounds=2, client_fn=poison)
+    reasons = [r for h in fed.history for _, r in h["failures"]]
+    assert reasons and all("rejected" in r and "NaN" in r for r in reasons)
+    assert all(np.isfinite(v).all() for v in fed.params.values())
+    assert sum(h["aggregated"] for h in fed.history) > 0
+    assert "rejected" in caplog.text
+
+
+def test_client_that_raises_is_dropped_with_its_reason(splits):
+    cfg = Config(data=DATA, clients_per_round=6)
+
+    def flaky(trainer, client, params, private, conf):
+        if client.cid % 2:
+            raise RuntimeError("battery died")
+        return default_client_fn(trainer, client, params, private, conf)
+
+    fed, _ = run(cfg, splits, rounds=2, client_fn=flaky)
+    reasons = [r for h in fed.history for _, r in h["failures"]]
+    assert reasons and all("battery died" in r for r in reasons)
+    assert all(h["aggregated"] == h["sampled"] - len(h["failures"]) for h in fed.history)
+
+
+def test_rounds_continue_when_sampled_clients_drop_out(splits):
+    cfg = Config(data=DATA, clients_per_round=10)
+    spec = TierSpec(shares=(0, 0, 1), availability=(1, 1, 1), dropout=(0.5, 0.5, 0.5), steps=(0, 0, 0))
+    fed, _ = run(cfg, splits, rounds=4, spec=spec)
+    assert len(fed.history) == 4
+    dropped = sum(r == "dropped out mid-round" for h in fed.history for _, r in h["failures"])
+    assert 0 < dropped < 40 and sum(h["aggregated"] for h in fed.history) == 40 - dropped
+    everyone = TierSpec(shares=(0, 0, 1), availability=(1, 1, 1), dropout=(1, 1, 1), steps=(0, 0, 0))
+    still, _ = run(cfg, splits, rounds=2, spec=everyone)
+    start = make_trainer(cfg, splits)
+    assert all(h["aggregated"] == 0 for h in still.history)
+    np.testing.assert_array_equal(still.params["inter_arch.score.weight"],
+                                  start.params["inter_arch.score.weight"].detach().numpy())
+
+
+def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path):
+    cfg = Config(data=DATA, clients_per_round=5, server_optimizer="fedadam")
+    kw = dict(strategy_kw={"server_lr": 0.01})
+    full, _ = run(cfg, splits, FedAdam, rounds=4, **kw)
+    path = tmp_path / "fed.pt"
+    run(cfg, splits, FedAdam, rounds=2, checkpoint=path, strategy_kw={"server_lr": 0.01})
+    resumed, strategy = run(cfg, splits, FedAdam, rounds=4, checkpoint=path, resume=True, strategy_kw={"server_lr": 0.01})
+    assert strategy.t == 4 and len(resumed.history) == 4
+    for k in full.params:
+        np.testing.assert_array_equal(resumed.params[k], full.params[k])
+    for n, t in full.store.tables().items():
+        np.testing.assert_array_equal(resumed.store.tables()[n], t)
+    torch.load(path, weights_only=True)  # pickle-free
+
+
+def test_fedprox_pulls_toward_global_and_sam_trains_finitely(splits):
+    cfg = Config(data=DATA, clients_per_round=6)
+    plain, _ = run(cfg, splits, rounds=1)
+    prox, _ = run(cfg, splits, FedProx, rounds=1, strategy_kw={"proximal_mu": 50.0})
+    sam, _ = run(cfg, splits, rounds=1, strategy_kw={"sam_rho": 0.05})
+    start = {n: p.detach().numpy() for n, p in make_trainer(cfg, splits).params.items()}
+    dist = lambda fed: sum(float(np.abs(fed.params[k] - start[k]).sum()) for k in fed.params)  # noqa: E731
+    assert dist(prox) < dist(plain)
+    assert all(np.isfinite(v).all() for v in sam.params.values()) and dist(sam) != dist(plain)
+
+
+def test_private_user_rows_never_reach_the_server(splits):
+    cfg = Config(data=DATA, clients_per_round=6)
+    fed, _ = run(cfg, splits, rounds=2)
+    private = fed.trainer.layout.private
+    assert any("user_id" in n for n in private) and not set(private) & set(fed.params)
+    assert all(f != "user_id" for f in fed.trainer.layout.tables.values())
+    assert fed.store.rows  # the clients kept them
+
+
+# ----------------------------------------------------------------- heterogeneity
+def test_correlated_tiers_follow_the_feature_and_independent_do_not():
+    feature = np.arange(3000, dtype=float)
+    cor = assign_tiers(3000, "correlated", TierSpec(), 0, feature=feature, skew=20.0)
+    ind = assign_tiers(3000, "independent", TierSpec(), 0)
+    assert np.corrcoef(feature, cor)[0, 1] > 0.5
+    assert abs(np.corrcoef(feature, ind)[0, 1]) < 0.1
+
+
+# ----------------------------------------------------------------- federated k-means
+def test_federated_kmeans_matches_sklearn_kmeans_from_the_same_init():
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(c, 0.7, size=(200, 3)) for c in ([0, 0, 0], [3, 3, 0], [0, 4, 4], [5, 0, 2])])
+    init = X[rng.choice(len(X), 4, replace=False)]
+    clients = np.array_split(X[rng.permutation(len(X))], 97)  # the same rows, spread over 97 clients
+    centers, inertia = federated_kmeans(clients, 4, init=init, iters=300, tol=0.0)
+    km = KMeans(4, init=init, n_init=1, algorithm="lloyd", max_iter=300, tol=0.0).fit(X)
+    np.testing.assert_allclose(centers, km.cluster_centers_, atol=1e-8)
+    assert inertia == pytest.approx(km.inertia_, rel=1e-8)
+
+
+def test_federated_kmeans_without_raw_init_finds_sklearns_clusters():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(1)
+    X = np.vstack([rng.normal(c, 0.5, size=(150, 2)) for c in ([0, 0], [6, 0], [0, 6])])
+    centers, _ = federated_kmeans(np.array_split(X, 50), 3, seed=0, n_init=5)
+    ours = np.argmin(((X[:, None] - centers[None]) ** 2).sum(-1), 1)
+    theirs = KMeans(3, n_init=5, random_state=0).fit_predict(X)
+    assert adjusted_rand_score(ours, theirs) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------- command line
+@pytest.mark.parametrize("n", ["0", "100000"])
+def test_clients_per_round_out_of_range_is_a_one_line_error(n, capsys, tmp_path):
+    import train
+
+    assert train.main(["--federated", "--data", DATA, "--clients-per-round", n, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --clients-per-round must be in [1, ") and "\n" not in err
