@@ -29,7 +29,7 @@ from c2al.metrics import ne_diff_pct, per_segment, summarize
 from c2al.report import format_table, write_json
 from c2al.task import TrainModule
 
-FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "seed", "rounds", "clients_per_round", "server_optimizer", "tiers")
+FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "federated", "server_optimizer")  # --rounds may grow on --resume
 
 
 def _floats(cfg: Config, name: str, cast: type = float) -> tuple:

@@ -174,8 +174,7 @@ def run_rounds(
     start = 0
     if checkpoint is not None and resume and checkpoint.exists():
         start = _restore(trained, strategy, checkpoint, config, shape_keys)
-        if show:
-            print(f"[{tag}] resumed from {checkpoint} after round {start}")
+        print(f"[{tag}] resumed from {checkpoint} after round {start}")
     began = time.perf_counter()
     threads = torch.get_num_threads()
     # A client's ops are tiny: on a busy machine intra-op thread spin-waits made them ~10x slower.

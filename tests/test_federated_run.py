@@ -1,0 +1,58 @@
+"""End to end: `train.py --federated [--aux-cohorts]` on tiny synthetic data."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import train
+
+warnings.filterwarnings("ignore")
+DATA = "synthetic:n_rows=4000,n_users=120,n_items=300"
+FAST = ["--data", DATA, "--clients-per-round", "20", "--quiet", "--n-clusters", "6", "--max-share", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_federated_aux_cohorts_writes_the_c2al_report_with_federated_fields(tmp_path, capsys):
+    assert train.main(["--federated", "--aux-cohorts", "--rounds", "3", "--out", str(tmp_path), *FAST]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    # the centralized C2AL schema (c2al.pipeline.compare) ...
+    assert {"config", "overall", "cohorts", "outside_cohorts", "miner", "attention", "history"} <= set(report)
+    assert report["config"]["federated"] is True
+    assert {"ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"} <= set(report["overall"])
+    assert len(report["cohorts"]) == 2 and all({"share", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"} <= set(c) for c in report["cohorts"])
+    # ... plus per-tier rows and the federated field
+    assert [t["tier"] for t in report["tiers"]] == ["low", "mid", "high"]
+    assert sum(t["n"] for t in report["tiers"]) == report["overall"]["n"]
+    fed = report["federated"]
+    assert fed["rounds"] == 3 and fed["clients_per_round"] == 20 and fed["population"] == 120
+    assert sum(fed["tiers"]["clients"]) == 120 and fed["tiers"]["mode"] == "correlated"
+    changes = [t["ne_diff_pct"] / 100 for t in report["tiers"]]
+    assert fed["mdac"] == pytest.approx(max(abs(a - b) for a in changes for b in changes), rel=1e-6)
+    assert -1.0 <= fed["mining"]["ari"] <= 1.0 and len(fed["mining"]["federated"]) == 2
+    assert len(fed["history"]["baseline"]) == 3 and len(fed["history"]["c2al"]) == 3
+    served = torch.load(tmp_path / "c2al.pt", weights_only=True)["model"]
+    assert not any("heads" in k for k in served)  # stripped: serving costs the base model
+    out = capsys.readouterr().out
+    assert "per device tier" in out and "MDAC" in out
+
+
+def test_federated_baseline_resumes_from_its_round_checkpoint(tmp_path, capsys):
+    assert train.main(["--federated", "--rounds", "2", "--out", str(tmp_path), *FAST]) == 0
+    first = json.loads((tmp_path / "report.json").read_text())
+    assert len(first["federated"]["history"]["train"]) == 2 and math.isfinite(first["overall"]["ne"])
+    assert train.main(["--federated", "--rounds", "3", "--resume", "--out", str(tmp_path), *FAST]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [h["round"] for h in report["federated"]["history"]["train"]] == [0, 1, 2]
+    assert report["federated"]["history"]["train"][:2] == first["federated"]["history"]["train"]
