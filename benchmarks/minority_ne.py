@@ -8,7 +8,10 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
   c2al            K=2 mined cohorts, lambda 0.1, heads cloned from the output head
   lambda_X        the same with lambda 0.03 / 0.3 / 1           (lambda sweep)
   single_head     K=1: one head on the most contrasting mined cohort
-  linear_head     heads Linear(H, 1); mlp_head: Linear, ReLU, Linear
+  linear_head     heads Linear(H, 1); mlp_head: Linear, ReLU, Linear. AFM's output
+                  head IS Linear(D, 1), so there linear_head repeats c2al bit for
+                  bit (a determinism check) and mlp_head is the head control;
+                  AttentionFM's is an MLP, so there it is the other way round
   random_cohorts  random user subsets with the mined cohorts' train shares
   least_contrast  the two least contrasting qualified candidates of the miner
   own_labels      multi-task control: head k learns y on cohort k's rows only,

@@ -1,0 +1,157 @@
+"""benchmarks/minority_ne.py: its statistics on hand-computed numbers, its cohorts, and one --quick run's JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "minority_ne.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("minority_ne", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["minority_ne"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_paired_ci_of_one_to_five_is_the_hand_computed_t_interval():
+    # mean 3, sd sqrt(2.5), se sqrt(2.5 / 5); t(0.975, 4) = 2.776445105...
+    mean, lo, hi = bench.paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764451051977987 * math.sqrt(2.5 / 5)
+    assert mean == pytest.approx(3.0, abs=1e-12)
+    assert (lo, hi) == pytest.approx((3.0 - half, 3.0 + half), abs=1e-9)
+
+
+def test_paired_ci_drops_nan_and_collapses_for_one_value():
+    assert bench.paired_ci([float("nan"), 0.7]) == (0.7, 0.7, 0.7)
+    assert all(math.isnan(v) for v in bench.paired_ci([float("nan")]))
+
+
+def test_paired_t_test_matches_the_closed_form_t_cdf_with_four_degrees_of_freedom():
+    # t = 3 / sqrt(0.5) = sqrt(18); for nu = 4, F(t) = 1/2 + 3/8 * u * (1 - t^2 / (12 (1 + t^2 / 4))), u = t / sqrt(1 + t^2 / 4)
+    t2 = 18.0
+    u = math.sqrt(t2) / math.sqrt(1 + t2 / 4)
+    cdf = 0.5 + 3 / 8 * u * (1 - t2 / (12 * (1 + t2 / 4)))
+    assert bench.paired_tests([1.0, 2.0, 3.0, 4.0, 5.0])["t_p"] == pytest.approx(2 * (1 - cdf), rel=1e-9)
+
+
+def test_wilcoxon_of_five_positive_differences_is_two_of_thirty_two_sign_patterns():
+    assert bench.paired_tests([0.3, 1.0, 2.0, 4.0, 8.0])["wilcoxon_p"] == pytest.approx(2 / 32, abs=1e-12)
+
+
+def test_all_zero_differences_are_not_significant():
+    assert bench.paired_tests([0.0, 0.0, 0.0]) == {"t_p": 1.0, "wilcoxon_p": 1.0}
+
+
+def test_describe_counts_only_finite_values():
+    d = bench.describe([1.0, float("nan"), 3.0])
+    assert d["n"] == 2 and d["mean"] == pytest.approx(2.0)
+
+
+# --- cohorts of the control arms ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    from c2al.build import load_splits
+    from c2al.config import Config
+
+    return load_splits(Config(data=bench.QUICK_DATA))
+
+
+def test_random_cohorts_are_disjoint_user_sets_matching_the_mined_train_shares(tiny_splits):
+    train = tiny_splits.train
+    mined = np.full(len(train), -1)
+    mined[: len(train) // 10] = 0
+    mined[len(train) // 10: len(train) // 10 + len(train) // 20] = 1
+    ids = bench.random_cohorts(tiny_splits, mined, 2, seed=3)
+    biggest = np.unique(train.user_ids, return_counts=True)[1].max()
+    for c in (0, 1):
+        got, want = int((ids["train"] == c).sum()), int((mined == c).sum())
+        assert want <= got < want + biggest  # the last user added crosses the target
+        users = set(train.user_ids[ids["train"] == c].tolist())
+        assert all((ids["train"][np.isin(train.user_ids, list(users))] == c))  # every row of a chosen user
+    assert not np.array_equal(ids["train"], bench.random_cohorts(tiny_splits, mined, 2, seed=4)["train"])
+
+
+# --- one --quick run ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("minority_ne") / "quick.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(out.read_text())
+
+
+def test_quick_run_writes_json_and_png_where_out_says(quick):
+    path, result = quick
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert {"config", "machine", "rows", "summary", "seconds", "seeds"} <= set(result)
+    assert result["quick"] is True and result["seeds"] == [0, 1]
+    assert result["seconds"] < 180
+
+
+def test_quick_run_has_one_baseline_and_every_arm_per_seed_and_model(quick):
+    _, result = quick
+    for model, arms in (("afm", ["baseline", *bench.QUICK_ARMS]), ("two-tower", ["baseline", "c2al"])):
+        for seed in (0, 1):
+            got = [r["arm"] for r in result["rows"] if r["model"] == model and r["seed"] == seed]
+            assert sorted(got) == sorted(arms)
+
+
+def test_every_arm_is_scored_on_the_same_mined_cohorts_of_its_seed(quick):
+    _, result = quick
+    for seed in (0, 1):
+        arms = [r for r in result["rows"] if r["model"] == "afm" and r["seed"] == seed and r["arm"] != "baseline"]
+        base_ne = {(c["id"], c["n"], c["ne_base"]) for r in arms for c in r["cohorts"]}
+        assert len(base_ne) == 2  # cohort 0 and 1: one size and one baseline NE across all arms
+        assert all(len(r["own_cohorts"]) == 2 for r in arms if r["arm"] in ("random_cohorts", "least_contrast"))
+        single = next(r for r in arms if r["arm"] == "single_head")
+        assert single["spec"]["k"] == 1 and len(single["cohorts"]) == 2
+
+
+def test_summary_mean_and_interval_recompute_from_the_per_seed_rows(quick):
+    _, result = quick
+    for arm in bench.QUICK_ARMS:
+        rows = [r for r in result["rows"] if r["model"] == "afm" and r["arm"] == arm]
+        diffs = [r["overall"]["ne_diff_pct"] for r in rows]
+        for r in rows:
+            o = r["overall"]
+            assert o["ne_diff_pct"] == pytest.approx((o["ne_c2al"] - o["ne_base"]) / o["ne_base"] * 100)
+        s = result["summary"]["afm"][arm]["overall"]
+        half = 12.706204736174698 * np.std(diffs, ddof=1) / math.sqrt(2)  # t(0.975, 1)
+        assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean(diffs))
+        assert s["ci95"] == pytest.approx([np.mean(diffs) - half, np.mean(diffs) + half])
+        assert {"t_p", "wilcoxon_p", "values"} <= set(s)
+
+
+def test_controls_are_compared_with_c2al_and_heads_were_trained(quick):
+    _, result = quick
+    assert "minus_c2al" in result["summary"]["afm"]["random_cohorts"]
+    assert all(r["head_update_norm"] > 0 for r in result["rows"] if r["arm"] != "baseline")
+    tt = result["summary"]["two-tower"]["c2al"]
+    assert {"recall@10_diff", "ndcg@10_diff"} <= set(tt)
+    assert set(result["summary"]["afm"]["c2al"]["attention"]) >= {"near_zero_share", "attention_entropy", "dead_relu_share"}
+
+
+def test_quick_without_out_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--quick needs --out" in proc.stderr
