@@ -76,6 +76,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("afm", "attention-fm", "two-tower")
 QUICK_DATA = "synthetic:n_rows=6000,n_users=600,n_items=120,minority_shares=0.08/0.06"
 RECALL_K = 10
+MINER_FLAGS = {"cohort-candidates": str, "n-clusters": int, "divergence": str, "min-share": float, "max-share": float}
 # seconds per training epoch on MovieLens-100k's 81k train rows, 1 thread, for the printed estimate
 EPOCH_SECONDS = {"afm": 4.5, "attention-fm": 5.5, "two-tower": 3.0}
 
@@ -463,6 +464,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="movielens-100k (default), synthetic[:opts], or a CSV/Parquet PATH")
     for flag in ("label", "sparse", "dense", "user-col", "item-col", "time-col", "cohort-features"):
         ap.add_argument(f"--{flag}", default="", help="tabular data role, as in train.py")
+    for flag, typ in MINER_FLAGS.items():
+        ap.add_argument(f"--{flag}", type=typ, default=None, help="cohort miner option, as in train.py (default: Config's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
     ap.add_argument("--arms", default=None, help=f"controls run on --control-model, from {list(ARMS)} (default all)")
@@ -496,6 +499,10 @@ def base_config(args: argparse.Namespace) -> Config:
         cfg.epochs = 1
     if args.batch_size:
         cfg.batch_size = args.batch_size
+    for flag in MINER_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            setattr(cfg, flag.replace("-", "_"), value)
     return cfg.check()
 
 
