@@ -9,6 +9,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def machine_info() -> dict[str, Any]:
+    """What a benchmark ran on, written next to every number it produces."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["load_avg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
 def write_json(obj: Any, path: str | Path) -> None:
     """Atomic JSON write: a crash never leaves a half-written report."""
     path = Path(path)

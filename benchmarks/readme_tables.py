@@ -1,0 +1,116 @@
+"""Render the README's tables from the committed result files, so the two always agree.
+
+  python benchmarks/readme_tables.py            # print every table
+  python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from the result files
+  python benchmarks/readme_tables.py --write    # rewrite the tables inside README.md
+
+A table lives in README.md between `<!-- table:NAME -->` and `<!-- /table -->`;
+NAME is a key of TABLES below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def md(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.2f}%"
+
+
+def machine(m: dict[str, Any]) -> str:
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+
+
+def afm_vs_linear() -> str:
+    lin = load("linear_baseline_movielens-100k.json")
+    run = load("c2al_movielens-100k_afm_1proc.json")
+    o = run["report"]["overall"]
+    rows = [
+        [f"one-hot logistic regression (C={lin['C']:g}, picked on valid)", lin["test"]["ne"], lin["test"]["auc"]],
+        ["AFM baseline (c2al, TorchRec, 4 epochs)", o["ne_base"], o["auc_base"]],
+        ["AFM + C2AL, heads stripped", o["ne_c2al"], o["auc_c2al"]],
+    ]
+    return md(["MovieLens-100k test split", "NE", "AUC"], rows) + (
+        f"\n\n`python benchmarks/linear_baseline.py` ({lin['seconds']:.0f} s) and `{run['command']}` "
+        f"({run['wall_seconds']:.0f} s wall, {machine(run['machine'])}).")
+
+
+def c2al_cohorts(name: str) -> Callable[[], str]:
+    def render() -> str:
+        run = load(name)
+        rep = run["report"]
+        rows = [[str(c["id"]), f"{c['share']:.3f}", f"{c['plr']:.3f}", f"{c['contrast']:.4f}", c["ne_base"], c["ne_c2al"], pct(c["ne_diff_pct"])]
+                for c in rep["cohorts"]]
+        rest = rep.get("outside_cohorts") or {}
+        if rest:
+            rows.append(["rest", f"{rest['share']:.3f}", f"{rest['plr']:.3f}", "", rest["ne_base"], rest["ne_c2al"], pct(rest["ne_diff_pct"])])
+        o = rep["overall"]
+        rows.append(["overall", "1.000", f"{o['plr']:.3f}", "", o["ne_base"], o["ne_c2al"], pct(o["ne_diff_pct"])])
+        return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff"], rows) + (
+            f"\n\n`{run['command']}`: {run['report']['world_size']} process(es), {run['wall_seconds']:.0f} s wall, {machine(run['machine'])}.")
+    return render
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "afm_vs_linear": afm_vs_linear,
+    "c2al_movielens": c2al_cohorts("c2al_movielens-100k_afm_1proc.json"),
+    "c2al_movielens_2proc": c2al_cohorts("c2al_movielens-100k_afm_2proc.json"),
+}
+
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+
+
+def rendered_readme(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise KeyError(f"README.md has a table {name!r} that benchmarks/readme_tables.py does not know")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    text = README.read_text()
+    new = rendered_readme(text)
+    if args.write:
+        README.write_text(new)
+        print("README.md tables rewritten from benchmarks/results")
+    elif args.check:
+        if new != text:
+            print("README.md tables differ from benchmarks/results; run python benchmarks/readme_tables.py --write", file=sys.stderr)
+            return 1
+        print("README.md tables agree with benchmarks/results")
+    else:
+        for name, fn in TABLES.items():
+            print(f"## {name}\n{fn()}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
