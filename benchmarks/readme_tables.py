@@ -67,7 +67,9 @@ def c2al_cohorts(name: str) -> Callable[[], str]:
             rows.append(["rest", f"{rest['share']:.3f}", f"{rest['plr']:.3f}", "", rest["ne_base"], rest["ne_c2al"], pct(rest["ne_diff_pct"])])
         o = rep["overall"]
         rows.append(["overall", "1.000", f"{o['plr']:.3f}", "", o["ne_base"], o["ne_c2al"], pct(o["ne_diff_pct"])])
+        traits = "".join(f"\n- cohort {c['id']}: " + "; ".join(c["traits"]) for c in rep["cohorts"] if c.get("traits"))
         return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff"], rows) + (
+            f"\n\nWhat sets the mined cohorts apart (test split, mean or most over-represented value vs the rest):{traits}" if traits else "") + (
             f"\n\n`{run['command']}`: {run['report']['world_size']} process(es), {run['wall_seconds']:.0f} s wall, {machine(run['machine'])}.")
     return render
 

@@ -129,6 +129,8 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     p_base = predict_split(base, cfg, splits, "test", info)
     p_c2al = predict_with(served, cfg, splits, "test", info)
     report = compare(cfg, splits, cohort_ids["test"], p_base, p_c2al, miner)
+    for row, described in zip(report["cohorts"], miner.describe(cohort_frame(cfg, splits, "test"))):
+        row["traits"] = [t["text"] for t in described["traits"]]
     report["attention"] = attention_report(base.model, served, splits, cfg, info)
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"baseline": base.model, "c2al": served}, splits, info, cfg)
@@ -198,6 +200,9 @@ def print_comparison(report: dict[str, Any]) -> None:
     o = report["overall"]
     rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"]})
     print(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
+    for r in report["cohorts"]:
+        if r.get("traits"):
+            print(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
     att = report.get("attention") or {}
     if att:
         keys = sorted(att["baseline"])

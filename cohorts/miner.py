@@ -56,6 +56,22 @@ STATE = ("n_features_in_", "_names", "_kinds", "_stats", "cohorts_")
 SCORE_BINS = {"js": 20, "kl": 20, "wasserstein": 200}
 
 
+def _trait(name: str, values: np.ndarray, kind: str, inside: np.ndarray) -> dict[str, Any]:
+    """One column's standardized difference between a cohort and the rest (see CohortMiner.describe)."""
+    if kind == "numeric":
+        values = values.astype(np.float64)
+        a, b, sd = values[inside].mean(), values[~inside].mean(), values.std()
+        effect = 0.0 if sd == 0 else (a - b) / sd
+        return {"column": name, "text": f"{name} {a:.3g} (rest {b:.3g})", "effect": float(effect)}
+    cats, codes = np.unique(values.astype(str), return_inverse=True)
+    p_in = np.bincount(codes[inside], minlength=len(cats)) / inside.sum()
+    p_out = np.bincount(codes[~inside], minlength=len(cats)) / (~inside).sum()
+    p_all = np.bincount(codes, minlength=len(cats)) / len(codes)
+    gap = (p_in - p_out) / np.sqrt(np.clip(p_all * (1 - p_all), 1e-12, None))
+    j = int(np.argmax(gap))
+    return {"column": name, "text": f"{name}={cats[j]} {p_in[j]:.0%} (rest {p_out[j]:.0%})", "effect": float(gap[j])}
+
+
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
@@ -534,6 +550,34 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         used = sorted({c["source"] for c in self.cohorts_} & set(CLUSTERERS))
         clusters = self._cluster_labels(self._design(columns), used) if used else {}
         return self._assign(columns, clusters)
+
+    def describe(self, X: Any, top: int = 3) -> list[dict[str, Any]]:
+        """What sets each exposed cohort apart in X: its most distinctive traits.
+
+        A numeric column's trait is its mean inside vs outside the cohort; a
+        categorical column's is the value most over-represented inside. Traits
+        are ranked by standardized difference (mean gap over the column's std;
+        share gap over the value's Bernoulli std).
+
+        Args:
+            X: features with the columns seen by `fit` [N, F].
+            top: traits kept per cohort.
+
+        Returns:
+            One dict per cohort: {"cohort", "share", "traits": [{"column", "text", "effect"}]}.
+        """
+        ids = self.predict(X)
+        names, columns, kinds = _read_columns(X)
+        out = []
+        for k in range(len(self.cohorts_)):
+            inside = ids == k
+            traits = []
+            if inside.any() and (~inside).any():
+                for name, values, kind in zip(names, columns, kinds):
+                    traits.append(_trait(name, values, kind, inside))
+            traits.sort(key=lambda t: -abs(t["effect"]))
+            out.append({"cohort": k, "share": float(inside.mean()), "traits": traits[:top]})
+        return out
 
     def fit_predict(self, X: Any, y: Any = None, scores: Any = None) -> np.ndarray:
         """Fit, then return the cohort id of each training row (see `fit` and `predict`)."""

@@ -35,6 +35,7 @@ def test_report_has_the_documented_schema(synthetic_run):
     for c in rep["cohorts"]:
         assert set(c) >= {"id", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"}
         assert c["ne_diff_pct"] == pytest.approx((c["ne_c2al"] - c["ne_base"]) / c["ne_base"] * 100)
+        assert c["traits"] and all(isinstance(t, str) for t in c["traits"])
     assert rep["config"]["aux_cohorts"] == 2
     assert set(rep["attention"]["baseline"]) >= {"near_zero_share", "attention_entropy", "dead_relu_share"}
 

@@ -399,3 +399,25 @@ def test_predict_with_a_different_number_of_columns_is_rejected(blobs) -> None:
 def test_predict_before_fit_raises_not_fitted() -> None:
     with pytest.raises(NotFittedError):
         CohortMiner().predict(np.zeros((3, 2)))
+
+
+# ----------------------------------------------------------------- describe
+def test_describe_names_what_sets_each_planted_cohort_apart(blobs) -> None:
+    X, y, scores, truth = blobs
+    miner = CohortMiner(random_state=0).fit(X, y, scores)
+    described = miner.describe(X, top=2)
+    ids = miner.predict(X)
+    assert [d["cohort"] for d in described] == [0, 1]
+    for d in described:
+        planted = int(np.bincount(truth[ids == d["cohort"]] + 1).argmax()) - 1  # truth 0: x0 shifted up, 1: x1 down
+        first = d["traits"][0]
+        assert first["column"] == f"x{planted}"
+        assert (first["effect"] > 2) if planted == 0 else (first["effect"] < -2)
+        assert d["share"] == pytest.approx((ids == d["cohort"]).mean())
+
+
+def test_describe_reports_the_over_represented_category() -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(candidates="axes", axes=["country", "value"], random_state=0).fit(X, y, scores)
+    traits = [t for d in miner.describe(X) for t in d["traits"] if t["column"] == "country"]
+    assert any(t["text"].startswith("country=zz 100%") for t in traits)
