@@ -60,15 +60,18 @@ def c2al_cohorts(name: str) -> Callable[[], str]:
     def render() -> str:
         run = load(name)
         rep = run["report"]
-        rows = [[str(c["id"]), f"{c['share']:.3f}", f"{c['plr']:.3f}", f"{c['contrast']:.4f}", c["ne_base"], c["ne_c2al"], pct(c["ne_diff_pct"])]
+        def auc(r: dict[str, Any]) -> list[Any]:
+            return [r.get("auc_base", "n/a"), r.get("auc_c2al", "n/a")]
+
+        rows = [[str(c["id"]), f"{c['share']:.3f}", f"{c['plr']:.3f}", f"{c['contrast']:.4f}", c["ne_base"], c["ne_c2al"], pct(c["ne_diff_pct"]), *auc(c)]
                 for c in rep["cohorts"]]
         rest = rep.get("outside_cohorts") or {}
         if rest:
-            rows.append(["rest", f"{rest['share']:.3f}", f"{rest['plr']:.3f}", "", rest["ne_base"], rest["ne_c2al"], pct(rest["ne_diff_pct"])])
+            rows.append(["rest", f"{rest['share']:.3f}", f"{rest['plr']:.3f}", "", rest["ne_base"], rest["ne_c2al"], pct(rest["ne_diff_pct"]), *auc(rest)])
         o = rep["overall"]
-        rows.append(["overall", "1.000", f"{o['plr']:.3f}", "", o["ne_base"], o["ne_c2al"], pct(o["ne_diff_pct"])])
+        rows.append(["overall", "1.000", f"{o['plr']:.3f}", "", o["ne_base"], o["ne_c2al"], pct(o["ne_diff_pct"]), *auc(o)])
         traits = "".join(f"\n- cohort {c['id']}: " + "; ".join(c["traits"]) for c in rep["cohorts"] if c.get("traits"))
-        return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff"], rows) + (
+        return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff", "AUC baseline", "AUC C2AL"], rows) + (
             f"\n\nWhat sets the mined cohorts apart (test split, mean or most over-represented value vs the rest):{traits}" if traits else "") + (
             f"\n\n`{run['command']}`: {run['report']['world_size']} process(es), {run['wall_seconds']:.0f} s wall, {machine(run['machine'])}.")
     return render

@@ -175,7 +175,7 @@ def compare(cfg: Config, splits: Splits, test_cohorts: np.ndarray, p_base: np.nd
     outside = {}
     if rest.any():
         sb, sc = summarize(p_base[rest], y[rest]), summarize(p_c2al[rest], y[rest])
-        outside = {"share": float(rest.mean()), "plr": sb["plr"], "ne_base": sb["ne"], "ne_c2al": sc["ne"],
+        outside = {"share": float(rest.mean()), "plr": sb["plr"], "ne_base": sb["ne"], "ne_c2al": sc["ne"], "auc_base": sb["auc"], "auc_c2al": sc["auc"],
                    "ne_diff_pct": ne_diff_pct(sc["ne"], sb["ne"])}
     return {
         "config": cfg.to_dict(),
@@ -198,8 +198,9 @@ def print_comparison(report: dict[str, Any]) -> None:
     if report.get("outside_cohorts"):
         rows.append(dict(report["outside_cohorts"], cohort="rest"))
     o = report["overall"]
-    rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"]})
-    print(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
+    rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"],
+                 "auc_base": o["auc_base"], "auc_c2al": o["auc_c2al"]})
+    print(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
     for r in report["cohorts"]:
         if r.get("traits"):
             print(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
