@@ -16,6 +16,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q "flwr[simulation]==1.41.*" "torch==2.13.0"
 	@touch $@
 
 install: $(STAMP)
