@@ -257,3 +257,40 @@ def test_clients_per_round_out_of_range_is_a_one_line_error(n, capsys, tmp_path)
     assert train.main(["--federated", "--data", DATA, "--clients-per-round", n, "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --clients-per-round must be in [1, ") and "\n" not in err
+
+
+# ----------------------------------------------------------------- two-tower losses
+def test_squared_hinge_is_batch_insensitive_unlike_in_batch_softmax():
+    from c2al.federated.losses import squared_hinge_spreadout
+    from c2al.losses import in_batch_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    y, w = torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1]), torch.ones(8)
+    import c2al.federated.losses as L
+
+    spread, L.SPREAD_WEIGHT = L.SPREAD_WEIGHT, 0.0  # the pair term alone: a mean of per-row terms
+    try:
+        whole = squared_hinge_spreadout(q, v, y, w)
+        halves = (squared_hinge_spreadout(q[:4], v[:4], y[:4], w[:4]) + squared_hinge_spreadout(q[4:], v[4:], y[4:], w[4:])) / 2
+    finally:
+        L.SPREAD_WEIGHT = spread
+    torch.testing.assert_close(whole, halves)
+    soft_whole = in_batch_softmax_loss(q, v, y)
+    soft_halves = (in_batch_softmax_loss(q[:4], v[:4], y[:4]) + in_batch_softmax_loss(q[4:], v[4:], y[4:])) / 2
+    assert abs(float(soft_whole - soft_halves)) > 1e-3
+
+
+def test_federated_two_tower_trains_with_the_hinge_loss(splits):
+    from c2al.federated.losses import HingeTrainModule
+
+    cfg = Config(data=DATA, model="two-tower", clients_per_round=10, two_tower_hinge=True)
+    module = HingeTrainModule(seeded_model(cfg, splits.schema))
+    layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
+    trainer = LocalTrainer(module, layout, splits.schema, splits.train, table_optimizer="sgd", table_lr=0.1)
+    clients = make_clients(splits)
+    strategy = FedAvg(layout, len(clients), spec=TierSpec.uniform())  # full participation: round losses comparable
+    fed = run_rounds(trainer, strategy, clients, np.full(len(clients), 2), rounds=3, seed=0, spec=TierSpec.uniform(), show=False)
+    losses = [h["loss"] for h in fed.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert "embedding_bag_collection.embedding_bags.t_user_id.weight" in layout.private

@@ -266,6 +266,7 @@ class LocalTrainer:
         self.dense_optimizer, self.lr, self.weight_decay = dense_optimizer, lr, weight_decay
         self.table_optimizer, self.table_lr, self.batch_size = table_optimizer, table_lr, batch_size
         self._touched: dict[tuple[int, str], np.ndarray] = {}
+        self.initial_private: dict[str, np.ndarray] = {}  # seeded private tables, for clients seen first (Flower engine)
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         """Copy the global shared parameters into the working model (once per round)."""
@@ -288,11 +289,15 @@ class LocalTrainer:
             state: global shared parameters (numpy), as loaded by `load`.
             private: the client's stored private rows per table (absent: the table's initial rows).
             config: from the strategy: seed, epochs, max_steps, proximal_mu, sam_rho.
-            step_seed: reseeds torch before each step (dropout), as centralized training does.
+            step_seed: reseeds torch before each step (dropout), as centralized training does;
+                by default from config["step_seed"].
 
         Returns:
             The FitResult; the working model is restored to `state` afterwards.
         """
+        if step_seed is None and "step_seed" in config:
+            base = int(config["step_seed"])
+            step_seed = lambda n: (base + n * 7919) % (2**63)  # noqa: E731 - centralized training's formula
         p = self.params
         with torch.no_grad():
             for name, (ids, rows) in private.items():

@@ -86,8 +86,7 @@ def make_client_app(factory: Any, clients: list[ClientData], tag: str) -> Any:
         params = _arrays(msg.content["arrays"])
         conf = dict(msg.content["config"])
         t.load(params)
-        base = int(conf["step_seed"])
-        res = t.fit(client, params, private_rows(t, client, context), conf, step_seed=lambda n: (base + n * 7919) % (2**63))
+        res = t.fit(client, params, private_rows(t, client, context), conf)
         context.state["private"] = _record(_pack_rows(res.private))
         return Message(RecordDict({"dense": _record(res.dense), "rows": _record(_pack_rows(res.rows)),
                                    "metrics": MetricRecord({"num_examples": res.num_examples, "loss": float(res.metrics.get("loss", 0.0))})}),
@@ -134,7 +133,6 @@ def make_server_app(trained: FedTrained, strategy: FedAvg, clients: list[ClientD
                 if drops_out(int(tiers[cid]), spec, rng):
                     failures.append((cid, "dropped out mid-round"))
                     continue
-                conf = {**conf, "step_seed": seed * 1_000_003 + (rnd * len(clients) + cid) * 1_000_000_007}
                 msgs.append(Message(RecordDict({"arrays": _record(trained.params),
                                                 "config": ConfigRecord(conf)}), dst_node_id=node_of[cid], message_type="train",
                                     group_id=str(rnd)))

@@ -26,7 +26,7 @@ from c2al.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from c2al.data.schema import Schema, Table
 from c2al.distributed import DistInfo
 from c2al.errors import C2ALError
-from c2al.federated.client import SEED_STRIDE, ClientData, FitResult, LocalTrainer, Rows
+from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
 from c2al.federated.heterogeneity import TierSpec, drops_out, round_rng
 from c2al.federated.strategy import FedAvg, Params
 from c2al.task import predict
@@ -127,8 +127,7 @@ ClientFn = Callable[[LocalTrainer, ClientData, Params, dict[str, Rows], dict[str
 
 def default_client_fn(trainer: LocalTrainer, client: ClientData, params: Params, private: dict[str, Rows],
                       config: dict[str, Any]) -> FitResult:
-    base = int(config["step_seed"])
-    return trainer.fit(client, params, private, config, step_seed=lambda n: (base + n * 7919) % (2**63))
+    return trainer.fit(client, params, private, config)
 
 
 def run_rounds(
@@ -203,7 +202,6 @@ def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], 
     results: list[tuple[int, FitResult]] = []
     failures: list[tuple[int, str]] = []
     for cid, conf in plan:
-        conf = {**conf, "step_seed": seed * 1_000_003 + (rnd * len(clients) + cid) * SEED_STRIDE}
         if drops_out(int(tiers[cid]), spec, rng):
             failures.append((cid, "dropped out mid-round"))
             continue

@@ -19,7 +19,7 @@ import numpy as np
 
 from c2al.errors import C2ALError
 from c2al.federated import aggregate as agg
-from c2al.federated.client import FitResult, Layout
+from c2al.federated.client import SEED_STRIDE, FitResult, Layout
 from c2al.federated.heterogeneity import TierSpec, available
 
 log = logging.getLogger("c2al.federated")
@@ -56,8 +56,11 @@ class FedAvg:
         return [(int(c), self.fit_config(rnd, int(c), int(tiers[c]), len(tiers))) for c in chosen]
 
     def fit_config(self, rnd: int, cid: int, tier: int, population: int) -> dict[str, Any]:
-        return {"round": rnd, "seed": self.seed * 1000 + (rnd * population + cid) * 1009, "epochs": self.epochs,
-                "max_steps": int(self.spec.steps[tier]), "sam_rho": self.sam_rho, "proximal_mu": 0.0}
+        # Round 0's client 0 draws what centralized training draws (batch order seed*1000 + epoch,
+        # dropout reseeded per step from seed*1_000_003): one client holding all data then equals it.
+        pair = rnd * population + cid
+        return {"round": rnd, "seed": self.seed * 1000 + pair * 1009, "step_seed": self.seed * 1_000_003 + pair * SEED_STRIDE,
+                "epochs": self.epochs, "max_steps": int(self.spec.steps[tier]), "sam_rho": self.sam_rho, "proximal_mu": 0.0}
 
     def aggregate_fit(self, rnd: int, params: Params, results: Sequence[tuple[int, FitResult]],
                       failures: list[tuple[int, str]]) -> tuple[Params, dict[str, Any]]:
