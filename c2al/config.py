@@ -87,6 +87,7 @@ class Config:
     tier_dropout: str = _opt("low,mid,high probability of dropping out mid-round", default="0.15,0.05,0.02")
     tier_steps: str = _opt("low,mid,high local step budget per round (0: uncapped)", default="2,5,10")
     kmeans_iters: int = _opt("federated k-means (Lloyd) rounds of cohort mining", default=50)
+    workers: int = _opt("simulation engine: run each round's clients over this many forked processes (0: sequential)", default=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

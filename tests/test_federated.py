@@ -294,3 +294,19 @@ def test_federated_two_tower_trains_with_the_hinge_loss(splits):
     losses = [h["loss"] for h in fed.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert "embedding_bag_collection.embedding_bags.t_user_id.weight" in layout.private
+
+
+def test_worker_pool_gives_the_sequential_result(splits):
+    cfg = Config(data=DATA, clients_per_round=8)
+
+    def flaky(trainer, client, params, private, conf):
+        if client.cid % 5 == 0:
+            raise RuntimeError("out of memory")
+        return default_client_fn(trainer, client, params, private, conf)
+
+    seq, _ = run(cfg, splits, rounds=2, client_fn=flaky)
+    par, _ = run(cfg, splits, rounds=2, client_fn=flaky, workers=2)
+    for k in seq.params:
+        np.testing.assert_array_equal(par.params[k], seq.params[k])
+    assert [h["failures"] for h in par.history] == [h["failures"] for h in seq.history]
+    assert any("out of memory" in r for h in par.history for _, r in h["failures"])

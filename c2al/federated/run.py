@@ -109,7 +109,7 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
         from c2al.federated.flower import run_rounds_flower
 
         return run_rounds_flower(trainer, strategy, clients, tiers, cfg=cfg, splits=splits, **kw)
-    return run_rounds(trainer, strategy, clients, tiers, **kw)
+    return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers, **kw)
 
 
 def row_tiers(table: Table, clients: list[ClientData], tiers: np.ndarray) -> np.ndarray:

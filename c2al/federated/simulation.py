@@ -146,6 +146,7 @@ def run_rounds(
     client_fn: ClientFn = default_client_fn,
     show: bool = True,
     tag: str = "federated",
+    workers: int = 0,
 ) -> FedTrained:
     """Run `rounds` federated rounds from the working model's current (seeded) weights.
 
@@ -161,6 +162,7 @@ def run_rounds(
         resume: continue from `checkpoint` when it exists.
         config: the run config, saved inside checkpoints and checked on resume on `shape_keys`.
         client_fn: how a client trains (tests inject failing clients here).
+        workers: > 1 runs each round's clients over that many forked processes (same result).
         show: tqdm bar over rounds.
         tag: label of the bar and log lines.
 
@@ -181,7 +183,7 @@ def run_rounds(
     try:
         bar = tqdm(range(start, rounds), desc=f"[{tag}] rounds", disable=not show, dynamic_ncols=True, leave=False)
         for rnd in bar:
-            metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn)
+            metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn, workers)
             trained.history.append(metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", ok=metrics["aggregated"], failed=len(metrics["failures"]))
             if checkpoint is not None:
@@ -193,29 +195,30 @@ def run_rounds(
 
 
 def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, rnd: int,
-              seed: int, spec: TierSpec, client_fn: ClientFn) -> dict[str, Any]:
+              seed: int, spec: TierSpec, client_fn: ClientFn, workers: int = 0) -> dict[str, Any]:
     """configure_fit -> clients (with dropout and failures) -> aggregate_fit; updates `trained` in place."""
     rng = round_rng(seed, rnd)
     plan = strategy.configure_fit(rnd, tiers, rng)
     trainer, params = trained.trainer, trained.params
-    trainer.load(params)
-    results: list[tuple[int, FitResult]] = []
     failures: list[tuple[int, str]] = []
+    jobs = []
     for cid, conf in plan:
         if drops_out(int(tiers[cid]), spec, rng):
             failures.append((cid, "dropped out mid-round"))
             continue
         client = clients[cid]
         private = trained.store.get(cid, lambda n: trainer.touched(client, trainer.layout.private[n]))
-        try:
-            results.append((cid, client_fn(trainer, client, params, private, conf)))
-        except Exception as e:  # noqa: BLE001 - a failing device must not stop the federation
-            reason = f"raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            log.warning("round %d: client %d dropped: %s", rnd, cid, reason)
-            failures.append((cid, reason))
-            trainer.load(params)  # the client may have left the working model half-updated
+        jobs.append((cid, client, private, conf))
     if not plan:
         log.warning("round %d: no client available", rnd)
+    results: list[tuple[int, FitResult]] = []
+    for cid, res in (_in_pool(trainer, jobs, params, client_fn, workers) if workers > 1 and len(jobs) > 1
+                     else fit_clients(trainer, jobs, params, client_fn)):
+        if isinstance(res, str):
+            log.warning("round %d: client %d dropped: %s", rnd, cid, res)
+            failures.append((cid, res))
+        else:
+            results.append((cid, res))
     new, metrics = strategy.aggregate_fit(rnd, params, results, failures)
     rejected = {cid for cid, _ in failures}
     for cid, res in results:
@@ -225,6 +228,46 @@ def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], 
     metrics["sampled"] = len(plan)
     metrics["failures"] = [[int(c), r] for c, r in failures]
     return metrics
+
+
+Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
+
+
+def fit_clients(trainer: LocalTrainer, jobs: list[Job], params: Params, client_fn: ClientFn) -> list[tuple[int, FitResult | str]]:
+    """Fit clients one after another on the working model; a client that raises becomes its reason."""
+    trainer.load(params)
+    out: list[tuple[int, FitResult | str]] = []
+    for cid, client, private, conf in jobs:
+        try:
+            out.append((cid, client_fn(trainer, client, params, private, conf)))
+        except Exception as e:  # noqa: BLE001 - a failing device must not stop the federation
+            out.append((cid, f"raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+            trainer.load(params)  # the client may have left the working model half-updated
+    return out
+
+
+_FORKED: dict[str, Any] = {}  # what forked workers inherit: the working model, the round's params, client_fn
+
+
+def _fit_chunk(jobs: list[Job]) -> list[tuple[int, FitResult | str]]:
+    return fit_clients(_FORKED["trainer"], jobs, _FORKED["params"], _FORKED["client_fn"])
+
+
+def _in_pool(trainer: LocalTrainer, jobs: list[Job], params: Params, client_fn: ClientFn, workers: int) -> list[tuple[int, FitResult | str]]:
+    """The round's clients over `workers` forked processes, each with its own copy of the working model.
+
+    Results come back in job order, so aggregation (and the model) equals the sequential run's.
+    """
+    import multiprocessing as mp
+
+    _FORKED.update(trainer=trainer, params=params, client_fn=client_fn)
+    chunks = [list(c) for c in np.array_split(np.arange(len(jobs)), min(workers, len(jobs)))]
+    try:
+        with mp.get_context("fork").Pool(len(chunks)) as pool:
+            parts = pool.map(_fit_chunk, [[jobs[i] for i in c] for c in chunks])
+    finally:
+        _FORKED.clear()
+    return [r for part in parts for r in part]
 
 
 def save_state(trained: FedTrained, strategy: FedAvg, path: Path, rounds_done: int, config: dict[str, Any], tag: str) -> None:
