@@ -39,7 +39,8 @@ def pct(v: float | None) -> str:
 
 
 def machine(m: dict[str, Any]) -> str:
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+    load = f", load average {m['load_avg_1m']:.1f} while it ran" if m.get("load_avg_1m") is not None else ""
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}{load}"
 
 
 def afm_vs_linear() -> str:

@@ -113,3 +113,10 @@ def test_c2al_runs_under_torchrun(tmp_path):
     tables = {k.rsplit(".", 2)[-2] for k in state["model"] if "embedding_bags" in k}
     momenta = {k.rsplit(".", 2)[-2] for k in state["optimizer"]["state"] if "embedding_bags" in k}
     assert len(tables) == 12 and momenta == tables
+
+
+def test_zero_aux_weight_reproduces_the_baseline_exactly(tmp_path):
+    """Same seed, same start, same batches, same dropout masks: with lambda = 0 C2AL is the baseline."""
+    rep = run_c2al(tmp_path, "--aux-weight", "0")
+    assert rep["overall"]["ne_c2al"] == rep["overall"]["ne_base"]
+    assert all(c["ne_c2al"] == c["ne_base"] for c in rep["cohorts"])
