@@ -84,7 +84,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "c2al_movielens_2proc": c2al_cohorts("c2al_movielens-100k_afm_2proc.json"),
 }
 
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
 def rendered_readme(text: str) -> str:
@@ -92,7 +92,7 @@ def rendered_readme(text: str) -> str:
         name = m.group("name")
         if name not in TABLES:
             raise KeyError(f"README.md has a table {name!r} that benchmarks/readme_tables.py does not know")
-        return m.group(1) + TABLES[name]() + m.group(4)
+        return m.group(1) + TABLES[name]() + "\n" + m.group(4)
 
     return BLOCK.sub(sub, text)
 
