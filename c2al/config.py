@@ -136,21 +136,34 @@ SHAPE_FIELDS = ("data", "label", "sparse", "dense", "user_col", "item_col", "mod
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keep the usage examples of the description as written and show defaults."""
+    """Keep the usage examples of the description as written and show defaults that say something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in ("", None) or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# --help groups: the field that opens each group, in Config's field order.
+GROUPS = {"data": "data", "model": "model", "epochs": "training", "aux_cohorts": "C2AL (--aux-cohorts)",
+          "federated": "federated (--federated)"}
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    group: Any = p
     for f in fields(Config):
+        if f.name in GROUPS:
+            group = p.add_argument_group(GROUPS[f.name])
         meta = dict(f.metadata)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         helptext = meta.pop("help", "")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
             continue
         typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-        p.add_argument(flag, type=typ, default=default, help=helptext, **meta)
+        group.add_argument(flag, type=typ, default=default, help=helptext, **meta)
     return p
 
 

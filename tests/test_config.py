@@ -53,3 +53,12 @@ def test_unknown_config_field_is_rejected():
 def test_help_explains_the_method_and_flags():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--aux-cohorts" in out and "--cohort-features" in out and "torchrun" in out
+
+
+def test_help_is_grouped_and_shows_only_meaningful_defaults():
+    from c2al.config import build_parser
+
+    text = build_parser().format_help()
+    for title in ("data:", "model:", "training:", "C2AL (--aux-cohorts):"):
+        assert f"\n{title}\n" in text
+    assert "(default: )" not in text and "(default: movielens-100k)" in text
