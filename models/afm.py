@@ -5,6 +5,7 @@ features), D embedding dim, A attention hidden size, P = F(F-1)/2 pairs.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,18 +35,34 @@ def _chunk_pairs(x: torch.Tensor, blocks: list[tuple[int, int, int]], num_pairs:
     return q
 
 
-def _dropout_mask(shape: torch.Size, p: float, seed: int, like: torch.Tensor) -> torch.Tensor:
-    """Inverted-dropout mask, drawn again from `seed` in backward instead of being kept."""
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=like.device) >= p
-    return keep.to(like.dtype).div_(1.0 - p)
+def _dropout_lanes(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, int, float]:
+    """Uniform 15-bit draws for a dropout mask at rate p rounded to 1/32768.
+
+    Four draws come from each 64-bit random word: about 3x faster than
+    torch.rand on CPU, where drawing the [B, P, D] mask was a fifth of a step.
+    Kept as int16 (half the bytes of a float mask) for the backward pass.
+
+    Returns:
+        (lanes [*shape] int16 in [0, 32768), cut, scale): a position is kept
+        when its lane >= cut, and kept values are scaled by 1 / (1 - cut / 32768).
+    """
+    n, cut = math.prod(shape), round(p * 32768)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    lanes = words.view(torch.int16)[:n].bitwise_and_(0x7FFF)
+    return lanes.view(shape), cut, 32768 / (32768 - cut)
+
+
+def _keep(lanes: torch.Tensor, cut: int, dtype: torch.dtype) -> torch.Tensor:
+    """1.0 where lanes >= cut, else 0.0 (a subtraction and a clamp beat a compare and a cast on CPU)."""
+    return torch.sub(lanes, cut - 1, out=torch.empty(lanes.shape, dtype=dtype, device=lanes.device)).clamp_(0, 1)
 
 
 class _AttentionPool(torch.autograd.Function):
     """Fused AFM pooling: pair products, attention MLP, softmax and weighted sum, chunk by chunk.
 
-    Only the [B, F, D] input is saved; each chunk's [C, P, D] products and
-    [C, P, A] activations are recomputed in backward, so they stay in cache and
+    Only the [B, F, D] input (and, with dropout, the [B, P, D] int16 mask draws) is
+    saved; each chunk's [C, P, D] products and [C, P, A] activations are
+    recomputed in backward, so they stay in cache and
     peak memory does not grow with P. Gradients are hand-derived:
     c_p = g . q_p, ds = w (c - sum w c), dz = (ds h) 1[z > 0],
     dq = dz W + w g, and dq_ij flows to v_i as dq_ij * v_j (and to v_j as dq_ij * v_i).
@@ -53,26 +70,27 @@ class _AttentionPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score: torch.Tensor,
-                p: float, seed: int, chunk: int) -> torch.Tensor:
+                p: float, chunk: int) -> torch.Tensor:
         B, F, D = x.shape
         blocks, P, h = _pair_blocks(F), F * (F - 1) // 2, score.reshape(-1)
         out = x.new_empty(B, D)
+        lanes, cut, scale = _dropout_lanes((B if p > 0 else 0, P, D), p, x.device)  # [B, P, D] int16
         for r0 in range(0, B, chunk):
             xc = x[r0 : r0 + chunk]  # [C, F, D]
             q = _chunk_pairs(xc, blocks, P)  # [C, P, D]
             r = torch.addmm(bias, q.view(-1, D), weight.t()).relu_()  # [C*P, A]
             w = torch.softmax(torch.mv(r, h).view(-1, P), dim=-1)  # [C, P]
             if p > 0:
-                q.mul_(_dropout_mask(q.shape, p, seed + r0, q))
-            out[r0 : r0 + chunk] = (q * w.unsqueeze(-1)).sum(1)  # [C, D]
-        ctx.save_for_backward(x, weight, bias, score)
-        ctx.p, ctx.seed, ctx.chunk = p, seed, chunk
+                q.mul_(_keep(lanes[r0 : r0 + chunk], cut, q.dtype))
+            torch.sum(q.mul_(w.mul_(scale).unsqueeze(-1)), dim=1, out=out[r0 : r0 + chunk])  # [C, D]
+        ctx.save_for_backward(x, weight, bias, score, lanes)
+        ctx.p, ctx.chunk, ctx.cut, ctx.scale = p, chunk, cut, scale
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bias, score = ctx.saved_tensors
-        p, seed, chunk = ctx.p, ctx.seed, ctx.chunk
+        x, weight, bias, score, lanes = ctx.saved_tensors
+        p, chunk, cut, scale = ctx.p, ctx.chunk, ctx.cut, ctx.scale
         B, F, D = x.shape
         blocks, P, h = _pair_blocks(F), F * (F - 1) // 2, score.reshape(-1)
         dx = torch.zeros_like(x)
@@ -83,26 +101,26 @@ class _AttentionPool(torch.autograd.Function):
             qf = q.view(-1, D)
             r = torch.addmm(bias, qf, weight.t()).relu_()  # [C*P, A]
             w = torch.softmax(torch.mv(r, h).view(-1, P), dim=-1)  # [C, P]
-            gq = g.unsqueeze(1)  # d out / d (w_p q_p): [C, 1, D], or [C, P, D] through the mask
+            gq = g.unsqueeze(1)  # d out / d (scale w_p q_p): [C, 1, D], or [C, P, D] through the mask
             if p > 0:
-                gq = gq * _dropout_mask(q.shape, p, seed + r0, q)
-            c = (q * gq).sum(-1)  # [C, P] = dL/dw
+                gq = _keep(lanes[r0 : r0 + chunk], cut, q.dtype).mul_(gq)
+            c = (q * gq).sum(-1).mul_(scale)  # [C, P] = dL/dw
             ds = (w * (c - (w * c).sum(-1, keepdim=True))).view(-1)  # [C*P] through the softmax
             dh.addmv_(r.t(), ds)
-            dz = r.gt_(0).to(r.dtype).mul_(ds.unsqueeze(1)).mul_(h)  # [C*P, A]
+            dz = r.gt_(0).mul_(ds.unsqueeze(1)).mul_(h)  # [C*P, A]
             dweight.addmm_(dz.t(), qf)
             dbias.add_(dz.sum(0))
-            dq = torch.mm(dz, weight).view(-1, P, D).addcmul_(w.unsqueeze(-1), gq)  # [C, P, D]
+            dq = torch.mm(dz, weight).view(-1, P, D).addcmul_(w.unsqueeze(-1), gq, value=scale)  # [C, P, D]
             dxc = dx[r0 : r0 + chunk]
             for i, offset, n in blocks:
                 dqi = dq[:, offset : offset + n]  # pairs (i, j > i)
                 dxc[:, i].add_((dqi * xc[:, i + 1 :]).sum(1))
                 dxc[:, i + 1 :].addcmul_(dqi, xc[:, i : i + 1])
-        return dx, dweight, dbias, dh.view_as(score), None, None, None
+        return dx, dweight, dbias, dh.view_as(score), None, None
 
 
 def afm_attention_pool(fields: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score: torch.Tensor,
-                       dropout: float = 0.0, chunk: int = 128) -> torch.Tensor:
+                       dropout: float = 0.0, chunk: int = 256) -> torch.Tensor:
     """Attention-weighted sum of all pair products, without materializing [B, P, *] tensors.
 
     Args:
@@ -115,8 +133,7 @@ def afm_attention_pool(fields: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Returns:
         [B, D], equal to the straightforward AFMInteractionArch forward.
     """
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0
-    return _AttentionPool.apply(fields, weight, bias, score, float(dropout), seed, int(chunk))
+    return _AttentionPool.apply(fields, weight, bias, score, float(dropout), int(chunk))
 
 
 # FX tracers (TorchRec's pipelines, c2al's tap) record the fused call as one node.
@@ -162,7 +179,7 @@ class AFMInteractionArch(nn.Module):
         dropout: float = 0.0,
         device: torch.device | None = None,
         lean: bool = True,
-        chunk: int = 128,
+        chunk: int = 256,
     ) -> None:
         super().__init__()
         if chunk < 1:

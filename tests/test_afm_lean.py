@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from c2al.models.afm import AFMInteractionArch, _AttentionPool, _dropout_mask, afm_attention_pool
+from c2al.models.afm import AFMInteractionArch, _AttentionPool, _dropout_lanes, _keep, afm_attention_pool
 
 F, D, A = 5, 3, 4
 
@@ -60,17 +60,24 @@ def test_lean_gradients_pass_gradcheck_with_dropout() -> None:
     w = torch.randn(A, D, dtype=torch.double, requires_grad=True)
     b = torch.randn(A, dtype=torch.double, requires_grad=True)
     h = torch.randn(1, A, dtype=torch.double, requires_grad=True)
-    # fixed seed: the mask is redrawn identically in backward
-    assert torch.autograd.gradcheck(lambda *t: _AttentionPool.apply(*t, 0.3, 123, 3), (x, w, b, h))
+
+    def pool(*t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(123)  # every numerical probe draws the same dropout mask
+        return _AttentionPool.apply(*t, 0.3, 3)
+
+    assert torch.autograd.gradcheck(pool, (x, w, b, h))
 
 
 def test_lean_dropout_equals_the_reference_sum_under_the_same_mask() -> None:
     lean, ref = pair(chunk=8)
     x = torch.randn(8, F, D, dtype=torch.double)
     w, b, h = lean.hidden[0].weight, lean.hidden[0].bias, lean.score.weight
-    got = _AttentionPool.apply(x, w, b, h, 0.5, 7, 8)
+    torch.manual_seed(7)
+    got = _AttentionPool.apply(x, w, b, h, 0.5, 8)  # one chunk: one draw of the whole mask
     pairs = ref.pairs(x)  # [B, P, D]
-    mask = _dropout_mask(pairs.shape, 0.5, 7, pairs)
+    torch.manual_seed(7)
+    lanes, cut, scale = _dropout_lanes(tuple(pairs.shape), 0.5, pairs.device)
+    mask = _keep(lanes, cut, pairs.dtype) * scale
     want = torch.bmm(ref.attention(x).unsqueeze(1), pairs * mask).squeeze(1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
@@ -96,3 +103,12 @@ def test_lean_arch_is_one_node_under_fx_tracing() -> None:
     lean, _ = pair()
     graph = torch.fx.symbolic_trace(lean).graph
     assert any(n.op == "call_function" and n.target is afm_attention_pool for n in graph.nodes)
+
+
+def test_drop_mask_drops_at_the_asked_rate() -> None:
+    torch.manual_seed(0)
+    lanes, cut, scale = _dropout_lanes((1000, 50, 8), 0.2, torch.device("cpu"))
+    keep = _keep(lanes, cut, torch.float32)
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
+    assert keep.mean().item() == pytest.approx(0.8, abs=0.005)
+    assert scale == pytest.approx(1 / 0.8, rel=1e-4)
