@@ -225,7 +225,6 @@ def mine_federated(frames: Sequence[pd.DataFrame], scores: Sequence[np.ndarray],
     Returns:
         FederatedCohorts.
     """
-    frames = [f for f in frames]
     columns = list(frames[0].columns)
     enc = server_encoding(columns, [client_column_stats(f) for f in frames if len(f)])
     Z = [enc.encode(f) if len(f) else np.zeros((0, 1)) for f in frames]
