@@ -29,5 +29,10 @@ test: $(STAMP)
 	@echo ">> pytest tests"
 	$(BIN)/python -m pytest -q tests
 
+bench: $(STAMP)
+	@echo ">> benchmarks/throughput.py (installs benchmarks/requirements.txt with --no-deps; torch stays pinned)"
+	$(BIN)/pip install -q --no-deps -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,220 @@
+"""Speed of c2al's models against the AFMs users would otherwise pick, measured side by side.
+
+One grid, one row per (model, setting); every row runs in its own process
+(`--row NAME` reproduces it alone), so peak RSS is that row's and no row
+warms caches for the next. All AFM rows train the same steps on the same
+synthetic Criteo-like data (26 categorical fields, vocabularies 1e2..1e6,
+a learnable label) and report held-out NE next to examples/s.
+
+  python benchmarks/throughput.py                     # default size, < 30 min on 2 cores
+  python benchmarks/throughput.py --quick --out /tmp/t.json
+  python benchmarks/throughput.py --row afm_lean      # one row, printed as JSON
+
+Writes benchmarks/results/throughput.json (config, machine, rows, ratios).
+Third-party AFMs come from benchmarks/requirements.txt
+(`pip install --no-deps -r benchmarks/requirements.txt`, which keeps torch as it is).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput_variants as tv  # noqa: E402
+
+from c2al.metrics import summarize  # noqa: E402
+from c2al.report import format_table, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve()
+
+# name -> (builder, what it stands for); one process each
+GRID: dict[str, tuple[Callable[[tv.Sizes], tv.Variant], str]] = {
+    "tables_only": (tv.tables_only, "TorchRec sharded tables alone (lookup + fused row-wise Adagrad)"),
+    "afm_reference": (lambda s: tv.c2al_sharded("afm", s, lean=False), "c2al AFM, straightforward [B,P,D] interaction, DMP"),
+    "afm_lean": (lambda s: tv.c2al_sharded("afm", s), "c2al AFM, lean interaction, DMP"),
+    "afm_lean_heads": (lambda s: tv.c2al_sharded("afm", s, heads=True), "c2al AFM lean + 2 aux heads (c2al.attach)"),
+    "attention_fm": (lambda s: tv.c2al_sharded("attention_fm", s), "c2al AttentionFM (O(FKD) block), DMP"),
+    "attention_fm_heads": (lambda s: tv.c2al_sharded("attention_fm", s, heads=True), "c2al AttentionFM + 2 aux heads"),
+    "afm_lean_embeddingbag": (tv.c2al_embeddingbag, "c2al AFM lean on plain nn.EmbeddingBag, dense Adagrad"),
+    "deepctr_afm": (tv.deepctr_afm, "deepctr-torch AFM (nn.Embedding, dense Adagrad)"),
+    "torchfm_afm": (tv.torchfm_afm, "pytorch-fm AFM (one nn.Embedding, dense Adagrad)"),
+}
+HEADS = {"afm_lean_heads": "afm_lean", "attention_fm_heads": "attention_fm"}
+COLUMNS = ["row", "train_eps", "infer_eps", "stripped_infer_eps", "ne", "peak_rss_mb"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run_row(name: str, sizes: tv.Sizes) -> dict[str, Any]:
+    """Train `sizes.train_steps` steps, then predict the held-out rows; time only the model calls."""
+    builder, what = GRID[name]
+    train = tv.make_data(sizes, sizes.train_steps * sizes.batch, seed=sizes.seed + 1)
+    held = tv.make_data(sizes, sizes.eval_rows, seed=sizes.seed + 2)
+    variant = builder(sizes)
+    row: dict[str, Any] = {"row": name, "what": what, "params": variant.params, "notes": variant.notes}
+    timed = 0.0
+    for i in range(sizes.train_steps):
+        inp = variant.prepare(train, i * sizes.batch, sizes.batch)
+        start = time.perf_counter()
+        variant.step(inp)
+        if i >= sizes.warmup_steps:
+            timed += time.perf_counter() - start
+    row["train_eps"] = (sizes.train_steps - sizes.warmup_steps) * sizes.batch / timed
+    row.update(_infer(variant.predict, variant.prepare, held, sizes, ""))
+    if name in HEADS:
+        predict, model = tv.stripped_predictor(variant)
+        row["stripped_params"] = tv.param_counts(model)
+        row.update(_infer(predict, variant.prepare, held, sizes, "stripped_"))
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def _infer(predict: Callable[[Any], torch.Tensor], prepare: Callable[..., Any], held: tv.Data, sizes: tv.Sizes,
+           prefix: str) -> dict[str, Any]:
+    probs, timed = [], 0.0
+    predict(prepare(held, 0, sizes.batch))  # warm-up
+    for start in range(0, sizes.eval_rows - sizes.batch + 1, sizes.batch):
+        inp = prepare(held, start, sizes.batch)
+        t0 = time.perf_counter()
+        probs.append(predict(inp).float().numpy())
+        timed += time.perf_counter() - t0
+    p = np.concatenate(probs)
+    quality = summarize(np.clip(p, 1e-7, 1 - 1e-7), held.labels[: len(p)])
+    return {f"{prefix}infer_eps": len(p) / timed, f"{prefix}ne": quality["ne"], f"{prefix}auc": quality["auc"]}
+
+
+def spawn(args: list[str], timeout: float) -> dict[str, Any]:
+    """Run this script in a fresh process and read the JSON row it writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        proc = subprocess.run([*args, "--row-out", str(out)], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+def in_process(name: str, sizes: tv.Sizes) -> dict[str, Any]:
+    """--quick runs rows in this process to skip ~10 s of imports each; peak RSS is then cumulative."""
+    try:
+        return {**run_row(name, sizes), "rss_note": "in-process (quick): peak RSS of the whole run so far"}
+    except Exception as err:  # noqa: BLE001 - a library that cannot run is reported, not fatal
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg())}
+
+
+def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    def r(a: str, b: str, key: str = "train_eps", key_b: str | None = None) -> float | None:
+        va, vb = rows.get(a, {}).get(key), rows.get(b, {}).get(key_b or key)
+        return None if va is None or vb is None else va / vb
+
+    out = {
+        "afm_lean_vs_reference_train": r("afm_lean", "afm_reference"),
+        "afm_lean_vs_reference_infer": r("afm_lean", "afm_reference", "infer_eps"),
+        "afm_lean_vs_deepctr_train": r("afm_lean", "deepctr_afm"),
+        "afm_lean_vs_deepctr_infer": r("afm_lean", "deepctr_afm", "infer_eps"),
+        "afm_lean_vs_torchfm_train": r("afm_lean", "torchfm_afm"),
+        "afm_lean_vs_torchfm_infer": r("afm_lean", "torchfm_afm", "infer_eps"),
+        "afm_sharded_vs_embeddingbag_train": r("afm_lean", "afm_lean_embeddingbag"),
+        "attention_fm_vs_afm_lean_train": r("attention_fm", "afm_lean"),
+    }
+    for heads, base in HEADS.items():
+        t = r(heads, base)
+        out[f"{heads}_train_overhead_pct"] = None if t is None else (1 / t - 1) * 100
+        out[f"{heads}_stripped_vs_baseline_infer"] = r(heads, base, "stripped_infer_eps", "infer_eps")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small vocabularies and few steps (CI); needs --out")
+    ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    ap.add_argument("--rows", default=",".join(GRID), help="comma-separated subset of the grid")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: miner, scaling")
+    ap.add_argument("--steps", type=int, default=None, help="override train steps per row")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--sharding", default="table_wise", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = tv.QUICK if args.quick else tv.Sizes()
+    if args.steps:
+        sizes = replace(sizes, train_steps=args.steps)
+    if args.part == "scaling-worker":
+        from throughput_parts import scaling_worker
+
+        return scaling_worker(sizes, args.sharding.split(","), args.row_out)
+    if args.row or args.part:
+        from throughput_parts import miner_rows
+
+        row = run_row(args.row, sizes) if args.row else {"rows": miner_rows(args.quick)}
+        if args.row_out:
+            args.row_out.write_text(json.dumps(row))
+        else:
+            print(json.dumps(row, indent=2))
+        return
+    if args.quick and args.out == RESULTS / "throughput.json":
+        ap.error("--quick must write elsewhere (--out PATH): the committed results are default-size")
+    run_all(args, sizes)
+
+
+def run_all(args: argparse.Namespace, sizes: tv.Sizes) -> None:
+    from throughput_parts import scaling_rows
+
+    base = [sys.executable, str(HERE), *(["--quick"] if args.quick else []),
+            *(["--steps", str(args.steps)] if args.steps else []), *(["--threads", str(args.threads)] if args.threads else [])]
+    report: dict[str, Any] = {"benchmark": "throughput", "command": " ".join(sys.argv), "config": asdict(sizes),
+                              "vocabs": sizes.vocabs, "quick": args.quick, "machine": machine(), "rows": {}}
+    started = time.perf_counter()
+    for name in [r for r in args.rows.split(",") if r]:
+        row = in_process(name, sizes) if args.quick else spawn([*base, "--row", name], timeout=1800)
+        row["load_avg_1m_after"] = os.getloadavg()[0]
+        report["rows"][name] = {"row": name, **row}
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                                      if k in COLUMNS or k == "error"), flush=True)
+    report["ratios"] = ratios(report["rows"])
+    skip = set(args.skip.split(","))
+    if "miner" not in skip:
+        from throughput_parts import miner_rows
+
+        report["miner"] = miner_rows(True) if args.quick else spawn([*base, "--part", "miner"], timeout=1800).get("rows")
+    if "scaling" not in skip:
+        report["scaling"] = scaling_rows(HERE, base[2:], args.quick)
+    report["seconds"] = time.perf_counter() - started
+    report["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    write_json(report, args.out)
+    print(format_table(list(report["rows"].values()), COLUMNS, title=f"throughput (examples/s), batch {sizes.batch}"))
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

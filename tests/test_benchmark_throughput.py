@@ -1,0 +1,60 @@
+"""benchmarks/throughput.py --quick: the result file's structure, and that the stripped model is the baseline's size."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+ROWS = ("tables_only", "afm_reference", "afm_lean", "afm_lean_heads", "attention_fm", "attention_fm_heads",
+        "afm_lean_embeddingbag", "deepctr_afm", "torchfm_afm")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)], check=True,
+                   cwd=ROOT, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def test_quick_report_records_config_and_machine(report: dict) -> None:
+    assert report["quick"] is True
+    assert report["config"]["fields"] == 26 and len(report["vocabs"]) == 26
+    for key in ("cpu", "cores", "torch", "load_avg_at_start", "load_avg_at_end"):
+        assert key in report["machine"]
+
+
+def test_every_grid_row_reports_speed_memory_and_ne_or_why_not(report: dict) -> None:
+    assert set(report["rows"]) == set(ROWS)
+    for name, row in report["rows"].items():
+        if "error" in row:  # a third-party library that cannot run says why
+            assert name in ("deepctr_afm", "torchfm_afm"), row["error"]
+            continue
+        assert row["train_eps"] > 0 and row["infer_eps"] > 0 and row["peak_rss_mb"] > 0, name
+        assert "ne" in row and "params" in row
+
+
+def test_stripped_model_serves_the_baseline_parameters(report: dict) -> None:
+    rows = report["rows"]
+    for heads, base in (("afm_lean_heads", "afm_lean"), ("attention_fm_heads", "attention_fm")):
+        assert rows[heads]["stripped_params"] == rows[base]["params"]
+        assert rows[heads]["stripped_infer_eps"] > 0
+        assert rows[heads]["stripped_ne"] == pytest.approx(rows[heads]["ne"])
+
+
+def test_ratios_miner_and_scaling_are_reported(report: dict) -> None:
+    assert report["ratios"]["afm_lean_vs_reference_train"] > 0
+    assert {r["estimator"] for r in report["miner"]} == {"c2al_CohortMiner", "sklearn_KMeans", "sklearn_MiniBatchKMeans"}
+    assert {(r["world_size"], r["sharding"]) for r in report["scaling"]} == {
+        (w, s) for w in (1, 2) for s in ("table_wise", "column_wise")}
+    assert all("train_eps" in r for r in report["scaling"]), report["scaling"]
+
+
+def test_quick_mode_refuses_to_overwrite_the_committed_results() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--out" in proc.stderr
