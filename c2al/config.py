@@ -69,7 +69,7 @@ class Config:
     cohorts: str = _opt("reuse a saved cohort miner (directory or .json written by a previous run)", default="")
     # federated
     federated: bool = _opt("cross-device federated training: each user is a client (with --aux-cohorts: federated C2AL)", default=False)
-    engine: str = _opt("federated engine: simulation (in-process, sequential) or flower (Flower ClientApp/ServerApp on Ray; pip install .[flower])", default="simulation", choices=("simulation", "flower"))
+    engine: str = _opt("federated engine: simulation (in-process; sequential, or forked --workers) or flower (Flower ClientApp/ServerApp on Ray; pip install .[flower])", default="simulation", choices=("simulation", "flower"))
     rounds: int = _opt("federated rounds (per phase with --aux-cohorts)", default=30)
     clients_per_round: int = _opt("clients sampled per round (among the available ones)", default=50)
     local_epochs: int = _opt("local passes over a client's rows per round (capped by its tier's step budget)", default=1)
