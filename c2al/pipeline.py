@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from c2al.build import seeded_model
-from c2al.centralized import Trained, fit, predict_split, predict_with
+from c2al.centralized import fit, predict_split, predict_with
 from c2al.checkpoint import atomic_torch_save, gather_full, FORMAT
 from c2al.config import Config
 from c2al.data.schema import Splits
@@ -101,6 +101,9 @@ def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Pat
 def make_head(cfg: Config, model: nn.Module) -> Any:
     """--aux-head: the model's own output head (paper), a small MLP, or linear."""
     if cfg.aux_head == "clone":
+        if not any(True for _ in model.over_arch.parameters()):
+            # e.g. TwoTower's over arch is a parameter-free sum: a clone would repeat the main logit
+            return lambda in_features: nn.Linear(in_features, 1)
         return model.over_arch
     if cfg.aux_head == "linear":
         return lambda in_features: nn.Linear(in_features, 1)

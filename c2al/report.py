@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from c2al.atomic import atomic_write_bytes
 
 
 def machine_info() -> dict[str, Any]:
@@ -36,17 +37,8 @@ def machine_info() -> dict[str, Any]:
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Atomic JSON write: a crash never leaves a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def _clean(obj: Any) -> Any:

@@ -6,7 +6,7 @@ federated loop both call it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -65,7 +65,9 @@ class TrainModule(nn.Module):
             loss = weighted_bce(logits.reshape(-1), batch.labels, batch.weights)
             parts = {"main": loss.detach()}
         if self.loss_kind == "softmax":
-            loss = self._softmax_loss(batch) + 0.0 * loss
+            # In-batch softmax replaces the pointwise main BCE; C2AL's auxiliary terms stay.
+            aux = loss - weighted_bce(logits.reshape(-1), batch.labels, batch.weights) if isinstance(self.model, C2ALWrapper) else 0.0 * loss
+            loss = self._softmax_loss(batch) + aux
         return loss, (loss.detach(), logits.detach().reshape(-1), parts)
 
     def _softmax_loss(self, batch: Batch) -> torch.Tensor:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from c2al.cohorts import divergence as dv
+from c2al.atomic import atomic_write_bytes
 from c2al.errors import C2ALError
 
 SOURCES = ("kmeans", "gmm", "axes")
@@ -620,8 +619,8 @@ class CohortMiner(ClusterMixin, BaseEstimator):
                 "candidates_": self.candidates_.to_dict(orient="list"),
                 **{name: getattr(self, name) for name in STATE}}
         # arrays first: the JSON names their hash, so a crash between the writes is caught at load
-        _atomic_write(npz_path, arrays)
-        _atomic_write(json_path, json.dumps(meta, indent=1, default=_plain).encode())
+        atomic_write_bytes(npz_path, arrays)
+        atomic_write_bytes(json_path, json.dumps(meta, indent=1, default=_plain).encode())
         return json_path
 
     @classmethod
@@ -664,22 +663,6 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     if json_path.suffix != ".json":
         json_path = json_path.with_name(json_path.name + ".json")
     return json_path, json_path.with_suffix(".npz")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # readers see the old file or the new one, never a half-written one
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; a saved miner is meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain(value: Any) -> Any:

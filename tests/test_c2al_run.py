@@ -120,3 +120,15 @@ def test_zero_aux_weight_reproduces_the_baseline_exactly(tmp_path):
     rep = run_c2al(tmp_path, "--aux-weight", "0")
     assert rep["overall"]["ne_c2al"] == rep["overall"]["ne_base"]
     assert all(c["ne_c2al"] == c["ne_base"] for c in rep["cohorts"])
+
+
+def test_clone_head_on_a_parameter_free_over_arch_falls_back_to_linear():
+    """TwoTower's over arch is a plain sum: cloning it would make every aux logit equal the main logit."""
+    from c2al.build import load_splits, seeded_model
+    from c2al.config import Config
+    from c2al.pipeline import make_head
+
+    cfg = Config(data=SYNTHETIC, model="two-tower", aux_head="clone")
+    model = seeded_model(cfg, load_splits(cfg).schema)
+    head = make_head(cfg, model)
+    assert not isinstance(head, torch.nn.Module) and sum(p.numel() for p in head(8).parameters()) == 9

@@ -9,7 +9,7 @@ import torch
 import c2al
 from c2al.errors import C2ALError
 from c2al.plugin import AuxOutput
-from plugin_support import build
+from plugin_support import K, build, make_batch
 
 LOGITS = torch.tensor([0.0, 2.0, -1.0, 0.5], dtype=torch.float64)
 AUX = torch.tensor([[0.5, -0.5], [1.0, 0.0], [0.0, 3.0], [-2.0, 1.5]], dtype=torch.float64)
@@ -64,3 +64,19 @@ def test_own_labels_without_members_leave_only_the_main_loss():
 def test_unknown_aux_labels_mode_is_named():
     with pytest.raises(C2ALError, match="aux_labels must be one of"):
         c2al.attach(build("afm"), "inter_arch", 2, aux_labels="mine")
+
+
+def test_softmax_two_tower_keeps_the_aux_loss():
+    """In-batch softmax replaces only the main BCE; the lambda-weighted aux terms still train the heads."""
+    from c2al.task import TrainModule, weighted_bce
+
+    model = build("two_tower")
+    wrapper = c2al.attach(model, "inter_arch", K, aux_weight=0.5, head=lambda n: torch.nn.Linear(n, 1))
+    batch = make_batch(3)
+    with torch.no_grad():
+        soft, _ = TrainModule(model, loss="softmax")(batch)
+        total, (_, logits, parts) = TrainModule(wrapper, loss="softmax")(batch)
+        out = wrapper(batch.dense, batch.sparse)
+        aux = wrapper.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)[0] - weighted_bce(logits, batch.labels, batch.weights)
+    assert float(aux) > 0
+    assert float(total) == pytest.approx(float(soft) + float(aux), rel=1e-5)
