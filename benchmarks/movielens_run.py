@@ -3,9 +3,11 @@
   python benchmarks/movielens_run.py                 # one process
   python benchmarks/movielens_run.py --nproc 2       # torchrun, 2 processes (gloo on CPU)
   python benchmarks/movielens_run.py --model attention-fm
+  python benchmarks/movielens_run.py --federated --rounds 20 --clients-per-round 50 --table-lr 0.02
 
 Runs the job in a subprocess exactly as on the command line (extra flags pass
-through), then writes benchmarks/results/c2al_<data>_<model>_<n>proc.json: the
+through), then writes benchmarks/results/c2al_<data>_<model>_<n>proc.json (or
+c2al_<data>_<model>_federated.json with --federated): the
 command, wall time, machine, and the job's report (baseline and C2AL test NE
 and AUC overall and per mined cohort), without the attention histograms.
 """
@@ -42,8 +44,9 @@ def main() -> None:
             cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(args.nproc), *job]
         else:
             cmd = [sys.executable, *job]
-        shown = ["python", *job[:-3], *job[-1:]] if args.nproc == 1 else ["torchrun", "--nproc_per_node", str(args.nproc), *job[:-3], *job[-1:]]
-        shown = [a.replace(str(ROOT) + "/", "") for a in shown if a != "--out" and a != tmp]
+        user_flags = [a for a in job if a not in ("--out", tmp, "--quiet")]  # what a user would type
+        shown = (["python"] if args.nproc == 1 else ["torchrun", "--nproc_per_node", str(args.nproc)]) + user_flags
+        shown = [a.replace(str(ROOT) + "/", "") for a in shown]
         print(">>", shlex.join(shown), flush=True)
         start = time.perf_counter()
         res = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
@@ -54,7 +57,8 @@ def main() -> None:
         report = json.loads((Path(tmp) / "report.json").read_text())
     report.get("attention", {}).pop("histograms", None)
     name = Path(args.data).stem if "/" in args.data else args.data
-    path = Path(args.out) if args.out else RESULTS / f"c2al_{name}_{args.model}_{args.nproc}proc.json"
+    kind = "federated" if "--federated" in extra else f"{args.nproc}proc"
+    path = Path(args.out) if args.out else RESULTS / f"c2al_{name}_{args.model}_{kind}.json"
     write_json({"benchmark": "movielens_run", "command": shlex.join(shown), "wall_seconds": wall,
                 "machine": machine_info(), "report": report}, path)
     print(f"wrote {path}  ({wall:.0f} s)")
