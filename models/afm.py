@@ -14,7 +14,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from c2al.errors import C2ALError
-from c2al.models.common import DenseArch, SparseArch
+from c2al.models.common import DenseArch, SparseArch, ebc_dim
 
 
 def _pair_blocks(num_fields: int) -> list[tuple[int, int, int]]:
@@ -254,7 +254,7 @@ class AFMInteractionArch(nn.Module):
 
 
 class FirstOrderArch(nn.Module):
-    """Per-id linear weights: the sum over fields of each pooled row's entries, plus w . dense.
+    """Per-id linear weights: the sum over fields of each pooled row's mean, plus w . dense.
 
     Args:
         embedding_bag_collection: small tables (any dimension), one per sparse feature.
@@ -265,11 +265,14 @@ class FirstOrderArch(nn.Module):
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
+        self.row_width: int = ebc_dim(embedding_bag_collection)
         self.dense = nn.Linear(dense_in_features, 1, bias=False, device=device) if dense_in_features > 0 else None
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Returns [B, 1]."""
-        out = self.embedding_bag_collection(sparse_features).values().sum(dim=1, keepdim=True)  # [B, 1]: row sums
+        # Row means: every entry of a row gets the same gradient, so with Adagrad-family table optimizers a
+        # row sum would move 4x (the row width) faster than one scalar weight and overshoot early on.
+        out = self.embedding_bag_collection(sparse_features).values().sum(dim=1, keepdim=True) / self.row_width  # [B, 1]
         if self.dense is not None:
             out = out + self.dense(dense_features)
         return out
@@ -286,7 +289,7 @@ class AFM(nn.Module):
 
     `first_order` is Xiao's per-id linear term when `first_order_ebc` (small
     tables over the same features, e.g. `make_ebc(schema, 4, prefix="w_")`)
-    is injected: each id's weight is the sum of its row (FBGEMM's fused kernels
+    is injected: each id's weight is the mean of its row (FBGEMM's fused kernels
     need dimensions divisible by 4, so a row of 4 stands in for one scalar),
     plus a Linear over the dense field. Without it, `first_order` is a bias-free Linear over the flattened field embeddings
     [B, F*D] -> 1. Xiao's linear term is a learned scalar per id; here the
@@ -306,7 +309,7 @@ class AFM(nn.Module):
         dropout: dropout on the pairwise products (see AFMInteractionArch).
         dense_device: where the non-embedding parameters are created (the EBC
             may be on "meta" for sharding).
-        first_order_ebc: optional small tables giving each id its own linear weight (row sum).
+        first_order_ebc: optional small tables giving each id its own linear weight (row mean).
         lean: fused interaction (default) or the straightforward reference (see AFMInteractionArch).
 
     Example:
