@@ -100,6 +100,39 @@ def minority_ne(name: str) -> Callable[[], str]:
     return render
 
 
+def throughput_models() -> str:
+    res = load("throughput.json")
+    names = {"tables_only": "TorchRec tables alone (lookup, backward, fused update)", "afm_reference": "c2al AFM, straightforward interaction",
+             "afm_lean": "c2al AFM (lean interaction, default)", "afm_lean_heads": "c2al AFM + 2 aux heads (infer: stripped)",
+             "afm_lean_embeddingbag": "same AFM on plain nn.EmbeddingBag + dense Adagrad", "attention_fm": "c2al AttentionFM",
+             "attention_fm_heads": "c2al AttentionFM + 2 aux heads (infer: stripped)", "deepctr_afm": "deepctr-torch AFM",
+             "torchfm_afm": "torchfm (pytorch-fm) AFM"}
+    rows = []
+    for name, r in res["rows"].items():
+        if "train_eps" not in r:
+            rows.append([names.get(name, name), "error", "", "", ""])
+            continue
+        infer = r.get("stripped_infer_eps", r["infer_eps"])
+        rows.append([names.get(name, name), f"{r['train_eps']:,.0f}", f"{infer:,.0f}", f"{r['ne']:.4f}", f"{r['peak_rss_mb']:,.0f}"])
+    ra = res["ratios"]
+    m = res["machine"]
+    return md(["model (26 fields, D=16, batch 4096)", "train ex/s", "infer ex/s", "held-out NE", "peak RSS MB"], rows) + (
+        f"\n\nc2al AFM vs deepctr-torch: {ra['afm_lean_vs_deepctr_train']:.2f}x train, {ra['afm_lean_vs_deepctr_infer']:.2f}x inference; "
+        f"vs torchfm {ra['afm_lean_vs_torchfm_train']:.2f}x / {ra['afm_lean_vs_torchfm_infer']:.2f}x; lean vs straightforward interaction "
+        f"{ra['afm_lean_vs_reference_train']:.2f}x / {ra['afm_lean_vs_reference_infer']:.2f}x. Aux-head training overhead "
+        f"{ra['afm_lean_heads_train_overhead_pct']:+.1f}% (AFM), {ra['attention_fm_heads_train_overhead_pct']:+.1f}% (AttentionFM). "
+        f"`python benchmarks/throughput.py`, {machine(m)}.")
+
+
+def throughput_miner() -> str:
+    res = load("throughput.json")
+    rows = [[r["estimator"], f"{r['n']:,}", f"{r['fit_sps']:,.0f}", f"{r['predict_sps']:,.0f}"] for r in res.get("miner") or []]
+    scaling = [[r["world_size"], r["sharding"], f"{r['train_eps']:,.0f}" if "train_eps" in r else "error",
+                f"{r['load_avg_1m_after']:.1f}" if r.get("load_avg_1m_after") is not None else ""] for r in res.get("scaling") or []]
+    return md(["estimator", "samples", "fit samples/s", "predict samples/s"], rows) + "\n\n" + md(
+        ["torchrun processes", "sharding", "lean AFM train ex/s (global batch 4096)", "load average after"], scaling)
+
+
 def federated_tiers(name: str) -> Callable[[], str]:
     def render() -> str:
         run = load(name)
@@ -119,6 +152,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "afm_vs_linear": afm_vs_linear,
     "c2al_movielens": c2al_cohorts("c2al_movielens-100k_afm_1proc.json"),
     "c2al_movielens_2proc": c2al_cohorts("c2al_movielens-100k_afm_2proc.json"),
+    "throughput_models": throughput_models,
+    "throughput_miner": throughput_miner,
     "minority_ne_movielens": minority_ne("minority_ne_movielens-100k.json"),
     "federated_cohorts": c2al_cohorts("c2al_movielens-100k_afm_federated.json"),
     "federated_tiers": federated_tiers("c2al_movielens-100k_afm_federated.json"),
