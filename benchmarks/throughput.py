@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput_variants as tv  # noqa: E402
 
 from c2al.metrics import summarize  # noqa: E402
-from c2al.report import format_table, write_json  # noqa: E402
+from c2al.report import format_table, machine_info, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()
@@ -119,13 +119,8 @@ def in_process(name: str, sizes: tv.Sizes) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform(), "load_avg_at_start": list(os.getloadavg())}
+    return {**machine_info(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "load_avg_at_start": list(os.getloadavg())}
 
 
 def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
