@@ -64,11 +64,11 @@ import c2al  # noqa: E402
 from c2al.build import load_splits, seeded_model  # noqa: E402
 from c2al.centralized import fit, predict_split, predict_with  # noqa: E402
 from c2al.config import Config  # noqa: E402
-from c2al.data.batch import iter_batches  # noqa: E402
-from c2al.data.schema import Splits, Table  # noqa: E402
+from c2al.data.schema import Splits  # noqa: E402
 from c2al.distributed import DistInfo, init_distributed  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
-from c2al.metrics import ndcg_at_k, ne_diff_pct, per_segment, recall_at_k, summarize  # noqa: E402
+from c2al.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
+from c2al.retrieval import retrieval_metrics  # noqa: E402
 from c2al.pipeline import attention_report, cohort_frame, compare, make_head, mine_cohorts  # noqa: E402
 from c2al.report import format_table, write_json  # noqa: E402
 
@@ -228,41 +228,10 @@ def arm_head(cfg: Config, arm: Arm) -> str:
     return "linear" if cfg.model == "two-tower" and arm.head == "clone" else arm.head
 
 
-@torch.no_grad()
-def tower_vectors(model: Any, table: Table, splits: Splits, side: int, info: DistInfo) -> torch.Tensor:
-    """Query (side 0) or candidate (side 1) tower output for every row of `table`, [N, H]."""
-    out = []
-    model.eval()
-    for b in iter_batches(table, splits.schema, 1024, shuffle=False, rank=info.rank, world_size=info.world_size):
-        out.append(model.towers(b.dense, b.sparse)[side][b.weights > 0])
-    return torch.cat(out)
-
-
 def retrieval(model: Any, splits: Splits, info: DistInfo, k: int = RECALL_K) -> dict[str, float]:
     """recall@k / NDCG@k of test users' positive items over every item, train/valid items filtered."""
-    parts = [splits.train, splits.valid, splits.test]
-    catalog, vectors = [], []
-    for p in parts:  # one representative row per item, from the first split that has it
-        ids, first = np.unique(p.item_ids, return_index=True)
-        new = (ids >= 0) & ~np.isin(ids, np.asarray(catalog + [-1]))
-        if new.any():
-            catalog += ids[new].tolist()
-            vectors.append(tower_vectors(model, p.take(first[new]), splits, 1, info))
-    users, first = np.unique(splits.test.user_ids, return_index=True)
-    scores = tower_vectors(model, splits.test.take(first), splits, 0, info) @ torch.cat(vectors).T  # [U, I]
-    col = {int(i): j for j, i in enumerate(catalog)}
-    row = {int(u): j for j, u in enumerate(users)}
-    relevant: list[set[int]] = [set() for _ in users]
-    seen: list[set[int]] = [set() for _ in users]
-    for u, i, y in zip(splits.test.user_ids.tolist(), splits.test.item_ids.tolist(), splits.test.labels.tolist()):
-        if y > 0 and i >= 0:
-            relevant[row[u]].add(col[i])
-    for p in parts[:2]:
-        for u, i in zip(p.user_ids.tolist(), p.item_ids.tolist()):
-            if u in row and i >= 0:
-                seen[row[u]].add(col[i])
-    return {f"recall@{k}": recall_at_k(scores, relevant, k, exclude=seen),
-            f"ndcg@{k}": ndcg_at_k(scores, relevant, k, exclude=seen)}
+    got = retrieval_metrics(model, splits, info, ks=(k,))
+    return {f"recall@{k}": got[f"recall@{k}"], f"ndcg@{k}": got[f"ndcg@{k}"]}
 
 
 def attention_scalars(base_model: Any, model: Any, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
