@@ -20,6 +20,7 @@ Letters: N samples, D encoded features, C candidates, B histogram bins, K cohort
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -52,6 +53,7 @@ TAIL = 0.05  # top and bottom 5%: the paper's head and tail users by value
 FORMAT = "c2al.cohorts.CohortMiner/1"
 ARRAYS = ("contrast_", "cluster_centers_", "gmm_weights_", "gmm_means_", "gmm_precisions_cholesky_")
 STATE = ("n_features_in_", "_names", "_kinds", "_stats", "cohorts_")
+OPTIONAL_STATE = ("rules_",)  # absent from miners saved before it existed; only `expose` needs it
 SCORE_BINS = {"js": 20, "kl": 20, "wasserstein": 200}
 
 
@@ -255,6 +257,7 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         contrast_: contrast of each exposed cohort against the rest [K], decreasing.
         candidates_: DataFrame of every non-empty candidate: id, source, rule, size, share,
             plr, contrast, qualified (share within bounds), cohort (-1 if not exposed).
+        rules_: the membership rule of every candidate, by candidate id (see `expose`).
         cluster_centers_: k-means centers [n_clusters, D] in the standardized, one-hot
             space (mixture means when only "gmm" is used); absent for axes only.
         labels_: cohort id of each training row, as `predict` would give it.
@@ -322,8 +325,44 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         self.contrast_ = table.loc[chosen, "contrast"].to_numpy(dtype=np.float64)
         table.loc[chosen, "cohort"] = np.arange(len(chosen))
         self.candidates_ = table.drop(columns=["family", "label"])
+        self.rules_ = kept
         self.labels_ = self._assign(columns, clusters)
         return self
+
+    def expose(self, candidate_ids: Any) -> CohortMiner:
+        """A copy of this fitted miner exposing the given candidates as its cohorts instead.
+
+        For controls and hand-picked cohorts: e.g. the least contrasting
+        candidates, `miner.expose(miner.candidates_.nsmallest(2, "contrast")["id"])`.
+        The copy predicts through the same rules; no refit.
+
+        Args:
+            candidate_ids: ids from `candidates_["id"]`, in the cohort order wanted.
+                Rows in two of them go to the lower cohort id, as in `predict`.
+
+        Returns:
+            A fitted CohortMiner whose `cohorts_`, `contrast_` and `candidates_["cohort"]`
+            follow candidate_ids. It has no `labels_` (those were the training rows'
+            ids under the original cohorts).
+        """
+        check_is_fitted(self, "cohorts_")
+        if not hasattr(self, "rules_"):
+            raise C2ALError("this CohortMiner was saved before candidate rules were kept; fit it again to expose candidates")
+        ids = [int(i) for i in np.asarray(candidate_ids).ravel()]
+        bad = [i for i in ids if not 0 <= i < len(self.rules_)]
+        if not ids or bad or len(set(ids)) != len(ids):
+            raise C2ALError(f"expose needs distinct candidate ids in [0, {len(self.rules_)}), got {ids}")
+        out = copy.copy(self)
+        table = self.candidates_.copy()
+        out.cohorts_ = [dict(self.rules_[i], cohort=k, candidate=i,
+                             **{c: float(table.at[i, c]) for c in ("share", "plr", "contrast")})
+                        for k, i in enumerate(ids)]
+        out.contrast_ = table.loc[ids, "contrast"].to_numpy(dtype=np.float64)
+        table["cohort"] = -1
+        table.loc[ids, "cohort"] = np.arange(len(ids))
+        out.candidates_ = table
+        out.__dict__.pop("labels_", None)
+        return out
 
     def _check_params(self) -> tuple[list[str], str]:
         parts = self.candidates.split("+") if isinstance(self.candidates, str) else [None]
@@ -617,7 +656,7 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         meta = {"format": FORMAT, "params": params, "arrays_sha256": hashlib.sha256(arrays).hexdigest(),
                 "feature_names_in_": getattr(self, "feature_names_in_", None),
                 "candidates_": self.candidates_.to_dict(orient="list"),
-                **{name: getattr(self, name) for name in STATE}}
+                **{name: getattr(self, name) for name in STATE + OPTIONAL_STATE if hasattr(self, name)}}
         # arrays first: the JSON names their hash, so a crash between the writes is caught at load
         atomic_write_bytes(npz_path, arrays)
         atomic_write_bytes(json_path, json.dumps(meta, indent=1, default=_plain).encode())
@@ -647,6 +686,9 @@ class CohortMiner(ClusterMixin, BaseEstimator):
             miner = cls(**meta["params"])
             for name in STATE:
                 setattr(miner, name, meta[name])
+            for name in OPTIONAL_STATE:
+                if name in meta:
+                    setattr(miner, name, meta[name])
             if meta["feature_names_in_"] is not None:
                 miner.feature_names_in_ = np.asarray(meta["feature_names_in_"], dtype=object)
             miner.candidates_ = pd.DataFrame(meta["candidates_"])

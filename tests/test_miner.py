@@ -247,6 +247,43 @@ def test_save_load_roundtrip_predicts_identically(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(loaded.candidates_, miner.candidates_, check_dtype=False)
 
 
+def test_expose_predicts_the_chosen_candidates_members(tmp_path: Path) -> None:
+    X, y, scores = segmented_frame()
+    miner = CohortMiner(2, candidates="axes", random_state=0).fit(X, y, scores)
+    table = miner.candidates_
+    zz = int(table.index[table["rule"] == "country == 'zz'"][0])
+    least = int(table[table["qualified"] & (table["cohort"] < 0)].nsmallest(1, "contrast")["id"].iloc[0])
+    other = miner.expose([least, zz])
+    ids = other.predict(X)
+    assert other.cohorts_[1]["rule"] == "country == 'zz'" and [c["candidate"] for c in other.cohorts_] == [least, zz]
+    np.testing.assert_array_equal(ids == 1, (X["country"] == "zz").to_numpy() & (ids != 0))
+    assert other.contrast_[0] == pytest.approx(table.at[least, "contrast"])
+    assert other.candidates_["cohort"].tolist().count(-1) == len(table) - 2 and not hasattr(other, "labels_")
+    np.testing.assert_array_equal(miner.predict(X), miner.labels_)  # the original is untouched
+    miner.save(tmp_path / "m")
+    np.testing.assert_array_equal(CohortMiner.load(tmp_path / "m").expose([least, zz]).predict(X), ids)
+
+
+@pytest.mark.parametrize("ids", [[], [0, 0], [10_000], [-1]])
+def test_expose_rejects_bad_candidate_ids(ids: list[int]) -> None:
+    X, y, scores = segmented_frame(n=2000)
+    miner = CohortMiner(2, candidates="axes", random_state=0).fit(X, y, scores)
+    with pytest.raises(C2ALError, match="distinct candidate ids"):
+        miner.expose(ids)
+
+
+def test_expose_on_a_miner_saved_without_rules_asks_for_a_refit(tmp_path: Path) -> None:
+    X, y, scores = segmented_frame(n=2000)
+    path = CohortMiner(2, candidates="axes", random_state=0).fit(X, y, scores).save(tmp_path / "m")
+    meta = json.loads(path.read_text())
+    del meta["rules_"]  # as written before rules_ existed
+    path.write_text(json.dumps(meta))
+    loaded = CohortMiner.load(path)
+    assert loaded.predict(X).shape == (2000,)
+    with pytest.raises(C2ALError, match="fit it again"):
+        loaded.expose([0, 1])
+
+
 def test_saved_files_are_json_and_npz_without_pickle(tmp_path: Path) -> None:
     X, y, scores, _ = planted_blobs(n=3000)
     CohortMiner(candidates="kmeans+gmm", random_state=0).fit(X, y, scores).save(tmp_path / "m.json")
