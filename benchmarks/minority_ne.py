@@ -17,15 +17,18 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
   own_labels      multi-task control: head k learns y on cohort k's rows only,
                   no conflicting zero labels (c2al.attach(aux_labels="own"))
 
-Controls run on AFM; every model gets baseline vs c2al (TwoTower with a linear
-head, since its output head, a sum, has no parameters to clone). Over seeds the
+Every arm runs on every model (--control-models narrows it); TwoTower's clone
+head is a linear one, since its output head, a sum, has no parameters to clone.
+On synthetic data the planted minority cohorts are scored too. Over seeds the
 per-seed NE_diff % are paired differences against that seed's baseline: the
 summary gives their mean, a 95% t-interval, a paired t-test and a Wilcoxon
-signed-rank test. Torch runs on one thread: on a shared 2-core machine two
-threads made an AFM epoch 15x slower (58 s against 4 s).
+signed-rank test. (seed, model) tasks run in --workers spawned processes of
+one torch thread each (on a shared 2-core machine two threads in one process
+made an AFM epoch 15x slower); every training is seeded, so the rows do not
+depend on the number of workers (a test checks it).
 
-  python benchmarks/minority_ne.py                          # MovieLens-100k, 5 seeds (~25 min on 2 cores)
-  python benchmarks/minority_ne.py --data synthetic         # planted minority cohorts
+  python benchmarks/minority_ne.py                          # MovieLens-100k, 5 seeds x 3 models x 11 trainings
+  python benchmarks/minority_ne.py --data synthetic         # planted minority cohorts, same size
   python benchmarks/minority_ne.py --data my.csv --label click --sparse user,ad --user-col user --cohort-features age,country
   python benchmarks/minority_ne.py --quick --out /tmp/q.json   # CI: tiny synthetic, 1 epoch, 2 seeds
 
@@ -41,6 +44,7 @@ import dataclasses
 import io
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import re
@@ -48,9 +52,11 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +65,7 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this module by name
 
 import c2al  # noqa: E402
 from c2al.build import load_splits, seeded_model  # noqa: E402
@@ -75,6 +82,9 @@ from c2al.report import format_table, write_json  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("afm", "attention-fm", "two-tower")
 QUICK_DATA = "synthetic:n_rows=6000,n_users=600,n_items=120,minority_shares=0.08/0.06"
+# what `--data synthetic` means here: MovieLens-100k's size (100k rows), the generator's planted
+# minorities (3% and 2% of users); the generator's own default (200k rows) takes twice as long
+SYNTHETIC = "synthetic:n_rows=100000,n_users=10000"
 RECALL_K = 10
 MINER_FLAGS = {"cohort-candidates": str, "n-clusters": int, "divergence": str, "min-share": float, "max-share": float}
 # seconds per training epoch on MovieLens-100k's 81k train rows, 1 thread, for the printed estimate
@@ -180,8 +190,6 @@ def least_contrasting(miner: Any, k: int) -> Any:
     """A copy of the fitted miner exposing its k least contrasting qualified clusters instead.
 
     The clusters of one clusterer partition the rows, so any k of them are disjoint.
-    The miner has no public "members of candidate i", so the cluster number is read
-    from the candidate's rule text ("kmeans cluster 5") and `predict` does the rest.
     """
     table = miner.candidates_
     pool = table[table["qualified"] & table["source"].isin(("kmeans", "gmm")) & (table["cohort"] < 0)]
@@ -190,13 +198,7 @@ def least_contrasting(miner: Any, k: int) -> Any:
     if len(pool) < k:
         raise C2ALError(f"least_contrast needs {k} qualified cluster candidates outside the mined cohorts, "
                         f"the miner has {len(pool)}; use --cohort-candidates kmeans or gmm")
-    rows = pool.nsmallest(k, "contrast")
-    out = copy.copy(miner)
-    out.cohorts_ = [{"source": r.source, "cluster": int(re.search(r"cluster (\d+)$", r.rule).group(1)),
-                     "rule": r.rule, "cohort": i, "share": float(r.share), "plr": float(r.plr),
-                     "contrast": float(r.contrast)} for i, r in enumerate(rows.itertuples())]
-    out.contrast_ = rows["contrast"].to_numpy(dtype=np.float64)
-    return out
+    return miner.expose(pool.nsmallest(k, "contrast")["id"])
 
 
 # ---------------------------------------------------------------- training and scoring
@@ -255,11 +257,11 @@ def score_arm(cfg: Config, splits: Splits, base: dict[str, Any], p: np.ndarray, 
     return out
 
 
-def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, bar: Any) -> list[dict[str, Any]]:
-    """Baseline, mining, then every arm, for one (seed, model)."""
+def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Baseline, mining, then every arm, for one (seed, model); tick() after each training."""
     with contextlib.redirect_stdout(io.StringIO()):
         trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
-    bar.update(1)
+    tick()
     with tempfile.TemporaryDirectory() as tmp:
         miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict_split(trained, cfg, splits, "valid", info), Path(tmp), info)
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
@@ -290,8 +292,37 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, bar:
         if cfg.model == "two-tower":
             row["retrieval"] = retrieval(served, splits, info)
         rows.append(row)
-        bar.update(1)
+        tick()
     return rows
+
+
+_SPLITS: dict[str, Splits] = {}  # per process: a worker loads the data once for all its tasks
+
+
+def setup_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+
+
+def run_task(base: Config, seed: int, model: str, arm_names: list[str], progress: Any = None) -> list[dict[str, Any]]:
+    """One (seed, model) in this process or a worker: the same rows either way (seeded per training).
+
+    Args:
+        base: the benchmark's config; its data split is shared by every task (seed 0's split
+            for random splits), exactly as in a one-process run.
+        progress: anything with put(1), called after each training (a queue, a bar's update), or None.
+    """
+    info = init_distributed("cpu")
+    key = repr(base)
+    if key not in _SPLITS:
+        _SPLITS[key] = load_splits(base)
+    tick = (lambda: progress.put(1)) if progress is not None else (lambda: None)
+    return run_model(dataclasses.replace(base, seed=seed, model=model), _SPLITS[key], [ARMS[a] for a in arm_names], info, tick)
+
+
+def worker_init(threads: int) -> None:
+    setup_process(threads)
 
 
 # ---------------------------------------------------------------- summary, table, plot
@@ -430,28 +461,39 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="movielens-100k (default), synthetic[:opts], or a CSV/Parquet PATH")
+    ap.add_argument("--data", default=None, help=f"movielens-100k (default), synthetic (here: {SYNTHETIC}), "
+                                                  "synthetic:opts, or a CSV/Parquet PATH")
     for flag in ("label", "sparse", "dense", "user-col", "item-col", "time-col", "cohort-features"):
         ap.add_argument(f"--{flag}", default="", help="tabular data role, as in train.py")
     for flag, typ in MINER_FLAGS.items():
         ap.add_argument(f"--{flag}", type=typ, default=None, help="cohort miner option, as in train.py (default: Config's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
-    ap.add_argument("--arms", default=None, help=f"controls run on --control-model, from {list(ARMS)} (default all)")
-    ap.add_argument("--control-model", default="afm", help="the model every arm runs on; other models run c2al only")
+    ap.add_argument("--arms", default=None, help=f"arms run on the --control-models, from {list(ARMS)} (default all)")
+    ap.add_argument("--control-models", default=None,
+                    help="comma-separated models that run every arm; the others run c2al only (default: every model; --quick afm)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default Config's; --quick 1)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core machine)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: fastest on a busy 2-core machine)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes training (seed, model) tasks side by side (default: min(2, cores); --quick 2); "
+                         "rows are identical for any number")
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 2 seeds, few arms (CI)")
     ap.add_argument("--out", default="", help="result JSON path (the PNG goes beside it); required with --quick")
     args = ap.parse_args(argv)
     if args.quick and not args.out:
         ap.error("--quick needs --out PATH.json so it never overwrites committed results")
     args.data = args.data or (QUICK_DATA if args.quick else "movielens-100k")
+    if args.data == "synthetic":
+        args.data = SYNTHETIC
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.models = [m.strip() for m in (args.models or ("afm,two-tower" if args.quick else ",".join(MODELS))).split(",")]
     args.arms = [a.strip() for a in (args.arms or (",".join(QUICK_ARMS) if args.quick else ",".join(ARMS))).split(",")]
-    bad = [m for m in args.models if m not in MODELS] + [a for a in args.arms if a not in ARMS]
+    args.control_models = [m.strip() for m in (args.control_models or ("afm" if args.quick else ",".join(args.models))).split(",")]
+    args.workers = args.workers or (2 if args.quick else min(2, os.cpu_count() or 1))
+    if args.workers < 1 or args.threads < 1:
+        ap.error("--workers and --threads must be >= 1")
+    bad = [m for m in args.models + args.control_models if m not in MODELS] + [a for a in args.arms if a not in ARMS]
     if bad:
         ap.error(f"unknown model/arm {bad}; models {MODELS}, arms {list(ARMS)}")
     if "c2al" not in args.arms:
@@ -476,38 +518,69 @@ def base_config(args: argparse.Namespace) -> Config:
 
 
 def plan(args: argparse.Namespace, n_train: int, epochs: int) -> list[tuple[str, list[Arm]]]:
-    per_seed = [(m, [ARMS[a] for a in (args.arms if m == args.control_model else ["c2al"])]) for m in args.models]
+    per_seed = [(m, [ARMS[a] for a in (args.arms if m in args.control_models else ["c2al"])]) for m in args.models]
     runs = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
     est = args.seeds * sum((1 + len(arms)) * EPOCH_SECONDS[m] * epochs * n_train / 81_000 + 4 for m, arms in per_seed)
     print(f"plan: {args.seeds} seeds x " + ", ".join(f"{m}: baseline + {[a.name for a in arms]}" for m, arms in per_seed))
-    print(f"      {runs} trainings of {epochs} epoch(s) on {n_train} train rows, estimated {est / 60:.1f} min on 1 thread")
+    print(f"      {runs} trainings of {epochs} epoch(s) on {n_train} train rows, estimated {est / 60 / args.workers:.1f} min "
+          f"on {args.workers} worker(s) of {args.threads} thread(s) on an idle machine")
     return per_seed
 
 
 def result_path(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
-    name = Path(args.data).stem if Path(args.data).suffix else args.data
+    name = "synthetic" if args.data == SYNTHETIC else Path(args.data).stem if Path(args.data).suffix else args.data
     return RESULTS / f"minority_ne_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.json"
+
+
+def run_tasks(cfg: Config, tasks: list[tuple[int, str, list[str]]], args: argparse.Namespace) -> list[list[dict[str, Any]]]:
+    """Every task's rows, in task order, from this process or a pool of spawned workers."""
+    total = sum(1 + len(arms) for _, _, arms in tasks)
+    with tqdm(total=total, desc="trainings", dynamic_ncols=True) as bar:
+        if args.workers == 1:
+            out = []
+            for seed, model, arms in tasks:
+                bar.set_postfix(seed=seed, model=model)
+                out.append(run_task(cfg, seed, model, arms, SimpleNamespace(put=bar.update)))
+            return out
+        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and process group
+        with ctx.Manager() as manager, ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=worker_init,
+                                                           initargs=(args.threads,)) as pool:
+            progress = manager.Queue()
+            futures = [pool.submit(run_task, cfg, seed, model, arms, progress) for seed, model, arms in tasks]
+            pending = set(futures)
+            try:
+                while pending:
+                    _, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    while not progress.empty():
+                        bar.update(progress.get())
+                    failed = [f for f in futures if f.done() and f.exception() is not None]
+                    if failed:
+                        raise failed[0].exception()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            return [f.result() for f in futures]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    threads = torch.get_num_threads()
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # when called in-process (tests), leave the caller's setting as it was
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    setup_process(args.threads)
     start = time.perf_counter()
     cfg = base_config(args)
-    info = init_distributed("cpu")
-    splits = load_splits(cfg)
+    splits = _SPLITS.setdefault(repr(cfg), load_splits(cfg))
     per_seed = plan(args, len(splits.train), cfg.epochs)
-    rows: list[dict[str, Any]] = []
-    total = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
-    with tqdm(total=total, desc="trainings", dynamic_ncols=True) as bar:
-        for seed in range(args.seeds):
-            for model, arms in per_seed:
-                bar.set_postfix(seed=seed, model=model)
-                rows += run_model(dataclasses.replace(cfg, seed=seed, model=model), splits, arms, info, bar)
+    tasks = [(seed, model, [a.name for a in arms]) for seed in range(args.seeds) for model, arms in per_seed]
+    rows = [row for task_rows in run_tasks(cfg, tasks, args) for row in task_rows]
     summary = summarize_rows(rows)
     print_summary(summary, args.seeds)
     path = result_path(args)

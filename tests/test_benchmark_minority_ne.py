@@ -105,8 +105,7 @@ def test_quick_run_writes_json_and_png_where_out_says(quick):
     path, result = quick
     assert path.with_suffix(".png").stat().st_size > 0
     assert {"config", "machine", "rows", "summary", "seconds", "seeds"} <= set(result)
-    assert result["quick"] is True and result["seeds"] == [0, 1]
-    assert result["seconds"] < 180
+    assert result["quick"] is True and result["seeds"] == [0, 1] and result["config"]["args"]["workers"] == 2
 
 
 def test_quick_run_has_one_baseline_and_every_arm_per_seed_and_model(quick):
@@ -150,6 +149,38 @@ def test_controls_are_compared_with_c2al_and_heads_were_trained(quick):
     tt = result["summary"]["two-tower"]["c2al"]
     assert {"recall@10_diff", "ndcg@10_diff"} <= set(tt)
     assert set(result["summary"]["afm"]["c2al"]["attention"]) >= {"near_zero_share", "attention_entropy", "dead_relu_share"}
+
+
+def test_rows_from_the_spawned_workers_equal_an_in_process_run(quick, tmp_path):
+    """--quick trains in 2 spawned workers; one task again in this process gives the same numbers."""
+    _, result = quick
+    cfg = bench.base_config(bench.parse(["--quick", "--out", str(tmp_path / "x.json")]))
+    rows = bench.run_task(cfg, 1, "afm", list(bench.QUICK_ARMS))
+    want = {r["arm"]: r for r in result["rows"] if r["model"] == "afm" and r["seed"] == 1}
+    assert sorted(r["arm"] for r in rows) == sorted(want)
+    for r in rows:
+        assert (r["ne"] if r["arm"] == "baseline" else r["overall"]["ne_c2al"]) == pytest.approx(
+            want[r["arm"]]["ne"] if r["arm"] == "baseline" else want[r["arm"]]["overall"]["ne_c2al"], abs=1e-12)
+
+
+def test_unknown_model_or_arm_is_refused_naming_it():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--control-models", "dlrm", "--arms", "c2al,nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "'dlrm'" in proc.stderr and "'nope'" in proc.stderr
+
+
+def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_file(train_csv, tmp_path):
+    flags = ["--data", str(train_csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
+             "--user-col", "user", "--cohort-features", "age,city", "--max-share", "0.3"]
+    result = bench.main([*flags, "--seeds", "2", "--models", "afm", "--arms", "least_contrast", "--epochs", "1",
+                         "--workers", "1", "--out", str(tmp_path / "csv.json")])
+    assert result["data"] == str(train_csv) and result["config"]["args"]["workers"] == 1
+    assert sorted((r["seed"], r["arm"]) for r in result["rows"]) == [
+        (s, a) for s in (0, 1) for a in ("baseline", "c2al", "least_contrast")]
+    least = [r for r in result["rows"] if r["arm"] == "least_contrast"]
+    assert all(len(r["own_cohorts"]) == 2 and r["own_cohorts"] != r["cohorts"] for r in least)
+    assert (tmp_path / "csv.png").stat().st_size > 0
+    assert bench.result_path(bench.parse(flags)) == bench.RESULTS / "minority_ne_clicks.json"
 
 
 def test_quick_without_out_is_refused():
