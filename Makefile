@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_ARGS ?= --aux-cohorts
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench minority-ne clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	@echo ">> creating $(VENV) and installing the pinned CPU dependency set"
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	@echo ">> benchmarks/throughput.py (installs benchmarks/requirements.txt with --no-deps; torch stays pinned)"
 	$(BIN)/pip install -q --no-deps -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS)
+
+minority-ne: $(STAMP)
+	@echo ">> benchmarks/minority_ne.py $(MINORITY_ARGS)   (baseline vs C2AL and its controls, 5 seeds; see README)"
+	$(BIN)/python benchmarks/minority_ne.py $(MINORITY_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
