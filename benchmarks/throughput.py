@@ -81,8 +81,32 @@ def run_row(name: str, sizes: tv.Sizes) -> dict[str, Any]:
         predict, model = tv.stripped_predictor(variant)
         row["stripped_params"] = tv.param_counts(model)
         row.update(_infer(predict, variant.prepare, held, sizes, "stripped_"))
+        # the baseline row ran in another process; for a like-for-like cost, time the stripped model
+        # against a fresh baseline of the same architecture here, alternating passes
+        baseline = GRID[HEADS[name]][0](sizes)
+        same = _interleaved({"stripped": predict, "baseline": baseline.predict},
+                            variant.prepare, held, sizes)
+        row["same_process_infer_eps"] = same
+        row["stripped_vs_baseline_infer_same_process"] = same["stripped"] / same["baseline"]
+        row["stripped_params_equal_baseline"] = row["stripped_params"] == baseline.params
     row["peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def _interleaved(predictors: dict[str, Callable[[Any], torch.Tensor]], prepare: Callable[..., Any], held: tv.Data,
+                 sizes: tv.Sizes, rounds: int = 5) -> dict[str, float]:
+    """Median examples/s of each predictor over `rounds` passes on the held-out rows, passes alternating."""
+    inputs = [prepare(held, start, sizes.batch) for start in range(0, sizes.eval_rows - sizes.batch + 1, sizes.batch)]
+    rates: dict[str, list[float]] = {k: [] for k in predictors}
+    for fn in predictors.values():
+        fn(inputs[0])  # warm-up
+    for _ in range(rounds):
+        for key, fn in predictors.items():
+            t0 = time.perf_counter()
+            for inp in inputs:
+                fn(inp)
+            rates[key].append(len(inputs) * sizes.batch / (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in rates.items()}
 
 
 def _infer(predict: Callable[[Any], torch.Tensor], prepare: Callable[..., Any], held: tv.Data, sizes: tv.Sizes,
@@ -142,6 +166,7 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         t = r(heads, base)
         out[f"{heads}_train_overhead_pct"] = None if t is None else (1 / t - 1) * 100
         out[f"{heads}_stripped_vs_baseline_infer"] = r(heads, base, "stripped_infer_eps", "infer_eps")
+        out[f"{heads}_stripped_vs_baseline_infer_same_process"] = rows.get(heads, {}).get("stripped_vs_baseline_infer_same_process")
     return out
 
 
@@ -190,19 +215,26 @@ def run_all(args: argparse.Namespace, sizes: tv.Sizes) -> None:
                               "vocabs": sizes.vocabs, "quick": args.quick, "machine": machine(), "rows": {}}
     started = time.perf_counter()
     for name in [r for r in args.rows.split(",") if r]:
+        row_started = time.perf_counter()
         row = in_process(name, sizes) if args.quick else spawn([*base, "--row", name], timeout=1800)
+        row["seconds"] = time.perf_counter() - row_started
         row["load_avg_1m_after"] = os.getloadavg()[0]
         report["rows"][name] = {"row": name, **row}
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                       if k in COLUMNS or k == "error"), flush=True)
     report["ratios"] = ratios(report["rows"])
     skip = set(args.skip.split(","))
+    report["part_seconds"] = {"rows": time.perf_counter() - started}
     if "miner" not in skip:
         from throughput_parts import miner_rows
 
+        part_started = time.perf_counter()
         report["miner"] = miner_rows(True) if args.quick else spawn([*base, "--part", "miner"], timeout=1800).get("rows")
+        report["part_seconds"]["miner"] = time.perf_counter() - part_started
     if "scaling" not in skip:
+        part_started = time.perf_counter()
         report["scaling"] = scaling_rows(HERE, base[2:], args.quick)
+        report["part_seconds"]["scaling"] = time.perf_counter() - part_started
     report["seconds"] = time.perf_counter() - started
     report["machine"]["load_avg_at_end"] = list(os.getloadavg())
     write_json(report, args.out)

@@ -45,6 +45,12 @@ def test_stripped_model_serves_the_baseline_parameters(report: dict) -> None:
         assert rows[heads]["stripped_params"] == rows[base]["params"]
         assert rows[heads]["stripped_infer_eps"] > 0
         assert rows[heads]["stripped_ne"] == pytest.approx(rows[heads]["ne"])
+        # timed against a fresh baseline of the same architecture in the same process
+        assert rows[heads]["stripped_params_equal_baseline"] is True
+        same = rows[heads]["same_process_infer_eps"]
+        assert set(same) == {"stripped", "baseline"} and min(same.values()) > 0
+        assert report["ratios"][f"{heads}_stripped_vs_baseline_infer_same_process"] == pytest.approx(
+            same["stripped"] / same["baseline"])
 
 
 def test_ratios_miner_and_scaling_are_reported(report: dict) -> None:
@@ -53,6 +59,7 @@ def test_ratios_miner_and_scaling_are_reported(report: dict) -> None:
     assert {(r["world_size"], r["sharding"]) for r in report["scaling"]} == {
         (w, s) for w in (1, 2) for s in ("table_wise", "column_wise")}
     assert all("train_eps" in r for r in report["scaling"]), report["scaling"]
+    assert set(report["part_seconds"]) == {"rows", "miner", "scaling"} and all(r["seconds"] > 0 for r in report["rows"].values())
 
 
 def test_quick_mode_refuses_to_overwrite_the_committed_results() -> None:
