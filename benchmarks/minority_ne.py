@@ -19,7 +19,10 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
 
 Every arm runs on every model (--control-models narrows it); TwoTower's clone
 head is a linear one, since its output head, a sum, has no parameters to clone.
-On synthetic data the planted minority cohorts are scored too. Over seeds the
+On synthetic data the planted minority cohorts are scored too. Test NE is read
+after the last epoch; "best-epoch valid" compares each training's lowest
+per-epoch validation NE with its baseline's, i.e. what early stopping would
+see, which tells a regularising effect on an overfitting baseline from a gain. Over seeds the
 per-seed NE_diff % are paired differences against that seed's baseline: the
 summary gives their mean, a 95% t-interval, a paired t-test and a Wilcoxon
 signed-rank test. (seed, model) tasks run in --workers spawned processes of
@@ -269,7 +272,8 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
     rows = [{"seed": cfg.seed, "model": cfg.model, "arm": "baseline", "train_seconds": trained.seconds,
              "ne": summarize(base["p_test"], splits.test.labels)["ne"],
              "mined": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in miner.cohorts_],
-             "retrieval": retrieval(trained.model, splits, info) if cfg.model == "two-tower" else {}}]
+             "retrieval": retrieval(trained.model, splits, info) if cfg.model == "two-tower" else {},
+             "history": trained.history}]
     for arm in arms:
         own, own_ids = None, None
         if arm.cohorts == "random":
@@ -331,6 +335,9 @@ def worker_init(threads: int) -> None:
 def metric_values(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     """The per-seed differences summarized for one arm row (NE_diff %, retrieval deltas)."""
     out = {"overall": row["overall"]["ne_diff_pct"]}
+    best_arm, best_base = best_valid_ne(row), best_valid_ne(base)
+    if best_arm is not None and best_base is not None:
+        out["best_epoch_valid"] = ne_diff_pct(best_arm, best_base)
     for c in row["cohorts"]:
         out[f"cohort_{c['id']}"] = c["ne_diff_pct"]
     for c in row.get("own_cohorts", []):
@@ -340,6 +347,12 @@ def metric_values(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float]
     for key, value in row.get("retrieval", {}).items():
         out[f"{key}_diff"] = value - base["retrieval"][key]
     return out
+
+
+def best_valid_ne(row: dict[str, Any]) -> float | None:
+    """The lowest per-epoch validation NE of a training: what early stopping on NE would keep."""
+    values = [h["valid_ne"] for h in row.get("history") or [] if h.get("valid_ne") is not None]
+    return min(values) if values else None
 
 
 def attention_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -380,7 +393,8 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
             seeds = sorted(s for (m, a, s) in by_seed if m == model and a == arm and (m, "c2al", s) in by_seed)
             diff = {k: [metric_values(by_seed[(model, arm, s)], bases[(model, s)])[k]
                         - metric_values(by_seed[(model, "c2al", s)], bases[(model, s)])[k] for s in seeds]
-                    for k in ("overall", "cohort_0", "cohort_1") if k in arms[arm] and k in summary[model]["c2al"]}
+                    for k in ("overall", "cohort_0", "cohort_1", "best_epoch_valid")
+                    if k in arms[arm] and k in summary[model]["c2al"]}
             arms[arm]["minus_c2al"] = {k: describe(v) for k, v in diff.items()}
     return summary
 
@@ -404,12 +418,14 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
                         "p_wilcoxon": pval(m.get("overall"), "wilcoxon_p"),
                         "cohort 0": cell(m.get("cohort_0")), "p0": pval(m.get("cohort_0"), "t_p"),
                         "cohort 1": cell(m.get("cohort_1")), "p1": pval(m.get("cohort_1"), "t_p"),
+                        "best-epoch valid": cell(m.get("best_epoch_valid")),
                         "vs c2al (overall)": cell(m.get("minus_c2al", {}).get("overall"))})
     return out
 
 
 def print_summary(summary: dict[str, Any], n_seeds: int) -> None:
-    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "cohort 0", "p0", "cohort 1", "p1", "vs c2al (overall)"]
+    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "cohort 0", "p0", "cohort 1", "p1", "best-epoch valid",
+            "vs c2al (overall)"]
     print(format_table(table_rows(summary), cols, title=f"test NE_diff % vs baseline on the mined cohorts, mean [95% CI] "
                                                          f"over {n_seeds} seeds (< 0 is better); p: paired t-test / Wilcoxon"))
     extra = []

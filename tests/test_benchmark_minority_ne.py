@@ -142,6 +142,16 @@ def test_summary_mean_and_interval_recompute_from_the_per_seed_rows(quick):
         assert {"t_p", "wilcoxon_p", "values"} <= set(s)
 
 
+def test_best_epoch_valid_compares_the_lowest_validation_ne_of_arm_and_baseline(quick):
+    _, result = quick
+    base = {r["seed"]: min(h["valid_ne"] for h in r["history"]) for r in result["rows"]
+            if r["model"] == "afm" and r["arm"] == "baseline"}
+    arm = {r["seed"]: min(h["valid_ne"] for h in r["history"]) for r in result["rows"]
+           if r["model"] == "afm" and r["arm"] == "c2al"}
+    want = [(arm[s] - base[s]) / base[s] * 100 for s in (0, 1)]
+    assert result["summary"]["afm"]["c2al"]["best_epoch_valid"]["values"] == pytest.approx(want)
+
+
 def test_controls_are_compared_with_c2al_and_heads_were_trained(quick):
     _, result = quick
     assert "minus_c2al" in result["summary"]["afm"]["random_cohorts"]
