@@ -132,8 +132,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     p_base = predict_split(base, cfg, splits, "test", info)
     p_c2al = predict_with(served, cfg, splits, "test", info)
     report = compare(cfg, splits, cohort_ids["test"], p_base, p_c2al, miner)
-    for row, described in zip(report["cohorts"], miner.describe(cohort_frame(cfg, splits, "test"))):
-        row["traits"] = [t["text"] for t in described["traits"]]
+    add_traits(report, cohort_frame(cfg, splits, "test"), cohort_ids["test"])
     report["attention"] = attention_report(base.model, served, splits, cfg, info)
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"baseline": base.model, "c2al": served}, splits, info, cfg)
@@ -194,6 +193,14 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, pd.DataFrame):
         return obj.to_dict(orient="records")
     return obj
+
+
+def add_traits(report: dict[str, Any], frame: pd.DataFrame, test_ids: np.ndarray) -> None:
+    """Each reported cohort's most distinctive test-row traits, as text (e.g. "gender=F 100% (rest 21%)")."""
+    from c2al.cohorts import describe_cohorts
+
+    for row, described in zip(report["cohorts"], describe_cohorts(frame, test_ids, len(report["cohorts"]))):
+        row["traits"] = [t["text"] for t in described["traits"]]
 
 
 def print_comparison(report: dict[str, Any]) -> None:

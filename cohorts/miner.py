@@ -73,6 +73,38 @@ def _trait(name: str, values: np.ndarray, kind: str, inside: np.ndarray) -> dict
     return {"column": name, "text": f"{name}={cats[j]} {p_in[j]:.0%} (rest {p_out[j]:.0%})", "effect": float(gap[j])}
 
 
+def describe_cohorts(X: Any, ids: Any, n_cohorts: int, top: int = 3) -> list[dict[str, Any]]:
+    """What sets each cohort apart in X, for cohort ids from any miner (centralized or federated).
+
+    A numeric column's trait is its mean inside vs outside the cohort; a
+    categorical column's is the value most over-represented inside. Traits
+    are ranked by standardized difference (mean gap over the column's std;
+    share gap over the value's Bernoulli std).
+
+    Args:
+        X: per-row features [N, F], array or DataFrame.
+        ids: cohort id of each row [N], -1 for none.
+        n_cohorts: K; cohorts 0..K-1 are described (an empty one gets no traits).
+        top: traits kept per cohort.
+
+    Returns:
+        One dict per cohort: {"cohort", "share", "traits": [{"column", "text", "effect"}]}.
+    """
+    names, columns, kinds = _read_columns(X)
+    ids = np.asarray(ids)
+    if ids.shape != (len(columns[0]),):
+        raise C2ALError(f"describe_cohorts: {ids.shape[0] if ids.ndim else 0} cohort ids for {len(columns[0])} rows of X")
+    out = []
+    for k in range(n_cohorts):
+        inside = ids == k
+        traits = []
+        if inside.any() and (~inside).any():
+            traits = [_trait(name, values, kind, inside) for name, values, kind in zip(names, columns, kinds)]
+        traits.sort(key=lambda t: -abs(t["effect"]))
+        out.append({"cohort": k, "share": float(inside.mean()), "traits": traits[:top]})
+    return out
+
+
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
@@ -592,30 +624,9 @@ class CohortMiner(ClusterMixin, BaseEstimator):
     def describe(self, X: Any, top: int = 3) -> list[dict[str, Any]]:
         """What sets each exposed cohort apart in X: its most distinctive traits.
 
-        A numeric column's trait is its mean inside vs outside the cohort; a
-        categorical column's is the value most over-represented inside. Traits
-        are ranked by standardized difference (mean gap over the column's std;
-        share gap over the value's Bernoulli std).
-
-        Args:
-            X: features with the columns seen by `fit` [N, F].
-            top: traits kept per cohort.
-
-        Returns:
-            One dict per cohort: {"cohort", "share", "traits": [{"column", "text", "effect"}]}.
+        `describe_cohorts(X, self.predict(X), len(self.cohorts_), top)`; see there.
         """
-        ids = self.predict(X)
-        names, columns, kinds = _read_columns(X)
-        out = []
-        for k in range(len(self.cohorts_)):
-            inside = ids == k
-            traits = []
-            if inside.any() and (~inside).any():
-                for name, values, kind in zip(names, columns, kinds):
-                    traits.append(_trait(name, values, kind, inside))
-            traits.sort(key=lambda t: -abs(t["effect"]))
-            out.append({"cohort": k, "share": float(inside.mean()), "traits": traits[:top]})
-        return out
+        return describe_cohorts(X, self.predict(X), len(self.cohorts_), top)
 
     def fit_predict(self, X: Any, y: Any = None, scores: Any = None) -> np.ndarray:
         """Fit, then return the cohort id of each training row (see `fit` and `predict`)."""

@@ -31,6 +31,7 @@ def test_federated_aux_cohorts_writes_the_c2al_report_with_federated_fields(tmp_
     assert report["config"]["federated"] is True
     assert {"ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"} <= set(report["overall"])
     assert len(report["cohorts"]) == 2 and all({"share", "contrast", "ne_base", "ne_c2al", "ne_diff_pct"} <= set(c) for c in report["cohorts"])
+    assert all(c["traits"] and all(isinstance(t, str) for t in c["traits"]) for c in report["cohorts"])
     # ... plus per-tier rows and the federated field
     assert [t["tier"] for t in report["tiers"]] == ["low", "mid", "high"]
     assert sum(t["n"] for t in report["tiers"]) == report["overall"]["n"]

@@ -453,6 +453,20 @@ def test_describe_names_what_sets_each_planted_cohort_apart(blobs) -> None:
         assert d["share"] == pytest.approx((ids == d["cohort"]).mean())
 
 
+def test_describe_cohorts_takes_any_ids_and_equals_the_miners_describe(blobs) -> None:
+    from c2al.cohorts import describe_cohorts
+
+    X, y, scores, truth = blobs
+    miner = CohortMiner(random_state=0).fit(X, y, scores)
+    assert describe_cohorts(X, miner.predict(X), 2) == miner.describe(X)
+    planted = describe_cohorts(X, truth, 2, top=1)  # ids from elsewhere (here: the truth)
+    assert [d["traits"][0]["column"] for d in planted] == ["x0", "x1"]
+    empty = describe_cohorts(X, np.full(len(X), -1), 1)
+    assert empty == [{"cohort": 0, "share": 0.0, "traits": []}]
+    with pytest.raises(C2ALError, match="cohort ids for"):
+        describe_cohorts(X, truth[:10], 2)
+
+
 def test_describe_reports_the_over_represented_category() -> None:
     X, y, scores = segmented_frame()
     miner = CohortMiner(candidates="axes", axes=["country", "value"], random_state=0).fit(X, y, scores)

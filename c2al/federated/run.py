@@ -175,7 +175,7 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
     import c2al
     from c2al.federated.mining import mine_federated
-    from c2al.pipeline import attention_report, compare, cohort_frame, make_head, print_comparison, save_served
+    from c2al.pipeline import add_traits, attention_report, compare, cohort_frame, make_head, print_comparison, save_served
 
     base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
     p_valid = predict_table(base, splits.valid, splits.schema, cfg.batch_size)
@@ -203,6 +203,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     p_c2al = predict(TrainModule(served), splits.test, splits.schema, cfg.batch_size, CPU)
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
     report["miner"]["federated"] = True
+    add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])
     tier_table = tier_rows(p_base, p_c2al, splits.test.labels, row_tiers(splits.test, clients, tiers))
     report["tiers"] = tier_table
     report["attention"] = attention_report(base.model, served, splits, cfg, CPU)
