@@ -88,15 +88,30 @@ def ci(cell: dict[str, Any]) -> str:
 def minority_ne(name: str) -> Callable[[], str]:
     def render() -> str:
         res = load(name)
+        cells_all = [c for arms in res["summary"].values() for c in arms.values()]
+        planted = any("planted_0" in c for c in cells_all)
+        recall = any("recall@10_diff" in c for c in cells_all)
         rows = []
         for model, arms in res["summary"].items():
             for arm, cells in arms.items():
                 att = cells.get("attention", {}).get("attention_entropy")
-                rows.append([model, arm, ci(cells["overall"]), f"{cells['overall']['t_p']:.3f}",
-                             ci(cells["cohort_0"]) if "cohort_0" in cells else "", ci(cells["cohort_1"]) if "cohort_1" in cells else "",
-                             f"{att['baseline']:.2f} -> {att['arm']:.2f}" if att else ""])
-        return md(["model", "arm", "overall NE_diff % [95% CI]", "paired t p", "cohort 0", "cohort 1", "attention entropy"], rows) + (
-            f"\n\n{len(res['seeds'])} seeds, {res['seconds'] / 60:.0f} min on {machine(res['machine'])}.")
+                row = [model, arm, ci(cells["overall"]), f"{cells['overall']['t_p']:.3f}",
+                       *(ci(cells[k]) if k in cells else "" for k in ("cohort_0", "cohort_1"))]
+                if planted:
+                    row += [ci(cells[k]) if k in cells else "" for k in ("planted_0", "planted_1")]
+                row.append(ci(cells["best_epoch_valid"]) if "best_epoch_valid" in cells else "")
+                row.append(f"{att['baseline']:.2f} -> {att['arm']:.2f}" if att else "")
+                if recall:
+                    r = cells.get("recall@10_diff")
+                    row.append(f"{r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if r else "")
+                rows.append(row)
+        header = ["model", "arm", "overall NE_diff % [95% CI]", "paired t p", "mined cohort 0", "mined cohort 1"]
+        header += ["planted cohort 0", "planted cohort 1"] if planted else []
+        header += ["best-epoch valid NE_diff %", "attention entropy"] + (["recall@10 change"] if recall else [])
+        args = res["config"]["args"]
+        return md(header, rows) + (
+            f"\n\n{len(res['seeds'])} seeds, {res['seconds'] / 60:.0f} min wall with {args.get('workers', 1)} worker process(es) "
+            f"on {machine(res['machine'])}.")
     return render
 
 
@@ -121,7 +136,15 @@ def throughput_models() -> str:
         f"vs torchfm {ra['afm_lean_vs_torchfm_train']:.2f}x / {ra['afm_lean_vs_torchfm_infer']:.2f}x; lean vs straightforward interaction "
         f"{ra['afm_lean_vs_reference_train']:.2f}x / {ra['afm_lean_vs_reference_infer']:.2f}x. Aux-head training overhead "
         f"{ra['afm_lean_heads_train_overhead_pct']:+.1f}% (AFM), {ra['attention_fm_heads_train_overhead_pct']:+.1f}% (AttentionFM). "
-        f"`python benchmarks/throughput.py`, {machine(m)}.")
+        f"Stripped model's inference vs a baseline of the same architecture, same process, alternating passes: "
+        f"{same(ra, 'afm_lean_heads')} (AFM), {same(ra, 'attention_fm_heads')} (AttentionFM). "
+        f"`python benchmarks/throughput.py`, {machine(m)}, {res['seconds'] / 60:.0f} min, "
+        f"load average {m['load_avg_at_end'][0]:.1f} at the end.")
+
+
+def same(ratios: dict[str, Any], heads: str) -> str:
+    value = ratios.get(f"{heads}_stripped_vs_baseline_infer_same_process")
+    return "not measured" if value is None else f"{value:.2f}x"
 
 
 def throughput_miner() -> str:
@@ -155,6 +178,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "throughput_models": throughput_models,
     "throughput_miner": throughput_miner,
     "minority_ne_movielens": minority_ne("minority_ne_movielens-100k.json"),
+    "minority_ne_synthetic": minority_ne("minority_ne_synthetic.json"),
     "federated_cohorts": c2al_cohorts("c2al_movielens-100k_afm_federated.json"),
     "federated_tiers": federated_tiers("c2al_movielens-100k_afm_federated.json"),
 }
