@@ -319,15 +319,15 @@ def run_task(base: Config, seed: int, model: str, arm_names: list[str], progress
         progress: anything with put(1), called after each training (a queue, a bar's update), or None.
     """
     info = init_distributed("cpu")
+    tick = (lambda: progress.put(1)) if progress is not None else (lambda: None)
+    return run_model(dataclasses.replace(base, seed=seed, model=model), splits_of(base), [ARMS[a] for a in arm_names], info, tick)
+
+
+def splits_of(base: Config) -> Splits:
     key = repr(base)
     if key not in _SPLITS:
         _SPLITS[key] = load_splits(base)
-    tick = (lambda: progress.put(1)) if progress is not None else (lambda: None)
-    return run_model(dataclasses.replace(base, seed=seed, model=model), _SPLITS[key], [ARMS[a] for a in arm_names], info, tick)
-
-
-def worker_init(threads: int) -> None:
-    setup_process(threads)
+    return _SPLITS[key]
 
 
 # ---------------------------------------------------------------- summary, table, plot
@@ -562,7 +562,7 @@ def run_tasks(cfg: Config, tasks: list[tuple[int, str, list[str]]], args: argpar
                 out.append(run_task(cfg, seed, model, arms, SimpleNamespace(put=bar.update)))
             return out
         ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and process group
-        with ctx.Manager() as manager, ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=worker_init,
+        with ctx.Manager() as manager, ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=setup_process,
                                                            initargs=(args.threads,)) as pool:
             progress = manager.Queue()
             futures = [pool.submit(run_task, cfg, seed, model, arms, progress) for seed, model, arms in tasks]
@@ -594,7 +594,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_process(args.threads)
     start = time.perf_counter()
     cfg = base_config(args)
-    splits = _SPLITS.setdefault(repr(cfg), load_splits(cfg))
+    splits = splits_of(cfg)
     per_seed = plan(args, len(splits.train), cfg.epochs)
     tasks = [(seed, model, [a.name for a in arms]) for seed in range(args.seeds) for model, arms in per_seed]
     rows = [row for task_rows in run_tasks(cfg, tasks, args) for row in task_rows]
