@@ -351,13 +351,8 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         bins, support = self._target_bins(y, scores, metric)
         counts, table, kept = self._score(families, rules, bins, support, y, metric)
         chosen = self._choose(families, table, counts, support, metric)
-        self.cohorts_ = [dict(kept[i], cohort=k, candidate=i,
-                              **{c: float(table.at[i, c]) for c in ("share", "plr", "contrast")})
-                         for k, i in enumerate(chosen)]
-        self.contrast_ = table.loc[chosen, "contrast"].to_numpy(dtype=np.float64)
-        table.loc[chosen, "cohort"] = np.arange(len(chosen))
-        self.candidates_ = table.drop(columns=["family", "label"])
         self.rules_ = kept
+        self._set_cohorts(table.drop(columns=["family", "label"]), chosen)
         self.labels_ = self._assign(columns, clusters)
         return self
 
@@ -385,16 +380,19 @@ class CohortMiner(ClusterMixin, BaseEstimator):
         if not ids or bad or len(set(ids)) != len(ids):
             raise C2ALError(f"expose needs distinct candidate ids in [0, {len(self.rules_)}), got {ids}")
         out = copy.copy(self)
-        table = self.candidates_.copy()
-        out.cohorts_ = [dict(self.rules_[i], cohort=k, candidate=i,
-                             **{c: float(table.at[i, c]) for c in ("share", "plr", "contrast")})
-                        for k, i in enumerate(ids)]
-        out.contrast_ = table.loc[ids, "contrast"].to_numpy(dtype=np.float64)
-        table["cohort"] = -1
-        table.loc[ids, "cohort"] = np.arange(len(ids))
-        out.candidates_ = table
+        out._set_cohorts(self.candidates_.copy(), ids)
         out.__dict__.pop("labels_", None)
         return out
+
+    def _set_cohorts(self, table: pd.DataFrame, ids: list[int]) -> None:
+        """Expose candidates `ids` (in cohort order): cohorts_, contrast_, and candidates_ = table marked."""
+        self.cohorts_ = [dict(self.rules_[i], cohort=k, candidate=i,
+                              **{c: float(table.at[i, c]) for c in ("share", "plr", "contrast")})
+                         for k, i in enumerate(ids)]
+        self.contrast_ = table.loc[ids, "contrast"].to_numpy(dtype=np.float64)
+        table["cohort"] = -1
+        table.loc[ids, "cohort"] = np.arange(len(ids))
+        self.candidates_ = table
 
     def _check_params(self) -> tuple[list[str], str]:
         parts = self.candidates.split("+") if isinstance(self.candidates, str) else [None]
