@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Cohort-contrastive auxiliary learning (C2AL) for TorchRec recommendation models",
     python_requires=">=3.10",
-    packages=["c2al", "c2al.data", "c2al.federated", "c2al.models", "c2al.cohorts"],
+    packages=["c2al", "c2al.data", "c2al.dist", "c2al.eval", "c2al.train", "c2al.jobs", "c2al.federated", "c2al.models", "c2al.cohorts"],
     package_dir={"c2al": "c2al", "c2al.models": "models", "c2al.cohorts": "cohorts"},
     install_requires=["numpy", "scikit-learn", "pandas", "tqdm"],
     extras_require={"parquet": ["pyarrow"], "plot": ["matplotlib"], "flower": ["flwr[simulation]==1.41.*"]},

@@ -37,10 +37,10 @@ def out_dir(cfg: Config) -> Path:
 
 def run(cfg: Config) -> dict[str, Any]:
     """The whole job; returns the report that is also written to OUT/report.json."""
-    from c2al.build import load_splits
-    from c2al.distributed import init_distributed
-    from c2al.pipeline import run_baseline, run_c2al
-    from c2al.report import write_json
+    from c2al.data.sources import load_splits
+    from c2al.dist.process import init_distributed
+    from c2al.jobs.centralized import run_baseline, run_c2al
+    from c2al.eval.report import write_json
 
     quiet_libraries()
     info = init_distributed(cfg.device)
@@ -55,7 +55,7 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"data {s.name}: train {len(splits.train)}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
               f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")
     if cfg.federated:
-        from c2al.federated.run import run_federated
+        from c2al.jobs.federated import run_federated
 
         return run_federated(cfg, splits, out)
     if cfg.aux_cohorts:

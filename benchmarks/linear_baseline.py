@@ -20,10 +20,10 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
 from c2al.config import Config
-from c2al.build import load_splits
+from c2al.data.sources import load_splits
 from c2al.data.schema import Schema, Table
-from c2al.metrics import summarize
-from c2al.report import format_table, write_json
+from c2al.eval.metrics import summarize
+from c2al.eval.report import format_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

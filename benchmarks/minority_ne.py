@@ -71,16 +71,17 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this module by name
 
 import c2al  # noqa: E402
-from c2al.build import load_splits, seeded_model  # noqa: E402
-from c2al.centralized import fit, predict_split, predict_with  # noqa: E402
+from c2al.data.sources import load_splits  # noqa: E402
+from c2al.train.build import seeded_model  # noqa: E402
+from c2al.train.loop import fit, predict_split, predict_with  # noqa: E402
 from c2al.config import Config  # noqa: E402
 from c2al.data.schema import Splits  # noqa: E402
-from c2al.distributed import DistInfo, init_distributed  # noqa: E402
+from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
-from c2al.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
-from c2al.retrieval import retrieval_metrics  # noqa: E402
-from c2al.pipeline import attention_report, cohort_frame, compare, make_head, mine_cohorts  # noqa: E402
-from c2al.report import format_table, write_json  # noqa: E402
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
+from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
+from c2al.jobs.centralized import attention_report, cohort_frame, compare, make_head, mine_cohorts  # noqa: E402
+from c2al.eval.report import format_table, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("afm", "attention-fm", "two-tower")
@@ -102,7 +103,7 @@ class Arm:
     name: str
     cohorts: str = "mined"  # mined | random | least
     k: int = 2
-    head: str = "clone"  # clone | linear | mlp (c2al.pipeline.make_head)
+    head: str = "clone"  # clone | linear | mlp (c2al.jobs.centralized.make_head)
     lam: float = 0.1
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from c2al.report import machine_info, write_json  # noqa: E402
+from c2al.eval.report import machine_info, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput_variants as tv  # noqa: E402
 
-from c2al.metrics import summarize  # noqa: E402
-from c2al.report import format_table, machine_info, write_json  # noqa: E402
+from c2al.eval.metrics import summarize  # noqa: E402
+from c2al.eval.report import format_table, machine_info, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()

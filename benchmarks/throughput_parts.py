@@ -69,7 +69,7 @@ def scaling_worker(sizes: tv.Sizes, shardings: list[str], out: Path | None) -> N
     """One rank of a torchrun run: the lean AFM, global batch split over ranks, once per sharding type."""
     import torch.distributed as dist
 
-    from c2al.distributed import init_distributed
+    from c2al.dist.process import init_distributed
 
     info = init_distributed("cpu")
     local = sizes.batch // info.world_size

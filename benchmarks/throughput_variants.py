@@ -182,8 +182,9 @@ def c2al_sharded(kind: str, sizes: Sizes, *, lean: bool = True, heads: bool = Fa
                  sharding: str = "table_wise") -> Variant:
     """DMP-sharded model, fused row-wise Adagrad tables, Adam on the dense part; optionally 2 aux heads."""
     import c2al
-    from c2al.distributed import dense_optimizer, init_distributed, shard
-    from c2al.task import TrainModule
+    from c2al.dist.process import init_distributed
+    from c2al.dist.sharding import dense_optimizer, shard
+    from c2al.train.task import TrainModule
 
     model = build_c2al_model(kind, sizes, lean=lean, dropout=dropout, device="meta")
     params = None
@@ -222,7 +223,8 @@ def stripped_predictor(variant: Variant) -> tuple[Callable[[Batch], torch.Tensor
 
 def tables_only(sizes: Sizes) -> Variant:
     """TorchRec's sharded tables alone: lookup, a trivial loss, backward with the fused update."""
-    from c2al.distributed import init_distributed, shard
+    from c2al.dist.process import init_distributed
+    from c2al.dist.sharding import shard
     from c2al.models import make_ebc
 
     class Tables(nn.Module):

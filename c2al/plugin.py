@@ -258,7 +258,7 @@ class C2ALWrapper(nn.Module):
 
         Every term is a mean over rows weighted by `weights` (rows of weight 0,
         the padding of an evaluation shard, drop out); the denominator is
-        clamped at 1 so an all-padding batch gives 0, as `c2al.task.weighted_bce`.
+        clamped at 1 so an all-padding batch gives 0, as `c2al.train.task.weighted_bce`.
         With aux_labels="own", rows outside cohort k also drop out of head k's
         term (same denominator), so head k sees only its cohort's labels.
 

@@ -38,7 +38,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from c2al.cohorts import divergence as dv
-from c2al.atomic import atomic_write_bytes
+from c2al.dist.atomic import atomic_write_bytes
 from c2al.errors import C2ALError
 
 SOURCES = ("kmeans", "gmm", "axes")

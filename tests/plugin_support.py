@@ -78,8 +78,9 @@ def two_rank_worker(rank: int, world_size: int, port: int, out_dir: str, steps: 
     import torch.distributed as dist
 
     import c2al
-    from c2al.distributed import dense_optimizer, init_distributed, shard
-    from c2al.task import TrainModule
+    from c2al.dist.process import init_distributed
+    from c2al.dist.sharding import dense_optimizer, shard
+    from c2al.train.task import TrainModule
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")

@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from c2al.atomic import atomic_write, atomic_write_bytes
-from c2al.report import write_json
+from c2al.dist.atomic import atomic_write, atomic_write_bytes
+from c2al.eval.report import write_json
 
 
 def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from c2al.checkpoint import atomic_torch_save, gather_full, load_checkpoint, restore, save_checkpoint
-from c2al.distributed import dense_optimizer, init_distributed, shard
+from c2al.dist.checkpoint import atomic_torch_save, gather_full, load_checkpoint, restore, save_checkpoint
+from c2al.dist.process import init_distributed
+from c2al.dist.sharding import dense_optimizer, shard
 from c2al.errors import C2ALError
 
 

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from c2al.build import seeded_model
+from c2al.train.build import seeded_model
 from c2al.config import Config
 from c2al.data.sources import load_source
 from c2al.federated import aggregate as agg
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, model_layout, per_user_features
 from c2al.federated.heterogeneity import TierSpec, assign_tiers
 from c2al.federated.mining import federated_kmeans
-from c2al.federated.run import make_clients
+from c2al.jobs.federated import make_clients
 from c2al.federated.simulation import default_client_fn, run_rounds
 from c2al.federated.strategy import FedAdam, FedAvg, FedProx
-from c2al.task import TrainModule
+from c2al.train.task import TrainModule
 
 warnings.filterwarnings("ignore")
 DATA = "synthetic:n_rows=3000,n_users=60,n_items=200"
@@ -108,10 +108,10 @@ def test_fedavg_and_fedprox_aggregate_fit_hand_computed(splits):
 
 # ----------------------------------------------------------------- equivalence with centralized training
 def test_one_client_with_all_data_full_participation_matches_centralized(splits):
-    from c2al.centralized import fit
-    from c2al.checkpoint import gather_full
+    from c2al.train.loop import fit
+    from c2al.dist.checkpoint import gather_full
     from c2al.data.schema import Splits
-    from c2al.distributed import init_distributed
+    from c2al.dist.process import init_distributed
 
     bs = 64
     n = len(splits.train) // bs * bs

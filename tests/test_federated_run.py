@@ -26,7 +26,7 @@ def one_thread():
 def test_federated_aux_cohorts_writes_the_c2al_report_with_federated_fields(tmp_path, capsys):
     assert train.main(["--federated", "--aux-cohorts", "--rounds", "3", "--out", str(tmp_path), *FAST]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    # the centralized C2AL schema (c2al.pipeline.compare) ...
+    # the centralized C2AL schema (c2al.jobs.centralized.compare) ...
     assert {"config", "overall", "cohorts", "outside_cohorts", "miner", "attention", "history"} <= set(report)
     assert report["config"]["federated"] is True
     assert {"ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"} <= set(report["overall"])

@@ -1,4 +1,4 @@
-"""Tests for c2al.metrics: hand-computed values and agreement with torchrec.metrics."""
+"""Tests for c2al.eval.metrics: hand-computed values and agreement with torchrec.metrics."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from torchrec.metrics.ne import NEMetric
 from torchrec.metrics.segmented_ne import SegmentedNEMetric
 
 from c2al.errors import C2ALError
-from c2al.metrics import (
+from c2al.eval.metrics import (
     auc,
     calibration,
     logloss,

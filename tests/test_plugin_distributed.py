@@ -12,8 +12,9 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.tracing import Tracer, _get_leaf_module_names
 
 import c2al
-from c2al.distributed import dense_optimizer, init_distributed, shard
-from c2al.task import TrainModule
+from c2al.dist.process import init_distributed
+from c2al.dist.sharding import dense_optimizer, shard
+from c2al.train.task import TrainModule
 from plugin_support import B, K, build, make_batch, two_rank_worker
 
 

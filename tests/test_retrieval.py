@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from c2al.build import load_splits
+from c2al.data.sources import load_splits
 from c2al.config import Config
-from c2al.distributed import DistInfo
+from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
-from c2al.retrieval import retrieval_metrics
+from c2al.eval.retrieval import retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -73,7 +73,7 @@ def test_resume_continues_where_it_stopped(train_csv, tmp_path):
 
 
 def test_resume_mid_epoch_from_step_checkpoint(train_csv, tmp_path, monkeypatch):
-    import c2al.centralized as centralized
+    import c2al.train.loop as centralized
 
     train.main(args(train_csv, tmp_path / "straight"))
     original = centralized.train_epoch

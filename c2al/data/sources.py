@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from c2al.data.movielens import load_movielens
 from c2al.data.schema import Splits
 from c2al.data.synthetic import SyntheticConfig, make_synthetic_splits
 from c2al.data.tabular import load_tabular
 from c2al.errors import C2ALError
+
+if TYPE_CHECKING:
+    from c2al.config import Config
 
 _SPLIT_ARGS = ("valid_frac", "test_frac")
 _MOVIELENS_ARGS = (*_SPLIT_ARGS, "min_rating")
@@ -126,3 +129,27 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
     raise C2ALError(
         f"unknown data source {name!r}: use movielens-100k, movielens:/dir, synthetic, or a .csv / .parquet file"
     )
+
+
+def load_splits(cfg: Config) -> Splits:
+    """The data source named by --data, with tabular roles from the flags."""
+    roles = dict(
+        label=cfg.label or None,
+        sparse=cfg.list_of("sparse"),
+        dense=cfg.list_of("dense"),
+        user_col=cfg.user_col or None,
+        item_col=cfg.item_col or None,
+        cohort_features=cfg.list_of("cohort_features"),
+        time_col=cfg.time_col or None,
+        valid_frac=cfg.valid_frac,
+        test_frac=cfg.test_frac,
+    )
+    if not is_movielens(cfg.data):  # MovieLens splits by time; only random splits take a seed
+        roles["seed"] = cfg.seed
+    if is_movielens(cfg.data) or cfg.data.startswith("synthetic"):
+        roles.pop("cohort_features")  # their cohort frames are fixed; --cohort-features picks columns of it
+    return load_source(cfg.data, **roles)
+
+
+def is_movielens(data: str) -> bool:
+    return data.startswith(("movielens", "ml-")) or is_movielens_dir(Path(data))

@@ -6,8 +6,8 @@ client it writes the client's private rows in, after it reads back only the
 rows the client touched, and restores those rows and the dense parameters to
 the global values for the next client. Nothing table-sized is copied per client.
 
-The loss, the forward and the step loop are `c2al.task.TrainModule` and
-`c2al.task.train_epoch`, as in centralized training. Embedding tables run with
+The loss, the forward and the step loop are `c2al.train.task.TrainModule` and
+`c2al.train.task.train_epoch`, as in centralized training. Embedding tables run with
 sparse gradients and a sparse table optimizer (sgd, adagrad, rowwise_adagrad,
 stepping only the rows of the batch, as TorchRec's fused optimizers do), the
 dense parameters with a torch optimizer; optimizer state is fresh every round.
@@ -25,9 +25,9 @@ from torch import nn
 
 from c2al.data.batch import Batch, make_batch
 from c2al.data.schema import Schema, Table
-from c2al.distributed import embedding_collections
+from c2al.dist.sharding import embedding_collections
 from c2al.errors import C2ALError
-from c2al.task import TrainModule, train_epoch
+from c2al.train.task import TrainModule, train_epoch
 
 Rows = tuple[np.ndarray, np.ndarray]  # (row ids [R], values [R, D])
 SEED_STRIDE = 1_000_000_007  # separates the random streams of (round, client) pairs

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from c2al.data.batch import Batch
-from c2al.task import TrainModule
+from c2al.train.task import TrainModule
 
 POS_MARGIN = 0.8  # a positive pair is pulled until its cosine reaches this
 NEG_MARGIN = 0.0  # a negative pair is pushed until its cosine drops below this

@@ -186,7 +186,7 @@ def rebin(hist: np.ndarray, score_sums: np.ndarray, n_bins: int) -> tuple[np.nda
 class FederatedCohorts:
     """The outcome of federated mining; clients use it to find their own cohort.
 
-    Attributes mirror CohortMiner's so `c2al.pipeline.compare` can report it:
+    Attributes mirror CohortMiner's so `c2al.jobs.centralized.compare` can report it:
     `cohorts_` (one dict per exposed cohort), `contrast_` [K], `cluster_centers_`,
     plus `cluster_to_cohort_` (cluster -> cohort id, -1 for none) and `candidates_`.
     """

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from c2al.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
+from c2al.dist.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from c2al.data.schema import Schema, Table
-from c2al.distributed import DistInfo
+from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
 from c2al.federated.heterogeneity import TierSpec, drops_out, round_rng
 from c2al.federated.strategy import FedAvg, Params
-from c2al.task import predict
+from c2al.train.task import predict
 
 log = logging.getLogger("c2al.federated")
 CPU = DistInfo(rank=0, world_size=1, device=torch.device("cpu"), backend="none")

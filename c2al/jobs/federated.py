@@ -4,7 +4,7 @@ Baseline: rounds of federated training, then per-tier (and planted-cohort)
 test metrics. C2AL: baseline rounds, federated cohort mining on the clients'
 validation predictions, C2AL rounds from the same seed with auxiliary heads
 (`c2al.attach`) trained on labels each client builds from its own cohort id,
-heads stripped (`c2al.detach`), and the report of `c2al.pipeline.compare`
+heads stripped (`c2al.detach`), and the report of `c2al.jobs.centralized.compare`
 plus per-tier NE, MDAC and the agreement of federated with centralized mining.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from c2al.build import seeded_model
+from c2al.train.build import seeded_model
 from c2al.config import SHAPE_FIELDS, Config
 from c2al.data.schema import Splits, Table
 from c2al.errors import C2ALError
@@ -25,9 +25,9 @@ from c2al.federated.client import ClientData, LocalTrainer, group_by_user, model
 from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.simulation import CPU, FedTrained, predict_table, run_rounds
 from c2al.federated.strategy import make_strategy
-from c2al.metrics import ne_diff_pct, per_segment, summarize
-from c2al.report import format_table, write_json
-from c2al.task import TrainModule
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.eval.report import format_table, write_json
+from c2al.train.task import TrainModule
 
 FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "federated", "server_optimizer")  # --rounds may grow on --resume
 
@@ -175,7 +175,7 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
     import c2al
     from c2al.federated.mining import mine_federated
-    from c2al.pipeline import add_traits, attention_report, compare, cohort_frame, make_head, print_comparison, save_served
+    from c2al.jobs.centralized import add_traits, attention_report, compare, cohort_frame, make_head, print_comparison, save_served
 
     base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
     p_valid = predict_table(base, splits.valid, splits.schema, cfg.batch_size)
@@ -198,7 +198,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     save_served(served, cfg, out / "c2al.pt", CPU)
 
     p_base = predict_table(base, splits.test, splits.schema, cfg.batch_size)
-    from c2al.task import predict
+    from c2al.train.task import predict
 
     p_c2al = predict(TrainModule(served), splits.test, splits.schema, cfg.batch_size, CPU)
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
@@ -219,7 +219,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
           f"{agreement.get('kmeans_ari', float('nan')):.3f} of the k-means clusters")
     write_json(report, out / "report.json")
     try:
-        from c2al.plots import plot_report
+        from c2al.eval.plots import plot_report
 
         plot_report(report, out / "report.png")
     except ImportError:

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from c2al.data.schema import Splits, Table
-from c2al.distributed import DistInfo
+from c2al.dist.process import DistInfo, gather_rows
 from c2al.errors import C2ALError
-from c2al.metrics import ndcg_at_k, recall_at_k
-from c2al.task import gather_rows
+from c2al.eval.metrics import ndcg_at_k, recall_at_k
 
 
 def _first_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

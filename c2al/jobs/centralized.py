@@ -15,15 +15,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from c2al.build import seeded_model
-from c2al.centralized import fit, predict_split, predict_with
-from c2al.checkpoint import atomic_torch_save, gather_full, FORMAT
+from c2al.train.build import seeded_model
+from c2al.train.loop import fit, predict_split, predict_with
+from c2al.dist.checkpoint import atomic_torch_save, gather_full, FORMAT
 from c2al.config import Config
 from c2al.data.schema import Splits
-from c2al.distributed import DistInfo
+from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
-from c2al.metrics import ne_diff_pct, per_segment, summarize
-from c2al.report import format_table, write_json
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.eval.report import format_table, write_json
 
 
 def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
 
 def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInfo, cfg: Config) -> dict[str, Any]:
     """recall@K / NDCG@K of each two-tower model on the test users' held-out positives; printed on rank 0."""
-    from c2al.retrieval import retrieval_metrics
+    from c2al.eval.retrieval import retrieval_metrics
 
     out = {name: retrieval_metrics(m, splits, info, batch_size=max(cfg.batch_size, 1024)) for name, m in models.items()}
     if info.is_main:
@@ -142,7 +142,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     if info.is_main:
         print_comparison(report)
         write_json(report, out / "report.json")
-        from c2al.plots import plot_report
+        from c2al.eval.plots import plot_report
 
         plot_report(report, out / "report.png")
         print(f"wrote {out / 'report.json'}, {out / 'report.png'}, {out / 'cohorts.json'}, {out / 'baseline.pt'}, {out / 'c2al.pt'}")
@@ -223,7 +223,7 @@ def print_comparison(report: dict[str, Any]) -> None:
 @torch.no_grad()
 def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
     """Attention-activity scalars and weight histograms for AFM/AttentionFM (empty for two-tower)."""
-    from c2al.activity import attention_activity
+    from c2al.eval.activity import attention_activity
     from c2al.data.batch import iter_batches
 
     if cfg.model == "two-tower":

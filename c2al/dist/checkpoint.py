@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from c2al.atomic import atomic_write
+from c2al.dist.atomic import atomic_write
 from c2al.errors import C2ALError
 
 FORMAT = "c2al-checkpoint-v1"

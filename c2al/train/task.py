@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from c2al.data.batch import Batch, iter_batches
 from c2al.data.schema import Schema, Table
-from c2al.distributed import DistInfo, all_gather_arrays
+from c2al.dist.process import DistInfo, gather_rows
 from c2al.errors import C2ALError
 
 LossFn = Callable[[nn.Module, Batch], "StepOutput"]
@@ -152,28 +152,6 @@ def train_epoch(
     if pipelined:
         pipeline.detach()  # give the module its own forward back for evaluation
     return {k: v / max(n, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def gather_rows(fn: Callable[[Batch], torch.Tensor], table: Table, schema: Schema, batch_size: int, info: DistInfo,
-                *, show: bool = False, desc: str = "eval") -> np.ndarray:
-    """`fn(batch)` ([B, ...] per batch) for every row of `table`, in row order, on every rank.
-
-    Ranks read interleaved shards of each global batch (padding rows of weight
-    0 keep the collectives even); the pieces are gathered and put back in order.
-    """
-    mine: list[np.ndarray] = []
-    batches = iter_batches(table, schema, batch_size, shuffle=False, rank=info.rank, world_size=info.world_size)
-    for batch in tqdm(batches, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
-        keep = batch.weights.cpu().numpy() > 0
-        mine.append(fn(batch.to(info.device)).float().cpu().numpy()[keep])
-    per_rank = all_gather_arrays(mine, info)
-    # Global batch b is rank 0's part of b, then rank 1's part of b, ...
-    ordered = [part for b in range(len(mine)) for rank_parts in per_rank for part in [rank_parts[b]]]
-    rows = np.concatenate(ordered) if ordered else np.zeros(0)
-    if len(rows) != len(table):
-        raise RuntimeError(f"gathered {len(rows)} rows for a table of {len(table)}")
-    return rows
 
 
 @torch.no_grad()

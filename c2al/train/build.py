@@ -35,33 +35,3 @@ def seeded_model(cfg: Config, schema: Schema, seed: int | None = None) -> nn.Mod
     """Same seed, same initial weights: baseline and C2AL start from one point."""
     torch.manual_seed(cfg.seed if seed is None else seed)
     return build_model(cfg, schema)
-
-
-def load_splits(cfg: Config):  # -> Splits
-    """The data source named by --data, with tabular roles from the flags."""
-    from c2al.data.sources import load_source
-
-    roles = dict(
-        label=cfg.label or None,
-        sparse=cfg.list_of("sparse"),
-        dense=cfg.list_of("dense"),
-        user_col=cfg.user_col or None,
-        item_col=cfg.item_col or None,
-        cohort_features=cfg.list_of("cohort_features"),
-        time_col=cfg.time_col or None,
-        valid_frac=cfg.valid_frac,
-        test_frac=cfg.test_frac,
-    )
-    if not is_movielens(cfg.data):  # MovieLens splits by time; only random splits take a seed
-        roles["seed"] = cfg.seed
-    if is_movielens(cfg.data) or cfg.data.startswith("synthetic"):
-        roles.pop("cohort_features")  # their cohort frames are fixed; --cohort-features picks columns of it
-    return load_source(cfg.data, **roles)
-
-
-def is_movielens(data: str) -> bool:
-    from pathlib import Path
-
-    from c2al.data.sources import is_movielens_dir
-
-    return data.startswith(("movielens", "ml-")) or is_movielens_dir(Path(data))

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from c2al.checkpoint import copy_full_into, load_checkpoint, restore, save_checkpoint
+from c2al.dist.checkpoint import copy_full_into, load_checkpoint, restore, save_checkpoint
 from c2al.config import SHAPE_FIELDS, Config
 from c2al.data.batch import iter_batches, local_batch_size, num_batches
 from c2al.data.schema import Splits
-from c2al.distributed import DistInfo, dense_optimizer, shard
+from c2al.dist.process import DistInfo
+from c2al.dist.sharding import dense_optimizer, shard
 from c2al.errors import C2ALError
-from c2al.metrics import summarize
-from c2al.task import TrainModule, predict, train_epoch
+from c2al.eval.metrics import summarize
+from c2al.train.task import TrainModule, predict, train_epoch
 
 
 @dataclass

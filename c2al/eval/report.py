@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from c2al.atomic import atomic_write_bytes
+from c2al.dist.atomic import atomic_write_bytes
 
 
 def machine_info() -> dict[str, Any]:
