@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from c2al.data.batch import Batch, iter_batches
+from c2al.data.batch import Batch
 from c2al.data.schema import Schema, Table
 from c2al.dist.process import DistInfo, gather_rows
 from c2al.errors import C2ALError
