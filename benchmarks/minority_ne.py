@@ -73,14 +73,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers impo
 import c2al  # noqa: E402
 from c2al.data.sources import load_splits  # noqa: E402
 from c2al.train.build import seeded_model  # noqa: E402
-from c2al.train.loop import fit, predict_split, predict_with  # noqa: E402
+from c2al.train.loop import fit  # noqa: E402
+from c2al.train.task import predict  # noqa: E402
 from c2al.config import Config  # noqa: E402
 from c2al.data.schema import Splits  # noqa: E402
 from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
 from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
-from c2al.jobs.centralized import attention_report, cohort_frame, compare, make_head, mine_cohorts  # noqa: E402
+from c2al.eval.compare import attention_report, compare  # noqa: E402
+from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
 from c2al.eval.report import format_table, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -103,7 +105,7 @@ class Arm:
     name: str
     cohorts: str = "mined"  # mined | random | least
     k: int = 2
-    head: str = "clone"  # clone | linear | mlp (c2al.jobs.centralized.make_head)
+    head: str = "clone"  # clone | linear | mlp (c2al.jobs.common.make_head)
     lam: float = 0.1
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
 
@@ -209,11 +211,6 @@ def least_contrasting(miner: Any, k: int) -> Any:
 # ---------------------------------------------------------------- training and scoring
 
 
-def with_cohorts(splits: Splits, ids: dict[str, np.ndarray]) -> Splits:
-    return Splits(schema=splits.schema, train=splits.train.with_cohorts(ids["train"]),
-                  valid=splits.valid.with_cohorts(ids["valid"]), test=splits.test.with_cohorts(ids["test"]))
-
-
 def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, info: DistInfo) -> tuple[Any, dict[str, Any]]:
     """Attach, fit from the baseline's seeded start, detach; returns the served model and facts."""
     acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=str(arm.lam), aux_head=arm_head(cfg, arm))
@@ -222,7 +219,7 @@ def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm,
                           head=make_head(acfg, model), aux_labels=arm.labels)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
     with contextlib.redirect_stdout(io.StringIO()):
-        trained = fit(acfg, with_cohorts(splits, ids), wrapper, info, tag=arm.name)
+        trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
     moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
     facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before),
              "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
@@ -268,9 +265,9 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
         trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
     tick()
     with tempfile.TemporaryDirectory() as tmp:
-        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict_split(trained, cfg, splits, "valid", info), Path(tmp), info)
+        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict_split(trained, cfg, splits, "test", info)}
+    base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)}
     rows = [{"seed": cfg.seed, "model": cfg.model, "arm": "baseline", "train_seconds": trained.seconds,
              "ne": summarize(base["p_test"], splits.test.labels)["ne"],
              "mined": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in miner.cohorts_],
@@ -291,7 +288,7 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
         else:
             arm_ids = {s: np.where(v < arm.k, v, -1) for s, v in ids.items()}  # K=1: cohort 0 only
         served, facts = train_arm(cfg, splits, arm_ids, arm, info)
-        p = predict_with(served, cfg, splits, "test", info)
+        p = predict(served, splits.test, splits.schema, cfg.batch_size, info)
         row = {"seed": cfg.seed, "model": cfg.model, "arm": arm.name, "spec": dataclasses.asdict(arm), **facts,
                **score_arm(cfg, splits, base, p, own, own_ids),
                "attention": attention_scalars(trained.model, served, splits, cfg, info) if cfg.model != "two-tower" else {}}

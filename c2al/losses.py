@@ -23,26 +23,45 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Binary cross-entropy on logits, averaged with sample weights.
+def bce_with_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary cross-entropy on logits, averaged with sample weights: the one BCE of c2al.
 
     Args:
-        logits: [B].
-        labels: [B] in {0, 1} (soft labels in [0, 1] also work).
-        weights: [B] non-negative sample weights; rows of weight 0 (padding)
-            do not count. None weighs every row 1.
+        logits: [B], or [B, K] for K heads at once.
+        labels: same shape as logits, in {0, 1} (soft labels in [0, 1] also work).
+        weights: non-negative row weights broadcastable to logits ([B], or [B, 1] / [B, K]
+            for [B, K] logits); rows of weight 0 (padding) do not count. None weighs every row 1.
+        denominator: what the weighted sum is divided by; default the sum of `weights`.
+            The C2AL heads divide by the main term's row count, so a cohort head's
+            term shrinks with its cohort instead of being a mean over its own rows.
 
     Returns:
-        Scalar weighted mean loss; 0 with a gradient when all weights are 0.
+        Scalar for [B] logits, [K] for [B, K]; 0 with a gradient when the
+        denominator is 0 (an all-padding batch).
+
+    Example:
+        >>> float(bce_with_logits(torch.zeros(2), torch.tensor([1.0, 0.0])))  # log 2
+        0.6931471824645996
     """
     if not _traced(logits, labels) and logits.shape != labels.shape:
         raise C2ALError(f"bce_with_logits: logits have shape {tuple(logits.shape)}, labels {tuple(labels.shape)}")
-    per_row = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")  # [B]
-    if weights is None:
+    per_row = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")  # [B] or [B, K]
+    if weights is None and denominator is None:
         return per_row.mean()
-    if not _traced(weights, labels) and weights.shape != labels.shape:
+    if weights is None:
+        weights = torch.ones_like(per_row)
+    if not _traced(weights, labels) and weights.dim() == 1 and weights.shape != labels.shape:
         raise C2ALError(f"bce_with_logits: weights have shape {tuple(weights.shape)}, labels {tuple(labels.shape)}")
-    return _weighted_mean(per_row, weights.to(per_row.dtype))
+    w = weights.to(per_row.dtype)
+    total = w.sum() if denominator is None else denominator
+    # torch.where instead of an `if`: no device sync, and the 0 keeps its grad_fn.
+    return (per_row * w).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def in_batch_softmax_loss(

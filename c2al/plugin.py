@@ -54,9 +54,9 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from c2al.errors import C2ALError
+from c2al.losses import bce_with_logits
 
 HeadSpec = Union[None, nn.Module, Callable[[int], nn.Module]]
 
@@ -257,8 +257,8 @@ class C2ALWrapper(nn.Module):
         """The C2AL objective: BCE(logits, y) + sum_k lambda_k BCE(aux_k, y * 1[cohort == k]).
 
         Every term is a mean over rows weighted by `weights` (rows of weight 0,
-        the padding of an evaluation shard, drop out); the denominator is
-        clamped at 1 so an all-padding batch gives 0, as `c2al.train.task.weighted_bce`.
+        the padding of an evaluation shard, drop out), all over the same
+        denominator, the main term's row count (see `c2al.losses.bce_with_logits`).
         With aux_labels="own", rows outside cohort k also drop out of head k's
         term (same denominator), so head k sees only its cohort's labels.
 
@@ -269,26 +269,27 @@ class C2ALWrapper(nn.Module):
             weights: [B] row weights; None for all ones.
 
         Returns:
-            (scalar loss, parts) with parts = {"main": ..., "aux_0": ..., ..., "aux_{K-1}": ...},
-            detached, for logging (aux parts are unweighted by lambda).
+            (scalar loss, parts) with parts = {"main": ..., "aux": sum_k lambda_k aux_k,
+            "aux_0": ..., ..., "aux_{K-1}": ...}. "main" and "aux" keep their graph
+            (a train wrapper that replaces the main term, like in-batch softmax, adds
+            "aux" to its own); the per-cohort "aux_k" are detached, unweighted, for logging.
         """
         logits = output.logits.reshape(-1)  # [B]
         y = labels.reshape(-1).to(logits.dtype)  # [B]
         w = torch.ones_like(y) if weights is None else weights.reshape(-1).to(y.dtype)  # [B]
-        denom = w.sum().clamp_min(1.0)
-        main = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum() / denom
+        denom = w.sum()
+        main = bce_with_logits(logits, y, w, denominator=denom)
         targets = aux_labels(y, cohort_ids, self.n_cohorts)  # [B, K]
-        per_row = F.binary_cross_entropy_with_logits(output.aux_logits, targets, reduction="none")  # [B, K]
         row_w = w.unsqueeze(1)  # [B, 1]
         if self.aux_labels == "own":  # a multi-task control: no conflicting zero labels from other rows
             row_w = row_w * aux_labels(torch.ones_like(y), cohort_ids, self.n_cohorts)  # [B, K] membership
-        per_cohort = (per_row * row_w).sum(0) / denom  # [K]
+        per_cohort = bce_with_logits(output.aux_logits, targets, row_w, denominator=denom)  # [K]
         lambdas = per_cohort.new_tensor(self.aux_weights)  # [K]
-        total = main + (lambdas * per_cohort).sum()
-        parts = {"main": main.detach()}
+        aux = (lambdas * per_cohort).sum()
+        parts = {"main": main, "aux": aux}
         for k in range(self.n_cohorts):
             parts[f"aux_{k}"] = per_cohort[k].detach()
-        return total, parts
+        return main + aux, parts
 
     def extra_repr(self) -> str:
         extra = "" if self.aux_labels == "conflicting" else f", aux_labels={self.aux_labels!r}"

@@ -68,7 +68,8 @@ def test_unknown_aux_labels_mode_is_named():
 
 def test_softmax_two_tower_keeps_the_aux_loss():
     """In-batch softmax replaces only the main BCE; the lambda-weighted aux terms still train the heads."""
-    from c2al.train.task import TrainModule, weighted_bce
+    from c2al.losses import bce_with_logits as weighted_bce
+    from c2al.train.task import TrainModule
 
     model = build("two_tower")
     wrapper = c2al.attach(model, "inter_arch", K, aux_weight=0.5, head=lambda n: torch.nn.Linear(n, 1))

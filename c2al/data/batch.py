@@ -105,22 +105,31 @@ def iter_batches(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    rows: np.ndarray | None = None,
 ) -> Iterator[Batch]:
-    """Yield this rank's share of every global batch of `table`.
+    """Yield this rank's share of every global batch of `table` (or of its `rows`).
 
-    Every rank yields the same number of batches (collectives in sharded
-    models need that). Without drop_last the last global batch is padded with
-    repeated rows of weight 0 so it splits evenly.
+    The one batcher of c2al: the centralized loop, evaluation and the federated
+    clients (over their own rows) all cut batches here. Every rank yields the
+    same number of batches (collectives in sharded models need that). Without
+    drop_last the last global batch is padded with repeated rows of weight 0 so
+    it splits evenly.
+
+    Args:
+        rows: row indices to batch (a federated client's rows); default every row.
+            Shuffling permutes them with `seed`, so a client holding every row sees
+            the order the centralized loop would.
     """
     local = local_batch_size(batch_size, world_size)
-    n = len(table)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    chosen = np.arange(len(table)) if rows is None else np.asarray(rows)
+    order = chosen[np.random.default_rng(seed).permutation(len(chosen))] if shuffle else chosen
+    n = len(order)
     for b in range(num_batches(n, batch_size, drop_last)):
-        rows = order[b * batch_size : (b + 1) * batch_size]
+        take = order[b * batch_size : (b + 1) * batch_size]
         weights = np.ones(batch_size, dtype=np.float32)
-        if len(rows) < batch_size:  # pad the tail so every rank gets `local` rows
-            pad = batch_size - len(rows)
-            weights[len(rows):] = 0.0
-            rows = np.concatenate([rows, np.resize(order, pad)])
+        if len(take) < batch_size:  # pad the tail so every rank gets `local` rows
+            pad = batch_size - len(take)
+            weights[len(take):] = 0.0
+            take = np.concatenate([take, np.resize(order, pad)])
         mine = slice(rank * local, (rank + 1) * local)
-        yield make_batch(table, schema, rows[mine], weights[mine])
+        yield make_batch(table, schema, take[mine], weights[mine])

@@ -220,6 +220,11 @@ class Splits:
     valid: Table
     test: Table
 
+    def with_cohorts(self, ids: dict[str, np.ndarray]) -> "Splits":
+        """The same splits with each table's cohort ids replaced by `ids[split]` (-1: no cohort)."""
+        return Splits(schema=self.schema, train=self.train.with_cohorts(ids["train"]),
+                      valid=self.valid.with_cohorts(ids["valid"]), test=self.test.with_cohorts(ids["test"]))
+
     def validate(self) -> "Splits":
         for name in ("train", "valid", "test"):
             getattr(self, name).validate(self.schema, name)

@@ -26,6 +26,9 @@ class DistInfo:
         return self.rank == 0
 
 
+LOCAL_CPU = DistInfo(rank=0, world_size=1, device=torch.device("cpu"), backend="none")  # one process, no group
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join (or create) the default process group.
 

@@ -16,6 +16,8 @@ Letters: B batch, R touched rows, D embedding dim.
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from c2al.data.batch import Batch, make_batch
+from c2al.data.batch import Batch, iter_batches
 from c2al.data.schema import Schema, Table
 from c2al.dist.sharding import embedding_collections
 from c2al.errors import C2ALError
@@ -212,24 +214,10 @@ def group_by_user(table: Table) -> dict[int, np.ndarray]:
 
 def local_batches(table: Table, schema: Schema, rows: np.ndarray, batch_size: int, seed: int,
                   max_steps: int, epochs: int) -> Iterator[Batch]:
-    """Shuffled batches of the client's rows; the tail batch is padded with weight-0 rows.
-
-    Epoch e shuffles with seed + e, as `iter_batches` over the same rows
-    would, so one client holding every row sees centralized training's order.
-    """
-    steps = 0
-    for e in range(epochs):
-        order = rows[np.random.default_rng(seed + e).permutation(len(rows))]
-        for b in range(0, len(order), batch_size):
-            if max_steps and steps >= max_steps:
-                return
-            take = order[b:b + batch_size]
-            weights = np.ones(batch_size, dtype=np.float32)
-            if len(take) < batch_size:
-                weights[len(take):] = 0.0
-                take = np.concatenate([take, np.resize(order, batch_size - len(take))])
-            steps += 1
-            yield make_batch(table, schema, take, weights)
+    """`epochs` shuffled passes over the client's rows (epoch e seeded seed + e, as the
+    centralized loop seeds its epochs), cut by `iter_batches`, stopped after `max_steps` (0: no cap)."""
+    passes = (iter_batches(table, schema, batch_size, shuffle=True, seed=seed + e, rows=rows) for e in range(epochs))
+    return itertools.islice(itertools.chain.from_iterable(passes), max_steps or None)
 
 
 @dataclass

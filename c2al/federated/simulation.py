@@ -23,16 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from c2al.dist.checkpoint import FORMAT, atomic_torch_save, load_checkpoint
-from c2al.data.schema import Schema, Table
-from c2al.dist.process import DistInfo
+from c2al.dist.process import LOCAL_CPU
 from c2al.errors import C2ALError
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
 from c2al.federated.heterogeneity import TierSpec, drops_out, round_rng
 from c2al.federated.strategy import FedAvg, Params
-from c2al.train.task import predict
 
 log = logging.getLogger("c2al.federated")
-CPU = DistInfo(rank=0, world_size=1, device=torch.device("cpu"), backend="none")
+CPU = LOCAL_CPU
 
 
 class ClientStore:
@@ -97,8 +95,14 @@ class FedTrained:
     @property
     def model(self) -> torch.nn.Module:
         """The working model holding the global parameters and every client's private rows."""
+        return self.module.model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The working train module with the global parameters and every private row installed:
+        `c2al.train.task.predict(trained.module, ...)` scores each row with its own user's private row."""
         self.install()
-        return self.trainer.module.model
+        return self.trainer.module
 
     def install(self) -> None:
         """Write the global parameters and all private rows into the working model."""
@@ -114,12 +118,6 @@ def initial_params(trainer: LocalTrainer) -> tuple[Params, dict[str, np.ndarray]
     shared = {n: p[n].detach().numpy().copy() for n in trainer.layout.shared}
     private = {n: p[n].detach().numpy().copy() for n in trainer.layout.private}
     return shared, private
-
-
-def predict_table(trained: FedTrained, table: Table, schema: Schema, batch_size: int) -> np.ndarray:
-    """Probabilities for every row of `table` (each row scored with its own user's private row)."""
-    trained.install()
-    return predict(trained.trainer.module, table, schema, batch_size, CPU)
 
 
 ClientFn = Callable[[LocalTrainer, ClientData, Params, dict[str, Rows], dict[str, Any]], FitResult]

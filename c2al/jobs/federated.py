@@ -23,11 +23,14 @@ from c2al.errors import C2ALError
 from c2al.federated.aggregate import mdac
 from c2al.federated.client import ClientData, LocalTrainer, group_by_user, model_layout, per_user_features
 from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
-from c2al.federated.simulation import CPU, FedTrained, predict_table, run_rounds
+from c2al.federated.simulation import CPU, FedTrained, run_rounds
 from c2al.federated.strategy import make_strategy
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.dist.checkpoint import save_checkpoint
+from c2al.eval.compare import add_traits, attention_report, compare, print_comparison
 from c2al.eval.report import format_table, write_json
-from c2al.train.task import TrainModule
+from c2al.jobs.common import cohort_frame, make_head
+from c2al.train.task import TrainModule, predict
 
 FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "federated", "server_optimizer")  # --rounds may grow on --resume
 
@@ -157,7 +160,7 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
     if cfg.aux_cohorts:
         return run_federated_c2al(cfg, splits, clients, tiers, out)
     trained = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_checkpoint.pt", "federated")
-    probs = predict_table(trained, splits.test, splits.schema, cfg.batch_size)
+    probs = predict(trained.module, splits.test, splits.schema, cfg.batch_size)
     test = splits.test
     tier_table = tier_rows(probs, None, test.labels, row_tiers(test, clients, tiers))
     segments = []
@@ -175,10 +178,9 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
     import c2al
     from c2al.federated.mining import mine_federated
-    from c2al.jobs.centralized import add_traits, attention_report, compare, cohort_frame, make_head, print_comparison, save_served
 
     base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
-    p_valid = predict_table(base, splits.valid, splits.schema, cfg.batch_size)
+    p_valid = predict(base.module, splits.valid, splits.schema, cfg.batch_size)
     frame = cohort_frame(cfg, splits, "valid")
     # each client mines from its own validation rows: features, the baseline's scores, labels
     fed = mine_federated([frame.iloc[c.valid] for c in clients], [p_valid[c.valid] for c in clients],
@@ -188,19 +190,16 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     agreement = mining_agreement(cfg, splits, fed, frame, p_valid)
     # clients compute their own cohort ids from the broadcast centroids (vectorized here)
     ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    with_cohorts = Splits(schema=splits.schema, train=splits.train.with_cohorts(ids["train"]),
-                          valid=splits.valid.with_cohorts(ids["valid"]), test=splits.test.with_cohorts(ids["test"]))
     model = seeded_model(cfg, splits.schema)
     wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model))
-    trained = federated_fit(cfg, with_cohorts, wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
+    trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
     trained.install()
     served = c2al.detach(wrapper)
-    save_served(served, cfg, out / "c2al.pt", CPU)
+    save_checkpoint(out / "c2al.pt", model_state=served.state_dict(), config=cfg.to_dict(), step=-1, extra={"stripped": True})
 
-    p_base = predict_table(base, splits.test, splits.schema, cfg.batch_size)
-    from c2al.train.task import predict
+    p_base = predict(base.module, splits.test, splits.schema, cfg.batch_size)
 
-    p_c2al = predict(TrainModule(served), splits.test, splits.schema, cfg.batch_size, CPU)
+    p_c2al = predict(served, splits.test, splits.schema, cfg.batch_size)
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
     report["miner"]["federated"] = True
     add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])

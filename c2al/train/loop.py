@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -33,6 +31,11 @@ class Trained:
     optimizer: Any
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def module(self) -> DistributedModelParallel:
+        """What `c2al.train.task.predict` takes: the sharded train module."""
+        return self.dmp
 
     @property
     def model(self) -> nn.Module:
@@ -115,13 +118,3 @@ def fit(
         save(step)
     trained.seconds = time.perf_counter() - start
     return trained
-
-
-def predict_split(trained: Trained, cfg: Config, splits: Splits, split: str, info: DistInfo) -> np.ndarray:
-    return predict(trained.dmp, getattr(splits, split), splits.schema, cfg.batch_size, info)
-
-
-@torch.no_grad()
-def predict_with(model: nn.Module, cfg: Config, splits: Splits, split: str, info: DistInfo) -> np.ndarray:
-    """Predict with a bare (possibly stripped) model that lives inside a sharded module."""
-    return predict(TrainModule(model), getattr(splits, split), splits.schema, cfg.batch_size, info)

@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from c2al.data.batch import Batch
 from c2al.data.schema import Schema, Table
-from c2al.dist.process import DistInfo, gather_rows
+from c2al.dist.process import LOCAL_CPU, DistInfo, gather_rows
 from c2al.errors import C2ALError
+from c2al.losses import bce_with_logits, in_batch_softmax_loss
 
 LossFn = Callable[[nn.Module, Batch], "StepOutput"]
 
@@ -27,12 +28,6 @@ class StepOutput(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     logits: torch.Tensor  # [B] main-task logits
     parts: dict[str, torch.Tensor]  # named loss terms, detached, for logging
-
-
-def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over rows of non-zero weight (padding rows carry weight 0)."""
-    per_row = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (per_row * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class TrainModule(nn.Module):
@@ -60,19 +55,19 @@ class TrainModule(nn.Module):
         if isinstance(self.model, C2ALWrapper):
             loss, parts = self.model.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)
             logits = out.logits
+            aux = parts["aux"]
         else:
             logits = out
-            loss = weighted_bce(logits.reshape(-1), batch.labels, batch.weights)
-            parts = {"main": loss.detach()}
+            loss = bce_with_logits(logits.reshape(-1), batch.labels, batch.weights)
+            parts = {"main": loss}
+            aux = 0.0 * loss
         if self.loss_kind == "softmax":
             # In-batch softmax replaces the pointwise main BCE; C2AL's auxiliary terms stay.
-            aux = loss - weighted_bce(logits.reshape(-1), batch.labels, batch.weights) if isinstance(self.model, C2ALWrapper) else 0.0 * loss
             loss = self._softmax_loss(batch) + aux
+        parts = {k: v.detach() for k, v in parts.items()}
         return loss, (loss.detach(), logits.detach().reshape(-1), parts)
 
     def _softmax_loss(self, batch: Batch) -> torch.Tensor:
-        from c2al.losses import in_batch_softmax_loss
-
         inner = getattr(self.model, "model", self.model)
         query, candidate = inner.towers(batch.dense, batch.sparse)
         return in_batch_softmax_loss(query, candidate, batch.labels * batch.weights)
@@ -155,7 +150,21 @@ def train_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo, *, show: bool = False, desc: str = "eval") -> np.ndarray:
-    """Predicted probabilities for every row of `table`, in row order, on every rank."""
-    model.eval()
-    return gather_rows(lambda b: torch.sigmoid(model(b)[1][1]), table, schema, batch_size, info, show=show, desc=desc)
+def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo = LOCAL_CPU,
+            *, show: bool = False, desc: str = "eval") -> np.ndarray:
+    """The one prediction function: probabilities for every row of `table`, in row order, on every rank.
+
+    Args:
+        model: a TrainModule, the DistributedModelParallel around one, or a bare
+            (possibly stripped) model, which is wrapped in a TrainModule here.
+        table: the rows to score.
+        schema: the table's schema.
+        batch_size: global batch size (split over ranks as in training).
+        info: the process group; a single CPU process by default.
+
+    Returns:
+        float array [len(table)].
+    """
+    module = model if isinstance(model, TrainModule) or isinstance(getattr(model, "module", None), TrainModule) else TrainModule(model)
+    module.eval()
+    return gather_rows(lambda b: torch.sigmoid(module(b)[1][1]), table, schema, batch_size, info, show=show, desc=desc)

@@ -1,0 +1,113 @@
+"""Baseline vs C2AL: the per-cohort comparison, its printed tables and the attention report.
+
+Both jobs (centralized and federated) build their report.json body here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from c2al.config import Config
+from c2al.data.schema import Splits
+from c2al.dist.process import DistInfo
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.eval.report import format_table
+
+
+def compare(cfg: Config, splits: Splits, test_cohorts: np.ndarray, p_base: np.ndarray, p_c2al: np.ndarray, miner: Any) -> dict[str, Any]:
+    """The report.json body: overall and per-cohort NE of baseline vs C2AL on test."""
+    y = splits.test.labels
+    ob, oc = summarize(p_base, y), summarize(p_c2al, y)
+    k = cfg.aux_cohorts
+    rows_b = per_segment(p_base, y, test_cohorts, k)
+    rows_c = per_segment(p_c2al, y, test_cohorts, k)
+    cohorts = []
+    for i, (rb, rc) in enumerate(zip(rows_b, rows_c)):
+        cohorts.append({
+            "id": i, "share": rb["share"], "plr": rb["plr"], "contrast": float(miner.contrast_[i]),
+            "n": rb["n"], "ne_base": rb["ne"], "ne_c2al": rc["ne"], "ne_diff_pct": ne_diff_pct(rc["ne"], rb["ne"]),
+            "auc_base": rb["auc"], "auc_c2al": rc["auc"],
+        })
+    rest = test_cohorts < 0
+    outside = {}
+    if rest.any():
+        sb, sc = summarize(p_base[rest], y[rest]), summarize(p_c2al[rest], y[rest])
+        outside = {"share": float(rest.mean()), "plr": sb["plr"], "ne_base": sb["ne"], "ne_c2al": sc["ne"], "auc_base": sb["auc"], "auc_c2al": sc["auc"],
+                   "ne_diff_pct": ne_diff_pct(sc["ne"], sb["ne"])}
+    return {
+        "config": cfg.to_dict(),
+        "overall": {"ne_base": ob["ne"], "ne_c2al": oc["ne"], "ne_diff_pct": ne_diff_pct(oc["ne"], ob["ne"]),
+                    "auc_base": ob["auc"], "auc_c2al": oc["auc"], "n": ob["n"], "plr": ob["plr"]},
+        "cohorts": cohorts,
+        "outside_cohorts": outside,
+        "miner": {"cohorts": _jsonable(miner.cohorts_)},
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, pd.DataFrame):
+        return obj.to_dict(orient="records")
+    return obj
+
+
+def add_traits(report: dict[str, Any], frame: pd.DataFrame, test_ids: np.ndarray) -> None:
+    """Each reported cohort's most distinctive test-row traits, as text (e.g. "gender=F 100% (rest 21%)")."""
+    from c2al.cohorts import describe_cohorts
+
+    for row, described in zip(report["cohorts"], describe_cohorts(frame, test_ids, len(report["cohorts"]))):
+        row["traits"] = [t["text"] for t in described["traits"]]
+
+
+def print_comparison(report: dict[str, Any]) -> None:
+    rows = [dict(r, cohort=str(r["id"])) for r in report["cohorts"]]
+    if report.get("outside_cohorts"):
+        rows.append(dict(report["outside_cohorts"], cohort="rest"))
+    o = report["overall"]
+    rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"],
+                 "auc_base": o["auc_base"], "auc_c2al": o["auc_c2al"]})
+    print(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
+    for r in report["cohorts"]:
+        if r.get("traits"):
+            print(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
+    att = report.get("attention") or {}
+    if att:
+        keys = sorted(att["baseline"])
+        print(format_table([{"model": m, **att[m]} for m in ("baseline", "c2al")], ["model"] + keys, title="attention activity (test batch)"))
+
+
+@torch.no_grad()
+def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
+    """Attention-activity scalars and weight histograms for AFM/AttentionFM (empty for two-tower)."""
+    from c2al.eval.activity import attention_activity
+    from c2al.data.batch import iter_batches
+
+    if cfg.model == "two-tower":
+        return {}
+    batch = next(iter_batches(splits.test, splits.schema, min(cfg.batch_size * 4, len(splits.test) // info.world_size * info.world_size),
+                              shuffle=False, rank=info.rank, world_size=info.world_size, drop_last=True)).to(info.device)
+    out: dict[str, Any] = {}
+    for name, m in (("baseline", base_model), ("c2al", c2al_model)):
+        m.eval()
+        out[name] = attention_activity(m, batch.dense, batch.sparse)
+        weights = m.attention_weights(batch.dense, batch.sparse).float().flatten().cpu().numpy()
+        hist, edges = np.histogram(weights, bins=40)
+        out.setdefault("histograms", {})[name] = {"counts": hist.tolist(), "edges": edges.tolist()}
+    return out
+
+
+def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInfo, cfg: Config) -> dict[str, Any]:
+    """recall@K / NDCG@K of each two-tower model on the test users' held-out positives; printed on rank 0."""
+    from c2al.eval.retrieval import retrieval_metrics
+
+    out = {name: retrieval_metrics(m, splits, info, batch_size=max(cfg.batch_size, 1024)) for name, m in models.items()}
+    if info.is_main:
+        cols = ["model"] + [k for k in next(iter(out.values())) if "@" in k and "popularity" not in k] + ["n_users", "n_items"]
+        ref = next(iter(out.values()))
+        cols_pop = [k for k in ref if k.startswith("popularity")]
+        out_rows = [{"model": n, **r} for n, r in out.items()] + [{"model": "most popular", **{k.removeprefix("popularity_"): ref[k] for k in cols_pop}}]
+        print(format_table(out_rows, cols, title="test split: retrieval over the full item catalog (seen items filtered)"))
+    return out if len(out) > 1 else next(iter(out.values()))

@@ -1,0 +1,57 @@
+"""What both jobs (centralized and federated) share: the miner's input, mining, head choice."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from c2al.config import Config
+from c2al.data.schema import Splits
+from c2al.dist.process import DistInfo
+from c2al.errors import C2ALError
+
+
+def cohort_frame(cfg: Config, splits: Splits, split: str) -> pd.DataFrame:
+    """The miner's X for one split: --cohort-features, or the source's user-side features."""
+    frame = getattr(splits, split).cohort_frame
+    cols = cfg.list_of("cohort_features") or list(splits.schema.cohort_features)
+    if frame is None or not cols:
+        raise C2ALError(f"data {splits.schema.name!r} has no cohort features; pass --cohort-features COL,...")
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise C2ALError(f"unknown --cohort-features {missing}; available: {list(frame.columns)}")
+    return frame[cols]
+
+
+def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Path, info: DistInfo) -> Any:
+    """Fit the miner on validation predictions (or load --cohorts) and save it."""
+    from c2al.cohorts import CohortMiner
+
+    if cfg.cohorts:
+        path = Path(cfg.cohorts)
+        miner = CohortMiner.load(path / "cohorts.json" if path.is_dir() else path)
+        if len(miner.contrast_) != cfg.aux_cohorts:
+            raise C2ALError(f"--cohorts {cfg.cohorts!r} holds {len(miner.contrast_)} cohorts but --aux-cohorts is {cfg.aux_cohorts}")
+    else:
+        miner = CohortMiner(
+            n_cohorts=cfg.aux_cohorts, candidates=cfg.cohort_candidates, n_clusters=cfg.n_clusters,
+            divergence=cfg.divergence, min_share=cfg.min_share, max_share=cfg.max_share, random_state=cfg.seed,
+        ).fit(cohort_frame(cfg, splits, "valid"), splits.valid.labels, scores=valid_scores)
+    if info.is_main:
+        miner.save(out / "cohorts.json")
+    return miner
+
+
+def make_head(cfg: Config, model: nn.Module) -> Any:
+    """--aux-head: the model's own output head (paper), a small MLP, or linear."""
+    if cfg.aux_head == "clone":
+        if not any(True for _ in model.over_arch.parameters()):
+            # e.g. TwoTower's over arch is a parameter-free sum: a clone would repeat the main logit
+            return lambda in_features: nn.Linear(in_features, 1)
+        return model.over_arch
+    if cfg.aux_head == "linear":
+        return lambda in_features: nn.Linear(in_features, 1)
+    return None
