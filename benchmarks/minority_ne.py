@@ -75,7 +75,7 @@ from c2al.data.sources import load_splits  # noqa: E402
 from c2al.train.build import seeded_model  # noqa: E402
 from c2al.train.loop import fit  # noqa: E402
 from c2al.train.task import predict  # noqa: E402
-from c2al.config import Config  # noqa: E402
+from c2al.config import Config, add_config_flags, config_from  # noqa: E402
 from c2al.data.schema import Splits  # noqa: E402
 from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
@@ -92,7 +92,8 @@ QUICK_DATA = "synthetic:n_rows=6000,n_users=600,n_items=120,minority_shares=0.08
 # minorities (3% and 2% of users); the generator's own default (200k rows) takes twice as long
 SYNTHETIC = "synthetic:n_rows=100000,n_users=10000"
 RECALL_K = 10
-MINER_FLAGS = {"cohort-candidates": str, "n-clusters": int, "divergence": str, "min-share": float, "max-share": float}
+DATA_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "cohort_features")
+MINER_FLAGS = ("cohort_candidates", "n_clusters", "divergence", "min_share", "max_share")
 # seconds per training epoch on MovieLens-100k's 81k train rows, 1 thread, 2 workers on an idle 2-core
 # machine (the committed run's mean), for the printed estimate
 EPOCH_SECONDS = {"afm": 3.2, "attention-fm": 2.3, "two-tower": 1.6}
@@ -213,7 +214,7 @@ def least_contrasting(miner: Any, k: int) -> Any:
 
 def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, info: DistInfo) -> tuple[Any, dict[str, Any]]:
     """Attach, fit from the baseline's seeded start, detach; returns the served model and facts."""
-    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=str(arm.lam), aux_head=arm_head(cfg, arm))
+    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(arm.lam,), aux_head=arm_head(cfg, arm))
     model = seeded_model(acfg, splits.schema)  # same seed: same start as the baseline
     wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
                           head=make_head(acfg, model), aux_labels=arm.labels)
@@ -478,10 +479,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"movielens-100k (default), synthetic (here: {SYNTHETIC}), "
                                                   "synthetic:opts, or a CSV/Parquet PATH")
-    for flag in ("label", "sparse", "dense", "user-col", "item-col", "time-col", "cohort-features"):
-        ap.add_argument(f"--{flag}", default="", help="tabular data role, as in train.py")
-    for flag, typ in MINER_FLAGS.items():
-        ap.add_argument(f"--{flag}", type=typ, default=None, help="cohort miner option, as in train.py (default: Config's)")
+    add_config_flags(ap, DATA_FLAGS + MINER_FLAGS)
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
     ap.add_argument("--arms", default=None, help=f"arms run on the --control-models, from {list(ARMS)} (default all)")
@@ -517,19 +515,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def base_config(args: argparse.Namespace) -> Config:
-    cfg = Config(data=args.data, label=args.label, sparse=args.sparse, dense=args.dense, user_col=args.user_col,
-                 item_col=args.item_col, time_col=args.time_col, cohort_features=args.cohort_features, quiet=True, device="cpu")
-    if args.epochs:
-        cfg.epochs = args.epochs
-    elif args.quick:
-        cfg.epochs = 1
+    """Config from the train.py flags given (data roles, miner options), quiet, on the CPU."""
+    overrides: dict[str, Any] = {"data": args.data, "quiet": True, "device": "cpu"}
+    if args.epochs or args.quick:
+        overrides["epochs"] = args.epochs or 1
     if args.batch_size:
-        cfg.batch_size = args.batch_size
-    for flag in MINER_FLAGS:
-        value = getattr(args, flag.replace("-", "_"))
-        if value is not None:
-            setattr(cfg, flag.replace("-", "_"), value)
-    return cfg.check()
+        overrides["batch_size"] = args.batch_size
+    return config_from(args, **overrides)
 
 
 def plan(args: argparse.Namespace, n_train: int, epochs: int) -> list[tuple[str, list[Arm]]]:

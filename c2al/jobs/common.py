@@ -17,7 +17,7 @@ from c2al.errors import C2ALError
 def cohort_frame(cfg: Config, splits: Splits, split: str) -> pd.DataFrame:
     """The miner's X for one split: --cohort-features, or the source's user-side features."""
     frame = getattr(splits, split).cohort_frame
-    cols = cfg.list_of("cohort_features") or list(splits.schema.cohort_features)
+    cols = list(cfg.cohort_features) or list(splits.schema.cohort_features)
     if frame is None or not cols:
         raise C2ALError(f"data {splits.schema.name!r} has no cohort features; pass --cohort-features COL,...")
     missing = [c for c in cols if c not in frame.columns]
