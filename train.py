@@ -10,21 +10,12 @@ Writes OUT/report.json, OUT/config.json and checkpoints (see --out).
 """
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from c2al.config import Config, parse_args
 from c2al.errors import C2ALError
-
-
-def quiet_libraries() -> None:
-    """TorchRec's planner and DDP warn on every run about things users cannot act on."""
-    warnings.filterwarnings("ignore")
-    for name in ("torchrec", "torch.distributed", "torch.fx", "torch.nn.parallel"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def out_dir(cfg: Config) -> Path:
@@ -39,9 +30,11 @@ def run(cfg: Config) -> dict[str, Any]:
     """The whole job; returns the report that is also written to OUT/report.json."""
     from c2al.data.sources import load_splits
     from c2al.dist.process import init_distributed
-    from c2al.jobs.centralized import run_baseline, run_c2al
     from c2al.eval.report import write_json
+    from c2al.jobs.centralized import run_baseline, run_c2al
+    from c2al.logs import quiet_libraries, setup_logging
 
+    setup_logging()
     quiet_libraries()
     info = init_distributed(cfg.device)
     out = out_dir(cfg)

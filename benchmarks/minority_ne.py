@@ -41,20 +41,16 @@ rows, summary) and .png; --quick writes only where --out says.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import io
 import logging
 import math
 import multiprocessing
 import os
-import platform
 import re
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +77,10 @@ from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
 from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
+from c2al.logs import quiet_libraries  # noqa: E402
 from c2al.eval.compare import attention_report, compare  # noqa: E402
 from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
-from c2al.eval.report import format_table, write_json  # noqa: E402
+from c2al.eval.report import machine_info, format_table, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("afm", "attention-fm", "two-tower")
@@ -219,8 +216,7 @@ def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm,
     wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
                           head=make_head(acfg, model), aux_labels=arm.labels)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
-    with contextlib.redirect_stdout(io.StringIO()):
-        trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
+    trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
     moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
     facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before),
              "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
@@ -262,8 +258,7 @@ def score_arm(cfg: Config, splits: Splits, base: dict[str, Any], p: np.ndarray, 
 
 def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick: Callable[[], Any]) -> list[dict[str, Any]]:
     """Baseline, mining, then every arm, for one (seed, model); tick() after each training."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
+    trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
     tick()
     with tempfile.TemporaryDirectory() as tmp:
         miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
@@ -305,8 +300,8 @@ _SPLITS: dict[str, Splits] = {}  # per process: a worker loads the data once for
 
 def setup_process(threads: int) -> None:
     torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    quiet_libraries()
+    logging.getLogger("c2al").setLevel(logging.WARNING)  # training's per-epoch lines: many trainings run here
 
 
 def run_task(base: Config, seed: int, model: str, arm_names: list[str], progress: Any = None) -> list[dict[str, Any]]:
@@ -596,8 +591,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"base": cfg.to_dict(), "args": {k: v for k, v in vars(args).items()},
                    "arms": {a.name: dataclasses.asdict(a) for _, arms in per_seed for a in arms},
                    "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__} on {args.threads} thread(s), python {platform.python_version()}",
+        "machine": {**machine_info(), "torch_threads": args.threads},
         "seconds": time.perf_counter() - start,
         "summary": summary,
         "rows": rows,

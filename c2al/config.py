@@ -13,6 +13,10 @@ from typing import Any, Sequence
 from c2al.errors import C2ALError
 
 MODELS = ("afm", "attention-fm", "two-tower")
+# Optimizer and sharding names, once: c2al.dist.sharding maps them to classes.
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # adam only on CUDA (FBGEMM's CPU kernels)
+SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "data_parallel")
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -71,11 +75,11 @@ class Config:
     epochs: int = _opt("passes over the training split", default=4)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)
-    dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=("adam", "adagrad", "sgd"))
+    dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=DENSE_OPTIMIZERS)
     weight_decay: float = _opt("L2 weight decay of dense parameters", default=0.0)
     table_lr: float = _opt("learning rate of the fused embedding-table optimizer", default=0.05)
-    table_optimizer: str = _opt("fused table optimizer (adam only on CUDA)", default="rowwise_adagrad", choices=("sgd", "adagrad", "rowwise_adagrad", "adam"))
-    sharding: str = _opt("sharding type forced on every table", default="table_wise", choices=("table_wise", "column_wise", "row_wise", "data_parallel"))
+    table_optimizer: str = _opt("fused table optimizer (adam only on CUDA)", default="rowwise_adagrad", choices=TABLE_OPTIMIZERS)
+    sharding: str = _opt("sharding type forced on every table", default="table_wise", choices=SHARDING_TYPES)
     pipeline: bool = _opt("train through TorchRec's TrainPipelineSparseDist", default=False)
     device: str = _opt("auto, cpu or cuda", default="auto")
     seed: int = _opt("seed of initialization, shuffling and mining", default=0)
@@ -118,8 +122,8 @@ class Config:
                             "private user rows never leave the client): mean (FedAvg); median or trimmed-mean (per coordinate, one client one vote, "
                             "Flower's functions); norm-clip (each client's whole update clipped to --clip-norm, then the mean); krum (Flower's "
                             "Multi-Krum keeps the updates closest to their neighbours, then their mean). Every rule weighs a client's reported "
-                            "example count at most --count-cap x the round's median count and at most its step budget (--tier-steps x "
-                            "--local-batch-size) when every tier has one", default="mean", choices=("mean", "median", "trimmed-mean", "norm-clip", "krum"))
+                            "example count at most --count-cap x the round's median count and, when every tier has a step budget, at most "
+                            "the largest budget's examples (max --tier-steps x --local-batch-size)", default="mean", choices=("mean", "median", "trimmed-mean", "norm-clip", "krum"))
     trim_fraction: float = _opt("--aggregation trimmed-mean: share of each coordinate's values cut from each end", default=0.2)
     clip_norm: float = _opt("--aggregation norm-clip: largest L2 norm of a client's update (0: the round's median update norm)", default=0.0)
     krum_f: float = _opt("--aggregation krum: clients assumed Byzantine per round, a share of the round's updates when < 1, else a count; "

@@ -1,7 +1,6 @@
 """The lean AFM interaction (fused, chunked, hand-written backward) against the straightforward one."""
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -12,12 +11,7 @@ from c2al.models.afm import AFMInteractionArch, _AttentionPool, _dropout_lanes, 
 F, D, A = 5, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(chunk: int = 3) -> tuple[AFMInteractionArch, AFMInteractionArch]:

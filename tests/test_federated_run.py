@@ -15,12 +15,7 @@ DATA = "synthetic:n_rows=4000,n_users=120,n_items=300"
 FAST = ["--data", DATA, "--clients-per-round", "20", "--quiet", "--n-clusters", "6", "--max-share", "0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_federated_aux_cohorts_writes_the_c2al_report_with_federated_fields(tmp_path, capsys):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -16,21 +15,17 @@ from c2al.data.schema import Schema, SparseFeature
 from c2al.errors import C2ALError
 from c2al.losses import bce_with_logits, in_batch_softmax_loss
 from c2al.models import AFM, AttentionFM, SparseArch, TwoTower, make_ebc
+from c2al.models import registry
 from c2al.models.afm import AFMInteractionArch
 from c2al.models.attention_fm import AttentionFMInteractionArch
+from c2al.models.fields import FieldArch
 
 D = 4
 B = 6
 MODELS = ("afm", "attention_fm", "two_tower")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they slow down 10-40x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_schema(n_dense: int = 2) -> Schema:
@@ -181,6 +176,112 @@ def test_two_tower_rejects_unknown_feature_by_name() -> None:
     schema = small_schema()
     with pytest.raises(C2ALError, match="item_features.*'nope'"):
         TwoTower(make_ebc(schema, D), ["a"], ["nope"])
+
+
+# ---------------------------------------------------------------- shared field setup and the registry
+
+
+def test_afm_and_attention_fm_share_one_field_arch() -> None:
+    for cls in (AFM, AttentionFM):
+        assert issubclass(cls, FieldArch)
+        for method in ("field_embeddings", "attention_weights"):
+            assert getattr(cls, method) is getattr(FieldArch, method), f"{cls.__name__} overrides {method}"
+
+
+@pytest.mark.parametrize("cls", [AFM, AttentionFM])
+def test_field_arch_rejects_negative_dense_features_naming_the_model(cls: type[nn.Module]) -> None:
+    with pytest.raises(C2ALError, match=rf"^{cls.__name__}: dense_in_features must be >= 0, got -1"):
+        cls(make_ebc(small_schema(), D), -1)
+
+
+@pytest.mark.parametrize("n_dense", [0, 2])
+@pytest.mark.parametrize("name", ["afm", "attention_fm"])
+def test_field_embeddings_stack_sparse_fields_then_the_dense_field(name: str, n_dense: int) -> None:
+    torch.manual_seed(0)
+    schema = small_schema(n_dense)
+    model = build(name, schema)
+    dense, kjt = inputs(schema)
+    fields = model.field_embeddings(dense, kjt)
+    assert fields.shape == (B, model.num_fields, D) and model.num_fields == 3 + (n_dense > 0)
+    torch.testing.assert_close(fields[:, :3], model.sparse_arch(kjt))
+    if n_dense:
+        torch.testing.assert_close(fields[:, 3], model.dense_arch(dense))
+
+
+def test_registry_names_are_the_config_model_choices() -> None:
+    from c2al.config import MODELS
+
+    assert registry.MODEL_NAMES == MODELS == registry.model_names()
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_registry_builds_every_name_into_a_working_model(name: str) -> None:
+    torch.manual_seed(0)
+    schema = small_schema()
+    model = registry.build_model(name, schema, embedding_dim=D, attention_dim=3, dropout=0.1)
+    assert ebc_of(model).embedding_bag_configs()[0].embedding_dim == D
+    assert model(*inputs(schema)).shape == (B,)
+
+
+def test_registry_rejects_an_unknown_name_listing_the_registered_ones() -> None:
+    with pytest.raises(C2ALError, match=r"unknown model 'dlrm'; registered: afm, attention-fm, two-tower"):
+        registry.build_model("dlrm", small_schema())
+
+
+def test_registry_rejects_a_hyperparameter_no_model_takes() -> None:
+    with pytest.raises(C2ALError, match=r"no registered model takes \['embeding_dim'\]"):
+        registry.build_model("afm", small_schema(), embeding_dim=D)
+
+
+def test_registry_gives_each_model_only_the_hyperparameters_it_names() -> None:
+    afm = registry.build_model("afm", small_schema(), dropout=0.3, attention_dim=5)
+    assert afm.inter_arch.dropout.p == 0.3 and afm.inter_arch.hidden[0].out_features == 5
+    attention_fm = registry.build_model("attention-fm", small_schema(), dropout=0.3, attention_dim=5)
+    assert attention_fm.inter_arch.K == 5  # attention_dim is AttentionFM's rank K'
+    assert isinstance(registry.build_model("two-tower", small_schema(), dropout=0.3, attention_dim=5), TwoTower)
+
+
+def test_register_model_refuses_a_taken_name() -> None:
+    with pytest.raises(C2ALError, match="'afm' is already registered"):
+        registry.register_model("afm")(lambda schema: nn.Linear(1, 1))
+
+
+def test_registered_model_is_built_by_name() -> None:
+    @registry.register_model("test-linear")
+    def _linear(schema: Schema, embedding_dim: int = 2) -> nn.Module:
+        return nn.Linear(len(schema.dense), embedding_dim)
+
+    try:
+        assert registry.build_model("test-linear", small_schema(3), embedding_dim=5).out_features == 5
+    finally:
+        del registry._FACTORIES["test-linear"]
+
+
+def test_two_tower_without_user_and_item_sides_is_refused_by_the_registry() -> None:
+    schema = Schema(sparse=(SparseFeature("a", 5), SparseFeature("b", 5)), name="flat")
+    with pytest.raises(C2ALError, match=r"two-tower needs user-side and item-side.*--user-col and --item-col"):
+        registry.build_model("two-tower", schema)
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_config_build_equals_the_registry_build_with_the_same_seed(name: str) -> None:
+    from c2al.config import Config
+    from c2al.train.build import seeded_model
+
+    cfg = Config(model=name, embedding_dim=D, attention_dim=3, dropout=0.1, seed=7)
+    torch.manual_seed(7)
+    expected = registry.build_model(name, small_schema(), embedding_dim=D, attention_dim=3, dropout=0.1).state_dict()
+    got = seeded_model(cfg, small_schema()).state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_config_build_rejects_an_unknown_model_flag() -> None:
+    from c2al.config import Config
+    from c2al.train.build import build_model
+
+    with pytest.raises(C2ALError, match=r"unknown --model 'dlrm'"):
+        build_model(Config(model="dlrm"), small_schema())
 
 
 # ---------------------------------------------------------------- maths
@@ -369,7 +470,15 @@ def test_losses_are_fx_traceable_inside_a_train_wrapper() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["c2al.models.common", "c2al.models.afm", "c2al.models.attention_fm", "c2al.models.two_tower"]
+    "module",
+    [
+        "c2al.models.common",
+        "c2al.models.fields",
+        "c2al.models.afm",
+        "c2al.models.attention_fm",
+        "c2al.models.two_tower",
+        "c2al.models.registry",
+    ],
 )
 def test_docstring_examples_run(module: str) -> None:
     import doctest

@@ -4,6 +4,7 @@ Both jobs (centralized and federated) build their report.json body here.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from c2al.data.schema import Splits
 from c2al.dist.process import DistInfo
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table
+
+log = logging.getLogger(__name__)
 
 
 def compare(cfg: Config, splits: Splits, test_cohorts: np.ndarray, p_base: np.ndarray, p_c2al: np.ndarray, miner: Any) -> dict[str, Any]:
@@ -69,21 +72,21 @@ def print_comparison(report: dict[str, Any]) -> None:
     o = report["overall"]
     rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"],
                  "auc_base": o["auc_base"], "auc_c2al": o["auc_c2al"]})
-    print(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
+    log.info(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
     for r in report["cohorts"]:
         if r.get("traits"):
-            print(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
+            log.info(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
     att = report.get("attention") or {}
     if att:
         keys = sorted(att["baseline"])
-        print(format_table([{"model": m, **att[m]} for m in ("baseline", "c2al")], ["model"] + keys, title="attention activity (test batch)"))
+        log.info(format_table([{"model": m, **att[m]} for m in ("baseline", "c2al")], ["model"] + keys, title="attention activity (test batch)"))
 
 
 @torch.no_grad()
 def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
     """Attention-activity scalars and weight histograms for AFM/AttentionFM (empty for two-tower)."""
-    from c2al.eval.activity import attention_activity
     from c2al.data.batch import iter_batches
+    from c2al.eval.activity import attention_activity
 
     if cfg.model == "two-tower":
         return {}
@@ -109,5 +112,5 @@ def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInf
         ref = next(iter(out.values()))
         cols_pop = [k for k in ref if k.startswith("popularity")]
         out_rows = [{"model": n, **r} for n, r in out.items()] + [{"model": "most popular", **{k.removeprefix("popularity_"): ref[k] for k in cols_pop}}]
-        print(format_table(out_rows, cols, title="test split: retrieval over the full item catalog (seen items filtered)"))
+        log.info(format_table(out_rows, cols, title="test split: retrieval over the full item catalog (seen items filtered)"))
     return out if len(out) > 1 else next(iter(out.values()))

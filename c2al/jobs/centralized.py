@@ -7,21 +7,29 @@ on the test split per cohort.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-
+from c2al.config import Config
+from c2al.data.schema import Splits
+from c2al.dist.checkpoint import save_checkpoint
+from c2al.dist.process import DistInfo
+from c2al.eval.compare import (
+    add_traits,
+    attention_report,
+    compare,
+    print_comparison,
+    retrieval_report,
+)
+from c2al.eval.metrics import per_segment, summarize
+from c2al.eval.report import format_table, write_json
+from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
 from c2al.train.build import seeded_model
 from c2al.train.loop import fit
 from c2al.train.task import predict
-from c2al.dist.checkpoint import save_checkpoint
-from c2al.eval.compare import add_traits, attention_report, compare, print_comparison, retrieval_report
-from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
-from c2al.config import Config
-from c2al.data.schema import Splits
-from c2al.dist.process import DistInfo
-from c2al.eval.metrics import per_segment, summarize
-from c2al.eval.report import format_table, write_json
+
+log = logging.getLogger(__name__)
 
 
 def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str, Any]:
@@ -43,11 +51,11 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"model": trained.model}, splits, info, cfg)
     if info.is_main:
-        print(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model})"))
+        log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model})"))
         if segments:
-            print(format_table(segments, ["id", "n", "share", "plr", "ne", "auc"], title="planted cohorts (ground truth)"))
+            log.info(format_table(segments, ["id", "n", "share", "plr", "ne", "auc"], title="planted cohorts (ground truth)"))
         write_json(report, out / "report.json")
-        print(f"wrote {out / 'report.json'}")
+        log.info(f"wrote {out / 'report.json'}")
     return report
 
 
@@ -81,7 +89,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
         from c2al.eval.plots import plot_report
 
         plot_report(report, out / "report.png")
-        print(f"wrote {out / 'report.json'}, {out / 'report.png'}, {out / 'cohorts.json'}, {out / 'baseline.pt'}, {out / 'c2al.pt'}")
+        log.info(f"wrote {out / 'report.json'}, {out / 'report.png'}, {out / 'cohorts.json'}, {out / 'baseline.pt'}, {out / 'c2al.pt'}")
     return report
 
 

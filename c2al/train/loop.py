@@ -4,6 +4,7 @@ Single-process and `torchrun` runs share this code; only DistInfo differs.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,15 +13,22 @@ from typing import Any
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from c2al.dist.checkpoint import copy_full_into, load_checkpoint, restore, save_checkpoint
 from c2al.config import SHAPE_FIELDS, Config
 from c2al.data.batch import iter_batches, local_batch_size, num_batches
 from c2al.data.schema import Splits
+from c2al.dist.checkpoint import (
+    copy_full_into,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from c2al.dist.process import DistInfo
 from c2al.dist.sharding import dense_optimizer, shard
 from c2al.errors import C2ALError
 from c2al.eval.metrics import summarize
 from c2al.train.task import TrainModule, predict, train_epoch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,7 +92,7 @@ def fit(
         step = payload["step"]
         trained.history = payload["extra"].get("history", [])
         if info.is_main:
-            print(f"[{tag}] resumed from {checkpoint} at step {step}")
+            log.info(f"[{tag}] resumed from {checkpoint} at step {step}")
 
     def save(at_step: int) -> None:
         if checkpoint is not None:
@@ -114,7 +122,7 @@ def fit(
         valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
         trained.history.append({"epoch": epoch + 1, **stats, "valid_ne": valid["ne"], "valid_auc": valid["auc"]})
         if info.is_main:
-            print(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}")
+            log.info(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}")
         save(step)
     trained.seconds = time.perf_counter() - start
     return trained
