@@ -4,11 +4,14 @@ Every model is split into named `*Arch` parts (TorchRec `models/dlrm.py` style),
 takes `forward(dense_features, sparse_features)` and returns [B] logits. The
 shared representation that C2AL's auxiliary heads read is the output of the
 submodule named by `SHARED_AT` ("inter_arch"); its width is
-`model.inter_arch.out_features`.
+`model.inter_arch.out_features`. AFM and AttentionFM share their field setup
+(`FieldArch`); `build_model(name, schema, **hparams)` builds any registered model by name.
 """
 from c2al.models.afm import AFM, AFMInteractionArch
 from c2al.models.attention_fm import AttentionFM, AttentionFMInteractionArch
 from c2al.models.common import MLP, DenseArch, SparseArch, make_ebc, table_name
+from c2al.models.fields import FieldArch
+from c2al.models.registry import MODEL_NAMES, build_model, model_names, register_model
 from c2al.models.two_tower import DotInteractionArch, SumOverArch, TowerArch, TwoTower
 
 SHARED_AT = "inter_arch"
@@ -20,12 +23,17 @@ __all__ = [
     "AttentionFMInteractionArch",
     "DenseArch",
     "DotInteractionArch",
+    "FieldArch",
     "MLP",
+    "MODEL_NAMES",
     "SHARED_AT",
     "SparseArch",
     "SumOverArch",
     "TowerArch",
     "TwoTower",
+    "build_model",
     "make_ebc",
+    "model_names",
+    "register_model",
     "table_name",
 ]

@@ -14,7 +14,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from c2al.errors import C2ALError
-from c2al.models.common import DenseArch, SparseArch, ebc_dim
+from c2al.models.common import ebc_dim
+from c2al.models.fields import FieldArch
 
 
 def _pair_blocks(num_fields: int) -> list[tuple[int, int, int]]:
@@ -262,7 +263,9 @@ class FirstOrderArch(nn.Module):
         device: where the dense weight is created.
     """
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self, embedding_bag_collection: EmbeddingBagCollection, dense_in_features: int, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         self.row_width: int = ebc_dim(embedding_bag_collection)
@@ -278,14 +281,14 @@ class FirstOrderArch(nn.Module):
         return out
 
 
-class AFM(nn.Module):
+class AFM(FieldArch):
     """Attentional FM: logit = p . inter_arch(fields) + first_order(fields) + bias.
 
-    Parts: `sparse_arch` (EBC lookup -> [B, F_s, D]), `dense_arch` (dense
-    features -> one more D-dim field, appended after the sparse fields; None
+    Parts: `sparse_arch` and `dense_arch` (from FieldArch: the batch as
+    [B, F, D] fields, the dense features as the last field; no `dense_arch`
     without dense features), `inter_arch` (AFMInteractionArch, the SHARED
     REPRESENTATION [B, D] that C2AL's auxiliary heads read), `first_order`
-    and `over_arch`.
+    and `over_arch`. `attention_weights` gives the [B, P] pair weights.
 
     `first_order` is Xiao's per-id linear term when `first_order_ebc` (small
     tables over the same features, e.g. `make_ebc(schema, 4, prefix="w_")`)
@@ -333,15 +336,8 @@ class AFM(nn.Module):
         first_order_ebc: EmbeddingBagCollection | None = None,
         lean: bool = True,
     ) -> None:
-        super().__init__()
-        if dense_in_features < 0:
-            raise C2ALError(f"AFM: dense_in_features must be >= 0, got {dense_in_features}")
-        self.sparse_arch = SparseArch(embedding_bag_collection)
-        D = self.sparse_arch.D
-        self.dense_arch: DenseArch | None = (
-            DenseArch(dense_in_features, D, device=dense_device) if dense_in_features > 0 else None
-        )
-        num_fields = self.sparse_arch.F + (1 if dense_in_features > 0 else 0)
+        super().__init__(embedding_bag_collection, dense_in_features, dense_device)
+        D, num_fields = self.embedding_dim, self.num_fields
         self.inter_arch = AFMInteractionArch(num_fields, D, attention_dim, dropout, device=dense_device, lean=lean)
         self.first_order: nn.Module = (
             nn.Linear(num_fields * D, 1, bias=False, device=dense_device)
@@ -349,20 +345,6 @@ class AFM(nn.Module):
             else FirstOrderArch(first_order_ebc, dense_in_features, device=dense_device)
         )
         self.over_arch = nn.Linear(D, 1, device=dense_device)
-
-    def field_embeddings(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        """
-        Args:
-            dense_features: [B, n_dense] (ignored when the model has no dense_arch).
-            sparse_features: KJT with every EBC feature.
-
-        Returns:
-            [B, F, D]: sparse fields in EBC order, then the dense field if any.
-        """
-        fields = self.sparse_arch(sparse_features)  # [B, F_s, D]
-        if self.dense_arch is not None:
-            fields = torch.cat([fields, self.dense_arch(dense_features).unsqueeze(1)], dim=1)
-        return fields
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """
@@ -380,16 +362,3 @@ class AFM(nn.Module):
         else:
             linear = self.first_order(fields.flatten(1))  # [B, 1]
         return (self.over_arch(shared) + linear).squeeze(-1)
-
-    @torch.no_grad()
-    def attention_weights(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        """Pair attention weights, detached.
-
-        Args:
-            dense_features: [B, n_dense].
-            sparse_features: KJT with every EBC feature.
-
-        Returns:
-            [B, P] weights summing to 1 per row; pair order as `inter_arch.pairs`.
-        """
-        return self.inter_arch.attention(self.field_embeddings(dense_features, sparse_features))

@@ -13,7 +13,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from c2al.errors import C2ALError
-from c2al.models.common import MLP, DenseArch, SparseArch
+from c2al.models.common import MLP
+from c2al.models.fields import FieldArch
 
 
 class AttentionFMInteractionArch(nn.Module):
@@ -103,16 +104,16 @@ class AttentionFMInteractionArch(nn.Module):
         return torch.bmm(fields, pooled).flatten(1)  # [B, F, K] -> [B, F*K]
 
 
-class AttentionFM(nn.Module):
+class AttentionFM(FieldArch):
     """DHEN/Wukong-style optimized-FM ranker: logit = over_arch(inter_arch(X)).
 
-    Parts: `sparse_arch` (EBC lookup -> [B, F_s, D]), `dense_arch` (dense
-    features -> one more D-dim field appended after the sparse fields, so dense
-    features take part in the interaction; None without dense features),
-    `inter_arch` (AttentionFMInteractionArch, the SHARED REPRESENTATION
-    [B, F*K] that C2AL's auxiliary heads read) and `over_arch` (MLP
-    F*K -> over_sizes -> 1, reading only `inter_arch`'s output so a head cloned
-    from it reads the shared representation directly).
+    Parts: `sparse_arch` and `dense_arch` (from FieldArch: the batch as
+    [B, F, D] fields X, the dense features as the last field so they take part
+    in the interaction; no `dense_arch` without dense features), `inter_arch`
+    (AttentionFMInteractionArch, the SHARED REPRESENTATION [B, F*K] that C2AL's
+    auxiliary heads read) and `over_arch` (MLP F*K -> over_sizes -> 1, reading
+    only `inter_arch`'s output so a head cloned from it reads the shared
+    representation directly). `attention_weights` gives Y [B, F, K].
 
     Args:
         embedding_bag_collection: injected EBC (e.g. `make_ebc`), one D for all tables.
@@ -143,33 +144,13 @@ class AttentionFM(nn.Module):
         over_sizes: Sequence[int] = (64,),
         dense_device: torch.device | None = None,
     ) -> None:
-        super().__init__()
-        if dense_in_features < 0:
-            raise C2ALError(f"AttentionFM: dense_in_features must be >= 0, got {dense_in_features}")
-        self.sparse_arch = SparseArch(embedding_bag_collection)
-        D = self.sparse_arch.D
-        self.dense_arch: DenseArch | None = (
-            DenseArch(dense_in_features, D, device=dense_device) if dense_in_features > 0 else None
+        super().__init__(embedding_bag_collection, dense_in_features, dense_device)
+        self.inter_arch = AttentionFMInteractionArch(
+            self.num_fields, self.embedding_dim, rank, attention_hidden, device=dense_device
         )
-        num_fields = self.sparse_arch.F + (1 if dense_in_features > 0 else 0)
-        self.inter_arch = AttentionFMInteractionArch(num_fields, D, rank, attention_hidden, device=dense_device)
         self.over_arch = MLP(
             self.inter_arch.out_features, [*over_sizes, 1], activate_last=False, device=dense_device
         )
-
-    def field_embeddings(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        """
-        Args:
-            dense_features: [B, n_dense] (ignored when the model has no dense_arch).
-            sparse_features: KJT with every EBC feature.
-
-        Returns:
-            X [B, F, D]: sparse fields in EBC order, then the dense field if any.
-        """
-        fields = self.sparse_arch(sparse_features)  # [B, F_s, D]
-        if self.dense_arch is not None:
-            fields = torch.cat([fields, self.dense_arch(dense_features).unsqueeze(1)], dim=1)
-        return fields
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """
@@ -182,16 +163,3 @@ class AttentionFM(nn.Module):
         """
         shared = self.inter_arch(self.field_embeddings(dense_features, sparse_features))  # [B, F*K]
         return self.over_arch(shared).squeeze(-1)
-
-    @torch.no_grad()
-    def attention_weights(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        """Y(X), detached.
-
-        Args:
-            dense_features: [B, n_dense].
-            sparse_features: KJT with every EBC feature.
-
-        Returns:
-            [B, F, K], each column summing to 1 over the fields.
-        """
-        return self.inter_arch.attention(self.field_embeddings(dense_features, sparse_features))

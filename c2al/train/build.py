@@ -10,25 +10,22 @@ from c2al.errors import C2ALError
 
 
 def build_model(cfg: Config, schema: Schema) -> nn.Module:
-    """The model named by `cfg.model`, over a fresh EmbeddingBagCollection (seeded by the caller)."""
-    from c2al.models import AFM, AttentionFM, TwoTower
-    from c2al.models.common import make_ebc
+    """The model named by `cfg.model`, over a fresh EmbeddingBagCollection (seeded by the caller).
 
-    ebc = make_ebc(schema, cfg.embedding_dim, device="cpu")
-    n_dense = len(schema.dense)
-    if cfg.model == "afm":
-        linear = make_ebc(schema, 4, device="cpu", prefix="w_")  # Xiao's per-id first-order weights
-        return AFM(ebc, dense_in_features=n_dense, attention_dim=cfg.attention_dim, dropout=cfg.dropout, first_order_ebc=linear)
-    if cfg.model == "attention-fm":
-        return AttentionFM(ebc, dense_in_features=n_dense, rank=cfg.attention_dim)
-    if cfg.model == "two-tower":
-        if not schema.user_features or not schema.item_features:
-            raise C2ALError(
-                f"two-tower needs user-side and item-side sparse features; {schema.name!r} has "
-                f"user {schema.user_features} and item {schema.item_features} (tabular data: pass --user-col and --item-col)"
-            )
-        return TwoTower(ebc, user_features=schema.user_features, item_features=schema.item_features, dense_in_features=n_dense)
-    raise C2ALError(f"unknown --model {cfg.model!r}")
+    Args:
+        cfg: the run's config; `model`, `embedding_dim`, `attention_dim` and `dropout` are read.
+        schema: the data source's fields.
+
+    Returns:
+        The model from `c2al.models.registry`, on CPU.
+    """
+    from c2al.models import registry
+
+    if cfg.model not in registry.model_names():
+        raise C2ALError(f"unknown --model {cfg.model!r}")
+    return registry.build_model(
+        cfg.model, schema, embedding_dim=cfg.embedding_dim, attention_dim=cfg.attention_dim, dropout=cfg.dropout
+    )
 
 
 def seeded_model(cfg: Config, schema: Schema, seed: int | None = None) -> nn.Module:
