@@ -17,6 +17,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from c2al.cohorts import CohortMiner
 from c2al.cohorts import divergence as dv
 from c2al.cohorts import miner as miner_module
+from c2al.cohorts.candidates import likeliest_component
+from c2al.cohorts.encoding import nearest_center
+from c2al.cohorts.selection import select_cohorts
 from c2al.errors import C2ALError
 
 
@@ -141,10 +144,10 @@ def test_own_cluster_assignment_equals_scikit_learn_predict() -> None:
     X = np.random.default_rng(0).normal(size=(3000, 4))
     X[:800] += 3.0
     km = KMeans(6, n_init=1, random_state=0).fit(X)
-    np.testing.assert_array_equal(miner_module._nearest_center(X, km.cluster_centers_), km.predict(X))
+    np.testing.assert_array_equal(nearest_center(X, km.cluster_centers_), km.predict(X))
     gm = GaussianMixture(6, random_state=0).fit(X)
     np.testing.assert_array_equal(
-        miner_module._likeliest_component(X, gm.weights_, gm.means_, gm.precisions_cholesky_), gm.predict(X))
+        likeliest_component(X, gm.weights_, gm.means_, gm.precisions_cholesky_), gm.predict(X))
 
 
 def test_unseen_category_at_predict_joins_no_value_cohort() -> None:
@@ -232,8 +235,8 @@ def test_select_cohorts_takes_the_most_divergent_disjoint_pair() -> None:
     pair = np.array([[0, 0.2, 0.9, 0.1], [0.2, 0, 0.5, 0.1], [0.9, 0.5, 0, 0.1], [0.1, 0.1, 0.1, 0]])
     disjoint = ~np.eye(4, dtype=bool)
     disjoint[0, 2] = disjoint[2, 0] = False  # the most divergent pair shares samples
-    assert sorted(miner_module.select_cohorts(contrast, pair, disjoint, 2)) == [1, 2]
-    assert miner_module.select_cohorts(contrast, pair, disjoint, 3)[2] == 3  # 0 overlaps 2
+    assert sorted(select_cohorts(contrast, pair, disjoint, 2)) == [1, 2]
+    assert select_cohorts(contrast, pair, disjoint, 3)[2] == 3  # 0 overlaps 2
 
 
 # --------------------------------------------------------------- save / load

@@ -17,64 +17,47 @@ sum over clients, which is all a server (or secure aggregation) ever sees:
    at the pooled quantiles, as the miner does, and scores each cluster with
    `cohorts.divergence.contrast` / `pairwise` and the miner's `select_cohorts`.
 
-Clients then receive the centroids and the exposed clusters, compute their
-own cohort id locally, and build auxiliary labels from it.
+`FederatedCohortMiner.fit` runs the three steps; the estimator it leaves has
+the fitted attributes of a `CohortMiner` (`cohorts_`, `contrast_`,
+`candidates_`, `rules_`, `cluster_centers_`). Clients then receive the
+centroids and the exposed clusters, compute their own cohort id locally
+(`predict`), and build auxiliary labels from it.
 
 Letters: N rows, D encoded features, K clusters, B bins.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from c2al.cohorts import divergence as dv
-from c2al.cohorts.miner import SCORE_BINS, select_cohorts
+from c2al.cohorts.describe import describe_cohorts
+from c2al.cohorts.encoding import Encoding, is_categorical, nearest_center
+from c2al.cohorts.selection import SCORE_BINS, select_cohorts
 from c2al.errors import C2ALError
 
 FINE = 1000  # client histogram resolution on [0, 1]
-
-
-@dataclass
-class Encoding:
-    """Standardization of numeric columns and vocabulary of categorical ones, from aggregates."""
-
-    columns: list[str]
-    kinds: list[str]
-    stats: list[Any]  # [mean, std] or sorted values
-
-    def encode(self, frame: pd.DataFrame) -> np.ndarray:
-        """A client's rows -> [N, D], the miner's standardized one-hot design."""
-        parts = []
-        for col, kind, st in zip(self.columns, self.kinds, self.stats):
-            v = frame[col]
-            if kind == "numeric":
-                parts.append(((v.to_numpy(dtype=np.float64) - st[0]) / (st[1] or 1.0))[:, None])
-                continue
-            codes = pd.Categorical(v.astype(str).to_numpy(dtype=object), categories=st).codes.astype(np.int64)
-            onehot = np.zeros((len(v), len(st)))
-            seen = codes >= 0
-            onehot[np.flatnonzero(seen), codes[seen]] = 1.0
-            parts.append(onehot)
-        return np.hstack(parts)
+SOURCE = "federated-kmeans"
 
 
 def client_column_stats(frame: pd.DataFrame) -> list[Any]:
     """What one client sends for the encoding: (n, sum, sumsq) or its set of values, per column."""
     out = []
     for _, v in frame.items():
-        if pd.api.types.is_numeric_dtype(v) and not pd.api.types.is_bool_dtype(v):
+        if is_categorical(v):
+            out.append(set(v.astype(str)))
+        else:
             x = v.to_numpy(dtype=np.float64)
             out.append(np.array([len(x), x.sum(), (x * x).sum()]))
-        else:
-            out.append(set(v.astype(str)))
     return out
 
 
 def server_encoding(columns: list[str], client_stats: Sequence[list[Any]]) -> Encoding:
-    """Combine the clients' column statistics into an Encoding."""
+    """Combine the clients' column statistics into the miner's Encoding (mean/std, sorted values)."""
     kinds, stats = [], []
     for j, col in enumerate(columns):
         parts = [s[j] for s in client_stats]
@@ -91,12 +74,12 @@ def server_encoding(columns: list[str], client_stats: Sequence[list[Any]]) -> En
 
 def client_kmeans_step(Z: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Assign a client's rows [N, D] to centers [K, D]; send (sums [K, D], counts [K], squared errors [K])."""
-    d2 = ((Z[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # [N, K]
-    a = np.argmin(d2, axis=1)
+    a = nearest_center(Z, centers)
     k = len(centers)
     sums = np.zeros_like(centers)
     np.add.at(sums, a, Z)
-    return sums, np.bincount(a, minlength=k).astype(np.float64), np.bincount(a, weights=d2[np.arange(len(Z)), a], minlength=k)
+    d2 = ((Z - centers[a]) ** 2).sum(1)  # [N], to the assigned centre only
+    return sums, np.bincount(a, minlength=k).astype(np.float64), np.bincount(a, weights=d2, minlength=k)
 
 
 def server_kmeans_step(centers: np.ndarray, sums: np.ndarray, counts: np.ndarray, sse: np.ndarray,
@@ -182,79 +165,125 @@ def rebin(hist: np.ndarray, score_sums: np.ndarray, n_bins: int) -> tuple[np.nda
     return coarse, support
 
 
-@dataclass
-class FederatedCohorts:
-    """The outcome of federated mining; clients use it to find their own cohort.
 
-    Attributes mirror CohortMiner's so `c2al.jobs.centralized.compare` can report it:
-    `cohorts_` (one dict per exposed cohort), `contrast_` [K], `cluster_centers_`,
-    plus `cluster_to_cohort_` (cluster -> cohort id, -1 for none) and `candidates_`.
-    """
-
-    encoding: Encoding
-    cluster_centers_: np.ndarray
-    cluster_to_cohort_: np.ndarray
-    contrast_: np.ndarray
-    cohorts_: list[dict[str, Any]]
-    candidates_: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-    def clusters(self, frame: pd.DataFrame) -> np.ndarray:
-        """Nearest centroid of each row (what each client computes for itself)."""
-        Z = self.encoding.encode(frame)
-        d2 = (Z * Z).sum(1)[:, None] - 2 * Z @ self.cluster_centers_.T + (self.cluster_centers_**2).sum(1)[None]
-        return np.argmin(d2, axis=1)
-
-    def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        """Cohort id per row, -1 outside every exposed cohort."""
-        return self.cluster_to_cohort_[self.clusters(frame)]
-
-
-def mine_federated(frames: Sequence[pd.DataFrame], scores: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,
-                   n_cohorts: int, n_clusters: int, divergence: str = "js", min_share: float = 0.02,
-                   max_share: float = 0.2, seed: int = 0, iters: int = 50) -> FederatedCohorts:
-    """Run steps 1-3 of the module docstring over clients' (features, scores, labels).
+class FederatedCohortMiner(BaseEstimator):
+    """CohortMiner's k-means path where the server sees only sums of client messages.
 
     Args:
-        frames: per client, its rows' cohort features (a client is one user: its rows share them).
-        scores: per client, the baseline's predictions on those rows.
-        labels: per client, the rows' labels.
-        n_cohorts, n_clusters, divergence, min_share, max_share: as CohortMiner's.
-        seed: initialization seed.
-        iters: Lloyd iterations.
+        n_cohorts: K, how many cohorts to expose.
+        n_clusters: clusters of the federated k-means, each one candidate.
+        divergence: "js", "kl" or "wasserstein", as CohortMiner's.
+        min_share: smallest share of rows an exposed cohort may have.
+        max_share: largest share of rows an exposed cohort may have.
+        iters: Lloyd iterations at most.
+        random_state: seed of the k-means initialization and re-seeding.
 
-    Returns:
-        FederatedCohorts.
+    Attributes:
+        cohorts_: one dict per exposed cohort (id order): rule, source, cluster, share, plr, contrast.
+        contrast_: contrast of each exposed cohort against the rest [K], decreasing.
+        candidates_: one row per cluster: id, source, rule, cluster, size, share, plr, contrast,
+            qualified, cohort (-1 if not exposed).
+        rules_: the rule of every candidate (cluster), by candidate id.
+        cluster_centers_: centroids [n_clusters, D] in the encoded space.
+        cluster_to_cohort_: cohort id of each cluster [n_clusters], -1 for none.
+        encoding_: the standardization and vocabulary formed from the clients' column statistics.
+        n_features_in_: number of cohort feature columns.
+        feature_names_in_: their names.
+
+    Example:
+        >>> import numpy as np, pandas as pd
+        >>> rng = np.random.default_rng(0)
+        >>> frames = [pd.DataFrame({"age": [a] * 5}) for a in rng.normal(size=200)]  # 200 one-user clients
+        >>> scores = [np.full(5, 0.9 if f["age"][0] > 1.5 else 0.2) for f in frames]
+        >>> labels = [(rng.random(5) < s).astype(int) for s in scores]
+        >>> miner = FederatedCohortMiner(1, n_clusters=8, max_share=0.5, random_state=0).fit(frames, labels, scores)
+        >>> bool(miner.predict(pd.DataFrame({"age": [2.5, -1.0]}))[0] == 0)
+        True
     """
-    columns = list(frames[0].columns)
-    enc = server_encoding(columns, [client_column_stats(f) for f in frames if len(f)])
-    Z = [enc.encode(f) if len(f) else np.zeros((0, 1)) for f in frames]
-    centers, _ = federated_kmeans([z for z in Z if len(z)], n_clusters, iters=iters, seed=seed)
-    fed = FederatedCohorts(enc, centers, np.full(n_clusters, -1), np.zeros(0), [])
-    hist, sums, pos = np.zeros((n_clusters, FINE)), np.zeros(FINE), np.zeros(n_clusters)
-    for f, s, y in zip(frames, scores, labels):
-        if not len(f):
-            continue
-        cluster = np.bincount(fed.clusters(f), minlength=n_clusters).argmax()  # a user's rows share one cluster
-        h, ss, p = client_histogram(int(cluster), s, y, n_clusters)
-        hist, sums, pos = hist + h, sums + ss, pos + p
-    counts, support = rebin(hist, sums, SCORE_BINS[divergence])
-    size = counts.sum(1)
-    share = size / size.sum()
-    pooled = counts.sum(0)
-    contrast = np.where(size > 0, dv.contrast(divergence, counts, pooled, support), -np.inf)
-    qualified = np.flatnonzero((share >= min_share) & (share <= max_share) & (size > 0))
-    pair = dv.pairwise(divergence, counts[qualified], support, prior=pooled)
-    disjoint = ~np.eye(len(qualified), dtype=bool)  # clusters never share a row
-    picked = select_cohorts(contrast[qualified], pair, disjoint, n_cohorts)
-    if len(picked) < n_cohorts:
-        raise C2ALError(f"federated mining: {n_cohorts} cohorts asked for but only {len(qualified)} clusters have a share in "
-                        f"[min_share={min_share}, max_share={max_share}]; lower --aux-cohorts or --min-share, or raise --n-clusters / --max-share")
-    chosen = [int(qualified[i]) for i in sorted(picked, key=lambda i: -contrast[qualified][i])]
-    fed.cluster_to_cohort_[chosen] = np.arange(len(chosen))
-    fed.contrast_ = contrast[chosen].astype(np.float64)
-    plr = pos / np.maximum(size, 1)
-    fed.cohorts_ = [{"cohort": k, "source": "federated-kmeans", "cluster": c, "rule": f"federated-kmeans cluster {c}",
-                     "share": float(share[c]), "plr": float(plr[c]), "contrast": float(contrast[c])} for k, c in enumerate(chosen)]
-    fed.candidates_ = pd.DataFrame({"cluster": np.arange(n_clusters), "size": size, "share": share, "plr": plr,
-                                    "contrast": contrast, "cohort": fed.cluster_to_cohort_})
-    return fed
+
+    def __init__(self, n_cohorts: int = 2, *, n_clusters: int = 16, divergence: str = "js", min_share: float = 0.02,
+                 max_share: float = 0.2, iters: int = 50, random_state: int | None = None) -> None:
+        self.n_cohorts = n_cohorts
+        self.n_clusters = n_clusters
+        self.divergence = divergence
+        self.min_share = min_share
+        self.max_share = max_share
+        self.iters = iters
+        self.random_state = random_state
+
+    def fit(self, X: Sequence[pd.DataFrame], y: Sequence[np.ndarray], scores: Sequence[np.ndarray]) -> FederatedCohortMiner:
+        """Steps 1-3 of the module docstring over the clients' (features, labels, scores).
+
+        Args:
+            X: per client, its rows' cohort features (a client is one user: its rows share them).
+            y: per client, the rows' labels.
+            scores: per client, the baseline's predictions on those rows.
+
+        Returns:
+            self, fitted.
+        """
+        if self.divergence not in dv.METRICS:
+            raise C2ALError(f"divergence={self.divergence!r}: expected one of {dv.METRICS}")
+        columns = list(X[0].columns)
+        self.encoding_ = server_encoding(columns, [client_column_stats(f) for f in X if len(f)])
+        self.n_features_in_, self.feature_names_in_ = len(columns), np.asarray(columns, dtype=object)
+        Z = [self.encoding_.encode(f) for f in X if len(f)]
+        self.cluster_centers_, _ = federated_kmeans(Z, self.n_clusters, iters=self.iters, seed=self.random_state)
+        hist, sums, pos = self._contrast_messages(Z, [s for f, s in zip(X, scores) if len(f)],
+                                                  [t for f, t in zip(X, y) if len(f)])
+        counts, support = rebin(hist, sums, SCORE_BINS[self.divergence])
+        self._select(counts, support, pos)
+        return self
+
+    def _contrast_messages(self, Z: list[np.ndarray], scores: list[np.ndarray], labels: list[np.ndarray]
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sum of the clients' histogram messages: [K, FINE], [FINE], [K]."""
+        k = self.n_clusters
+        hist, sums, pos = np.zeros((k, FINE)), np.zeros(FINE), np.zeros(k)
+        for z, s, t in zip(Z, scores, labels):
+            cluster = np.bincount(nearest_center(z, self.cluster_centers_), minlength=k).argmax()  # a user's rows share one
+            h, ss, p = client_histogram(int(cluster), s, t, k)
+            hist, sums, pos = hist + h, sums + ss, pos + p
+        return hist, sums, pos
+
+    def _select(self, counts: np.ndarray, support: np.ndarray, positives: np.ndarray) -> None:
+        """Score every cluster, expose the K best disjoint ones (CohortMiner's rule), fill the attributes."""
+        metric, size = self.divergence, counts.sum(1)
+        share, pooled = size / size.sum(), counts.sum(0)
+        contrast = np.where(size > 0, dv.contrast(metric, counts, pooled, support), -np.inf)
+        qualified = (share >= self.min_share) & (share <= self.max_share) & (size > 0)
+        q = np.flatnonzero(qualified)
+        pair = dv.pairwise(metric, counts[q], support, prior=pooled)
+        picked = select_cohorts(contrast[q], pair, ~np.eye(len(q), dtype=bool), self.n_cohorts)  # clusters never share a row
+        if len(picked) < self.n_cohorts:
+            raise C2ALError(f"federated mining: {self.n_cohorts} cohorts asked for but only {len(q)} clusters have a share in "
+                            f"[min_share={self.min_share}, max_share={self.max_share}]; lower --aux-cohorts or --min-share, "
+                            "or raise --n-clusters / --max-share")
+        chosen = [int(q[i]) for i in sorted(picked, key=lambda i: -contrast[q][i])]
+        self.cluster_to_cohort_ = np.full(self.n_clusters, -1)
+        self.cluster_to_cohort_[chosen] = np.arange(len(chosen))
+        self.contrast_ = contrast[chosen].astype(np.float64)
+        plr = positives / np.maximum(size, 1)
+        self.rules_ = [{"source": SOURCE, "cluster": j, "rule": f"{SOURCE} cluster {j}"} for j in range(self.n_clusters)]
+        self.cohorts_ = [dict(self.rules_[c], cohort=k, candidate=c, share=float(share[c]), plr=float(plr[c]),
+                              contrast=float(contrast[c])) for k, c in enumerate(chosen)]
+        self.candidates_ = pd.DataFrame({
+            "id": np.arange(self.n_clusters), "source": SOURCE, "rule": [r["rule"] for r in self.rules_],
+            "cluster": np.arange(self.n_clusters), "size": size, "share": share, "plr": plr, "contrast": contrast,
+            "qualified": qualified, "cohort": self.cluster_to_cohort_})
+
+    def clusters(self, X: pd.DataFrame) -> np.ndarray:
+        """Nearest centroid of each row [N] (what each client computes for itself)."""
+        check_is_fitted(self, "cohorts_")
+        missing = [c for c in self.encoding_.columns if c not in X.columns]
+        if missing:
+            raise C2ALError(f"X lacks the cohort feature columns {missing} the federated miner was fitted on")
+        return nearest_center(self.encoding_.encode(X), self.cluster_centers_)
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """Cohort id of each row [N]: 0..K-1 in decreasing contrast, -1 outside every exposed cohort."""
+        return self.cluster_to_cohort_[self.clusters(X)]
+
+    def describe(self, X: pd.DataFrame, top: int = 3) -> list[dict[str, Any]]:
+        """What sets each exposed cohort apart in X (see `c2al.cohorts.describe_cohorts`)."""
+        return describe_cohorts(X, self.predict(X), len(self.cohorts_), top)

@@ -23,6 +23,7 @@ from c2al.errors import C2ALError
 from c2al.federated.aggregate import mdac
 from c2al.federated.client import ClientData, LocalTrainer, group_by_user, model_layout, per_user_features
 from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
+from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, FedTrained, run_rounds
 from c2al.federated.strategy import make_strategy
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
@@ -177,16 +178,14 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
     import c2al
-    from c2al.federated.mining import mine_federated
 
     base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
     p_valid = predict(base.module, splits.valid, splits.schema, cfg.batch_size)
     frame = cohort_frame(cfg, splits, "valid")
     # each client mines from its own validation rows: features, the baseline's scores, labels
-    fed = mine_federated([frame.iloc[c.valid] for c in clients], [p_valid[c.valid] for c in clients],
-                         [splits.valid.labels[c.valid] for c in clients], n_cohorts=cfg.aux_cohorts, n_clusters=cfg.n_clusters,
-                         divergence=cfg.divergence, min_share=cfg.min_share, max_share=cfg.max_share, seed=cfg.seed,
-                         iters=cfg.kmeans_iters)
+    fed = FederatedCohortMiner(cfg.aux_cohorts, n_clusters=cfg.n_clusters, divergence=cfg.divergence, min_share=cfg.min_share,
+                               max_share=cfg.max_share, iters=cfg.kmeans_iters, random_state=cfg.seed)
+    fed.fit([frame.iloc[c.valid] for c in clients], [splits.valid.labels[c.valid] for c in clients], [p_valid[c.valid] for c in clients])
     agreement = mining_agreement(cfg, splits, fed, frame, p_valid)
     # clients compute their own cohort ids from the broadcast centroids (vectorized here)
     ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
@@ -227,7 +226,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     return report
 
 
-def mining_agreement(cfg: Config, splits: Splits, fed: Any, frame: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:
+def mining_agreement(cfg: Config, splits: Splits, fed: FederatedCohortMiner, frame: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:
     """Agreement of federated cohorts with the centralized CohortMiner's on the same rows and scores.
 
     The centralized miner sees every raw feature; it is run here only as a
@@ -236,6 +235,7 @@ def mining_agreement(cfg: Config, splits: Splits, fed: Any, frame: pd.DataFrame,
     from sklearn.metrics import adjusted_rand_score
 
     from c2al.cohorts import CohortMiner
+    from c2al.cohorts.encoding import nearest_center
 
     central = CohortMiner(n_cohorts=cfg.aux_cohorts, candidates="kmeans", n_clusters=cfg.n_clusters, divergence=cfg.divergence,
                           min_share=cfg.min_share, max_share=cfg.max_share, random_state=cfg.seed)
@@ -245,8 +245,7 @@ def mining_agreement(cfg: Config, splits: Splits, fed: Any, frame: pd.DataFrame,
         return {"ari": float("nan"), "error": str(e)}
     a, b = fed.predict(frame), central.predict(frame)
     # the two k-means partitions themselves: both live in the same standardized one-hot space
-    Z = fed.encoding.encode(frame)
-    central_clusters = np.argmin(((Z[:, None, :] - central.cluster_centers_[None]) ** 2).sum(-1), axis=1)
+    central_clusters = nearest_center(fed.encoding_.encode(frame), central.cluster_centers_)
     jaccard = [[float(((a == i) & (b == j)).sum() / max(((a == i) | (b == j)).sum(), 1)) for j in range(cfg.aux_cohorts)]
                for i in range(cfg.aux_cohorts)]
     return {"ari": float(adjusted_rand_score(a, b)), "kmeans_ari": float(adjusted_rand_score(fed.clusters(frame), central_clusters)),
