@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +63,48 @@ def save_miner(miner: Any, path: str | Path) -> Path:
     return json_path
 
 
-def load_miner(cls: type, path: str | Path) -> Any:
-    """Read a miner written by `save_miner` into a fitted instance of `cls`."""
-    json_path, npz_path = paths(path)
+def _read_meta(json_path: Path) -> dict[str, Any]:
+    """The JSON half, checked for its format and the arrays' hash."""
     try:
-        meta = json.loads(json_path.read_text())
-        arrays = npz_path.read_bytes()
-    except (OSError, ValueError) as err:
+        meta = json.loads(json_path.read_bytes())
+    except OSError as err:
         raise C2ALError(f"{json_path}: cannot read a saved CohortMiner ({one_line(err)})") from err
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise C2ALError(f"{json_path}: not a saved CohortMiner, the file is not JSON ({one_line(err)})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise C2ALError(f"{json_path}: not a saved CohortMiner (format {FORMAT!r} expected)")
-    if hashlib.sha256(arrays).hexdigest() != meta["arrays_sha256"]:
+    if not isinstance(meta.get("arrays_sha256"), str):
+        raise C2ALError(f"{json_path}: saved CohortMiner lacks 'arrays_sha256', the hash of its .npz; save it again")
+    return meta
+
+
+def _read_arrays(npz_path: Path, json_path: Path, sha256: str) -> dict[str, np.ndarray]:
+    """The .npz half: it must be the one the JSON names, and hold only plain numeric arrays."""
+    try:
+        raw = npz_path.read_bytes()
+    except OSError as err:
+        raise C2ALError(f"{npz_path}: cannot read the arrays of {json_path.name} ({one_line(err)})") from err
+    if hashlib.sha256(raw).hexdigest() != sha256:
         raise C2ALError(f"{npz_path}: does not match {json_path.name} (hash differs); save again")
+    try:  # no pickle: an object array is refused, not unpickled
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise C2ALError(f"{npz_path}: not a .npz of plain arrays ({one_line(err)})") from err
+    unknown = sorted(set(arrays) - set(ARRAYS))
+    if unknown:
+        raise C2ALError(f"{npz_path}: unexpected arrays {unknown}; a saved CohortMiner holds only {list(ARRAYS)}")
+    return arrays
+
+
+def load_miner(cls: type, path: str | Path) -> Any:
+    """Read a miner written by `save_miner` into a fitted instance of `cls`.
+
+    Every unreadable, mismatched or malformed file is a one-line C2ALError naming it.
+    """
+    json_path, npz_path = paths(path)
+    meta = _read_meta(json_path)
+    arrays = _read_arrays(npz_path, json_path, meta["arrays_sha256"])
     try:
         miner = cls(**meta["params"])
         for name in STATE:
@@ -84,9 +115,8 @@ def load_miner(cls: type, path: str | Path) -> Any:
         if meta["feature_names_in_"] is not None:
             miner.feature_names_in_ = np.asarray(meta["feature_names_in_"], dtype=object)
         miner.candidates_ = pd.DataFrame(meta["candidates_"])
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise C2ALError(f"{json_path}: saved CohortMiner is incomplete ({one_line(err)})") from err
-    with np.load(io.BytesIO(arrays), allow_pickle=False) as npz:
-        for name in npz.files:
-            setattr(miner, name, npz[name])
+    for name, value in arrays.items():
+        setattr(miner, name, value)
     return miner

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import doctest
+import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -317,6 +319,74 @@ def test_save_creates_missing_folders(tmp_path: Path) -> None:
 def test_load_of_a_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(C2ALError, match="nothing.json"):
         CohortMiner.load(tmp_path / "nothing")
+
+
+def saved_miner(tmp_path: Path) -> tuple[Path, Path]:
+    X, y, scores, _ = planted_blobs(n=2000)
+    json_path = CohortMiner(random_state=0).fit(X, y, scores).save(tmp_path / "m")
+    return json_path, tmp_path / "m.npz"
+
+
+def replace_arrays(json_path: Path, npz_path: Path, raw: bytes) -> None:
+    """Write other .npz bytes and name their hash in the JSON, as a crafted pair would."""
+    npz_path.write_bytes(raw)
+    meta = json.loads(json_path.read_text())
+    meta["arrays_sha256"] = hashlib.sha256(raw).hexdigest()
+    json_path.write_text(json.dumps(meta))
+
+
+def assert_one_line_error(path: Path, match: str, file: Path) -> None:
+    with pytest.raises(C2ALError, match=match) as err:
+        CohortMiner.load(path)
+    assert str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_refuses_an_npz_holding_an_object_array(tmp_path: Path) -> None:
+    json_path, npz_path = saved_miner(tmp_path)
+    buffer = io.BytesIO()
+    np.savez(buffer, contrast_=np.array([{"a": 1}, None], dtype=object))
+    replace_arrays(json_path, npz_path, buffer.getvalue())
+    assert_one_line_error(json_path, "not a .npz of plain arrays.*allow_pickle", npz_path)
+
+
+def test_load_refuses_an_npz_of_random_bytes(tmp_path: Path) -> None:
+    json_path, npz_path = saved_miner(tmp_path)
+    replace_arrays(json_path, npz_path, np.random.default_rng(0).bytes(4096))
+    assert_one_line_error(json_path, "not a .npz of plain arrays", npz_path)
+
+
+def test_load_refuses_random_bytes_whose_hash_the_json_does_not_name(tmp_path: Path) -> None:
+    json_path, npz_path = saved_miner(tmp_path)
+    npz_path.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert_one_line_error(json_path, "hash differs", npz_path)
+
+
+def test_load_refuses_a_json_lacking_its_hash_key(tmp_path: Path) -> None:
+    json_path, _ = saved_miner(tmp_path)
+    meta = json.loads(json_path.read_text())
+    del meta["arrays_sha256"]
+    json_path.write_text(json.dumps(meta))
+    assert_one_line_error(json_path, "lacks 'arrays_sha256'", json_path)
+
+
+def test_load_refuses_a_json_that_is_not_json(tmp_path: Path) -> None:
+    json_path, _ = saved_miner(tmp_path)
+    json_path.write_text('{"format": "c2al.cohorts.CohortMiner/1", oops')
+    assert_one_line_error(json_path, "the file is not JSON", json_path)
+
+
+def test_load_of_a_missing_npz_names_it(tmp_path: Path) -> None:
+    json_path, npz_path = saved_miner(tmp_path)
+    npz_path.unlink()
+    assert_one_line_error(json_path, "cannot read the arrays of m.json", npz_path)
+
+
+def test_load_refuses_arrays_a_miner_does_not_hold(tmp_path: Path) -> None:
+    json_path, npz_path = saved_miner(tmp_path)
+    buffer = io.BytesIO()
+    np.savez(buffer, contrast_=np.zeros(2), predict=np.zeros(1))  # would shadow a method
+    replace_arrays(json_path, npz_path, buffer.getvalue())
+    assert_one_line_error(json_path, r"unexpected arrays \['predict'\]", npz_path)
 
 
 # ------------------------------------------------------ scikit-learn checks
