@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from c2al.errors import C2ALError
 
@@ -17,6 +19,7 @@ MODELS = ("afm", "attention-fm", "two-tower")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # adam only on CUDA (FBGEMM's CPU kernels)
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "data_parallel")
+BALANCE_MODES = ("none", "gate", "project", "magnitude", "magnitude+gate", "magnitude+project")  # see c2al.balance
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -43,6 +46,14 @@ def _numbers(cast: type, n: int | None = None) -> Any:
 
     parse.__name__ = f"{n or ''} {cast.__name__}s".strip()  # argparse names the type in its error
     return parse
+
+
+def _aux_weight(value: str) -> tuple[float, ...] | str:
+    """--aux-weight: "auto", or one or K comma-separated floats."""
+    return "auto" if value.strip() == "auto" else _numbers(float)(value)
+
+
+_aux_weight.__name__ = "floats or auto"
 
 
 def _list(help: str, parse: Any, default: tuple) -> Any:
@@ -72,7 +83,10 @@ class Config:
     dropout: float = _opt("AFM dropout on the pairwise products", default=0.2)
     two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)", default="bce", choices=("bce", "softmax"))
     # training
-    epochs: int = _opt("passes over the training split", default=4)
+    epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
+    patience: int = _opt("early stopping: evaluations of validation NE without a strictly lower one before training stops; "
+                         "the best evaluation's weights are kept (0: train every epoch, keep the last)", default=2)
+    eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only)", default=0)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)
     dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=DENSE_OPTIMIZERS)
@@ -84,14 +98,28 @@ class Config:
     device: str = _opt("auto, cpu or cuda", default="auto")
     seed: int = _opt("seed of initialization, shuffling and mining", default=0)
     checkpoint_every: int = _opt("steps between checkpoints (0: only at the end of each epoch)", default=0)
-    resume: bool = _opt("resume from OUT/checkpoint.pt if it exists", default=False)
-    out: str = _opt("output directory (default runs/<data>-<model>-seed<seed>)", default="")
-    quiet: bool = _opt("no progress bars", default=False)
+    resume: bool = _opt("continue the run in OUT from its checkpoints where they exist (checkpoint.pt; baseline.pt and c2al_train.pt "
+                        "with --aux-cohorts; fed_*.pt with --federated); every flag that changes training must be as before "
+                        "(only --epochs, --rounds, --patience and output or execution flags may change)", default=False)
+    out: str = _opt("output directory, locked while a run writes to it (default runs/<data>-<model>-base-seed<seed>, "
+                    "or -c2al- instead of -base- with --aux-cohorts)", default="")
+    quiet: bool = _opt("no progress bars (they are drawn only when stderr is a terminal)", default=False)
     # C2AL
     aux_cohorts: int = _opt("run C2AL with K auxiliary cohorts (baseline, mining, C2AL, comparison); bare flag means K=2", default=0, nargs="?", const=2)
-    aux_weight: tuple[float, ...] = _list("lambda of the auxiliary losses: one float or K comma-separated floats", _numbers(float), (0.1,))
+    aux_weight: tuple[float, ...] | str = _list(
+        "lambda of the auxiliary losses: one float, K comma-separated floats, or auto: train C2AL once per lambda "
+        "in 0.03, 0.1, 0.3 and keep the one whose validation NE over the exposed cohorts is lowest among those whose "
+        "overall validation NE is no worse than the baseline's (the lowest overall if none is)", _aux_weight, (0.1,))
     aux_head: str = _opt("auxiliary head: clone (the model's own output head, fresh weights), mlp or linear", default="clone", choices=("clone", "mlp", "linear"))
-    cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, kmeans+axes", default="kmeans")
+    aux_balance: str = _opt("how each auxiliary head's gradient reaches the shared representation: none (plain sum, the paper), "
+                            "gate (only on samples where it agrees with the main gradient, Du et al. 2018), project (its part "
+                            "opposing the main gradient removed, one-way PCGrad), magnitude (rescaled toward the main gradient's "
+                            "norm, MetaBalance), or magnitude+gate / magnitude+project", default="none", choices=BALANCE_MODES)
+    gate: bool = _opt("ship C2AL (as OUT/c2al.pt) only when, on validation, its overall NE is no worse than the baseline's "
+                      "(within --gate-tolerance) and its mean NE over the exposed cohorts is lower; otherwise ship the "
+                      "baseline and say why (--no-gate always ships C2AL)", default=True)
+    gate_tolerance: float = _opt("relative slack on overall validation NE for --gate and --aux-weight auto (0.001 = 0.1%%)", default=0.0)
+    cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, tree, or several joined by + (kmeans+axes)", default="kmeans")
     n_clusters: int = _opt("clusters the miner proposes as candidates", default=16)
     divergence: str = _opt("miner contrast: js, kl or wasserstein", default="js", choices=("js", "kl", "wasserstein"))
     min_share: float = _opt("smallest traffic share of an exposed cohort", default=0.02)
@@ -118,6 +146,7 @@ class Config:
     tier_steps: tuple[int, int, int] = _list("low,mid,high local step budget per round (0: uncapped)", _numbers(int, 3), (2, 5, 10))
     kmeans_iters: int = _opt("federated k-means (Lloyd) rounds of cohort mining", default=50)
     workers: int = _opt("simulation engine: run each round's clients over this many forked processes (0: sequential)", default=0)
+    num_actors: int = _opt("flower engine: Ray actors running ClientApps side by side, one CPU each (each imports torch and reads the data once)", default=1)
     aggregation: str = _opt("how the server combines client updates, dense parameters and shared table rows alike (a row over the clients that sent it; "
                             "private user rows never leave the client): mean (FedAvg); median or trimmed-mean (per coordinate, one client one vote, "
                             "Flower's functions); norm-clip (each client's whole update clipped to --clip-norm, then the mean); krum (Flower's "
@@ -152,7 +181,9 @@ class Config:
         return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
 
     def aux_weights(self) -> list[float]:
-        """lambda per cohort: one value broadcast to K, or exactly K values."""
+        """lambda per cohort: one value broadcast to K, or exactly K values (not for "auto": the job picks)."""
+        if self.aux_weight == "auto":
+            raise C2ALError("--aux-weight auto has no single value: the C2AL job picks one on validation")
         w = [float(v) for v in self.aux_weight]
         k = self.aux_cohorts
         if len(w) == 1:
@@ -162,19 +193,105 @@ class Config:
         return w
 
     def check(self) -> "Config":
-        if self.batch_size <= 0 or self.epochs <= 0 or self.embedding_dim <= 0:
-            raise C2ALError("--batch-size, --epochs and --embedding-dim must be positive")
-        if not 0 < self.valid_frac + self.test_frac < 1:
-            raise C2ALError("--valid-frac + --test-frac must lie in (0, 1)")
-        if self.aux_cohorts < 0:
-            raise C2ALError("--aux-cohorts must be >= 1 (or absent)")
-        if self.aux_cohorts:
+        """Refuse, with the flag's name, any value that could not run or would be silently ignored.
+
+        Only what the fields alone decide; files, data and the output directory are
+        checked by train.py before it writes anything.
+        """
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name))
+        if self.valid_frac + self.test_frac >= 1:
+            raise C2ALError(f"--valid-frac + --test-frac must be below 1, got {self.valid_frac} + {self.test_frac}")
+        if self.min_share > self.max_share:
+            raise C2ALError(f"--min-share {self.min_share} is above --max-share {self.max_share}")
+        parts = self.cohort_candidates.split("+")
+        if any(p not in CANDIDATES for p in parts) or len(set(parts)) != len(parts):
+            raise C2ALError(f"--cohort-candidates {self.cohort_candidates!r}: expected '+'-joined names from {', '.join(CANDIDATES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise C2ALError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.cohorts and not self.aux_cohorts:
+            raise C2ALError("--cohorts is a saved miner for C2AL: it needs --aux-cohorts")
+        if self.cohorts and self.federated:
+            raise C2ALError("--cohorts cannot be used with --federated: federated clients mine their cohorts themselves")
+        if self.aux_cohorts and self.aux_weight != "auto":
             self.aux_weights()
+        if abs(sum(self.tier_shares) - 1) > 1e-6:
+            raise C2ALError(f"--tier-shares must sum to 1, got {','.join(map(str, self.tier_shares))}")
+        if self.two_tower_hinge and self.model != "two-tower":
+            raise C2ALError("--two-tower-hinge needs --model two-tower")
+        if self.federated and self.engine == "flower" and (self.resume or self.attack != "none"):
+            raise C2ALError(f"--{'resume' if self.resume else 'attack'} needs --engine simulation (the flower engine has none)")
         return self
+
+
+# The miner's candidate sources (cohorts.candidates.SOURCES; tests/test_config.py checks they agree).
+CANDIDATES = ("kmeans", "gmm", "axes", "tree")
+
+
+class _Range(NamedTuple):
+    """Allowed values of a numeric field (each entry of a tuple field): lo <= v (lo < v when open), likewise hi."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def text(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+_AT_LEAST_1 = _Range(1)
+_AT_LEAST_0 = _Range(0)
+_POSITIVE = _Range(0, lo_open=True)
+_PROBABILITY = _Range(0, 1)
+# Every numeric field with a limit; a value outside it would crash later or run as something else
+# (--checkpoint-every -1 never checkpoints, --dropout 2 flips signs). Unlisted numbers need only be finite.
+RANGES: dict[str, _Range] = {
+    **dict.fromkeys(("epochs", "batch_size", "embedding_dim", "attention_dim", "n_clusters", "rounds", "clients_per_round",
+                     "local_epochs", "local_batch_size", "kmeans_iters", "num_actors"), _AT_LEAST_1),
+    **dict.fromkeys(("patience", "eval_every", "checkpoint_every", "seed", "workers", "aux_cohorts", "weight_decay",
+                     "server_lr", "proximal_mu", "sam_rho", "clip_norm", "krum_f", "count_cap", "tier_steps", "aux_weight"),
+                    _AT_LEAST_0),
+    **dict.fromkeys(("lr", "table_lr", "tier_skew"), _POSITIVE),
+    **dict.fromkeys(("min_share", "attack_share", "tier_shares"), _PROBABILITY),
+    "max_share": _Range(0, 1, lo_open=True),
+    "valid_frac": _Range(0, 1, lo_open=True, hi_open=True),
+    "test_frac": _Range(0, 1, lo_open=True, hi_open=True),
+    "dropout": _Range(0, 1, hi_open=True),
+    "tier_dropout": _Range(0, 1, hi_open=True),
+    "tier_availability": _Range(0, 1, lo_open=True),
+    "trim_fraction": _Range(0, 0.5, hi_open=True),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    """A numeric field (or each number of a tuple field) is finite and inside RANGES[name]."""
+    values = value if isinstance(value, tuple) else (value,)
+    flag = "--" + name.replace("_", "-")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise C2ALError(f"{flag} must be a finite number, got {v}")
+        if name in RANGES and not RANGES[name].holds(v):
+            shown = ",".join(map(str, values)) if isinstance(value, tuple) else v
+            raise C2ALError(f"{flag} must be {RANGES[name].text()}, got {shown}")
 
 
 # Fields that change parameter shapes or data: a checkpoint must agree on them.
 SHAPE_FIELDS = ("data", "label", "sparse", "dense", "user_col", "item_col", "model", "embedding_dim", "attention_dim")
+# Fields a resumed run may change: they do not alter the steps already taken (the epoch / round
+# budget may grow, patience may change when to stop, the rest is output and execution).
+RESUMABLE = ("epochs", "rounds", "patience", "resume", "out", "quiet", "checkpoint_every", "workers", "device", "num_actors")
+# Everything else changes the trajectory, so a checkpoint must agree on every one of them.
+RESUME_FIELDS = tuple(f.name for f in fields(Config) if f.name not in RESUMABLE)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -237,7 +354,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str], titl
 def config_from(ns: argparse.Namespace, **overrides: Any) -> Config:
     """A checked Config from the flags `add_config_flags` added (those given) and `overrides`."""
     known = {f.name for f in fields(Config)}
-    given = {k: v for k, v in vars(ns).items() if k in known}
+    given = {k: v for k, v in vars(ns).items() if k in known and v is not None}  # None: a tool's own unset flag
     return Config(**{**given, **overrides}).check()
 
 

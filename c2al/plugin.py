@@ -55,6 +55,7 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
+from c2al import balance as balance_mod
 from c2al.errors import C2ALError
 from c2al.losses import bce_with_logits
 
@@ -86,6 +87,8 @@ class _Tap:
         self.previous = previous  # an instance-level forward someone set before us, kept and restored
         self.armed = False
         self.values: list[Any] = []
+        self.split: Callable[[Any], tuple[Any, ...]] | None = None  # set for a balance mode other than "none"
+        self.n_copies = 0  # what split returns: the main copy and one per head
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.previous is not None:
@@ -93,7 +96,12 @@ class _Tap:
         else:
             out = type(self.module).forward(self.module, *args, **kwargs)
         if self.armed:
-            self.values.append(out)
+            if self.split is not None:  # the model goes on with the main copy, the heads read theirs
+                copies = self.split(out)  # indexed, not unpacked: under FX tracing it is one Proxy
+                self.values.append(tuple(copies[i] for i in range(1, self.n_copies)))
+                out = copies[0]
+            else:
+                self.values.append(out)
         return out
 
     def arm(self) -> None:
@@ -182,6 +190,8 @@ class C2ALWrapper(nn.Module):
         *,
         in_features: int | None = None,
         aux_labels: str = "conflicting",
+        balance: str = "none",
+        relax: float = balance_mod.RELAX,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -202,12 +212,18 @@ class C2ALWrapper(nn.Module):
         self.n_cohorts = int(n_cohorts)
         self.aux_weights: tuple[float, ...] = _aux_weights(aux_weight, n_cohorts)
         self.aux_labels: str = aux_labels
+        self.balance: str = balance_mod.check_mode(balance)
+        self.relax = float(relax)
         self.in_features: int | None = _resolve_width(model, target, at, head, in_features)
         device = _dense_device(model, target)
         self.heads = nn.ModuleList(_build_head(head, self.in_features, device) for _ in range(n_cohorts))
         # Plain attributes (not submodules): the tap must not appear in state_dict or parameters().
         self._tap: _Tap | None = _Tap(target, at, target.__dict__.get("forward"))
         self._marks: list[tuple[nn.Module, str, bool, Any]] = _mark_traceable(_module_path(model, at))
+        if self.balance != "none":
+            k, mode, relax = self.n_cohorts, self.balance, self.relax
+            self._tap.split = lambda rep: balance_mod.split(rep, k, mode, relax)
+            self._tap.n_copies = k + 1
         setattr(target, "forward", self._tap.forward)
 
     def forward(self, *args: Any, **kwargs: Any) -> AuxOutput:
@@ -232,20 +248,26 @@ class C2ALWrapper(nn.Module):
         return AuxOutput(logits, self._aux_logits(rep))
 
     def _aux_logits(self, rep: Any) -> torch.Tensor:
+        if isinstance(rep, tuple):  # a balance mode: head k reads its own copy of the representation
+            return torch.cat([self.heads[k](self._flat(r)).reshape(r.shape[0], 1) for k, r in enumerate(rep)], dim=1)  # [B, K]
+        flat = self._flat(rep)  # once for every head: their gradients meet here, summed as without balance
+        return torch.cat([h(flat).reshape(rep.shape[0], 1) for h in self.heads], dim=1)  # [B, K]
+
+    def _flat(self, rep: Any) -> torch.Tensor:
+        """The representation as [B, H] rows, checked against the heads' width."""
         tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing()
         if not isinstance(rep, (torch.Tensor, torch.fx.Proxy)):
             raise C2ALError(
                 f"c2al: at={self.at!r} returned a {type(rep).__name__}, not a tensor; name a submodule "
                 f"whose output is a [B, H] (or [B, ...]) tensor"
             )
-        batch = rep.shape[0]
         flat = rep.unsqueeze(-1).flatten(1)  # [B, H]; [B, F, D] -> [B, F*D]; [B] -> [B, 1]; also for B = 0
         if not tracing and self.in_features is not None and flat.shape[1] != self.in_features:
             raise C2ALError(
                 f"c2al: at={self.at!r} produced width {flat.shape[1]} but the heads were built for "
                 f"in_features={self.in_features}; pass the right in_features= to c2al.attach"
             )
-        return torch.cat([h(flat).reshape(batch, 1) for h in self.heads], dim=1)  # [B, K]
+        return flat
 
     def loss(
         self,
@@ -293,6 +315,7 @@ class C2ALWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         extra = "" if self.aux_labels == "conflicting" else f", aux_labels={self.aux_labels!r}"
+        extra += "" if self.balance == "none" else f", balance={self.balance!r}"
         return f"at={self.at!r}, n_cohorts={self.n_cohorts}, aux_weights={list(self.aux_weights)}{extra}"
 
 
@@ -305,6 +328,8 @@ def attach(
     *,
     in_features: int | None = None,
     aux_labels: str = "conflicting",
+    balance: str = "none",
+    relax: float = balance_mod.RELAX,
 ) -> C2ALWrapper:
     """Wrap `model` with K cohort heads reading the output of its submodule `at`.
 
@@ -326,6 +351,11 @@ def attach(
         aux_labels: "conflicting" (the paper, default): head k learns y * 1[cohort == k] on every
             row, so positives outside cohort k are pulled to 0. "own": head k learns y on cohort k's
             rows only (a multi-task baseline without conflicting labels; same loss denominator).
+        balance: how each head's gradient reaches the trunk at `at` (see `c2al.balance`): "none"
+            (the plain sum), "gate" (only where it agrees with the main gradient), "project"
+            (its component opposing the main gradient removed), "magnitude" (rescaled toward the
+            main gradient's norm), "magnitude+gate", "magnitude+project".
+        relax: the relax factor r of the magnitude modes.
 
     Returns:
         A C2ALWrapper: forward returns AuxOutput; `.loss(output, labels, cohort_ids, weights)`.
@@ -337,11 +367,12 @@ def attach(
         >>> out = wrapper(torch.randn(3, 4))
         >>> loss, parts = wrapper.loss(out, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 1, -1]))
         >>> sorted(parts)
-        ['aux_0', 'aux_1', 'main']
+        ['aux', 'aux_0', 'aux_1', 'main']
         >>> detach(wrapper) is net
         True
     """
-    return C2ALWrapper(model, at, n_cohorts, aux_weight, head, in_features=in_features, aux_labels=aux_labels)
+    return C2ALWrapper(model, at, n_cohorts, aux_weight, head, in_features=in_features, aux_labels=aux_labels,
+                       balance=balance, relax=relax)
 
 
 def detach(wrapper: C2ALWrapper) -> nn.Module:

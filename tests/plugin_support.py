@@ -69,7 +69,7 @@ def make_batch(seed: int = 0, batch: int = B) -> Batch:
     )
 
 
-def two_rank_worker(rank: int, world_size: int, port: int, out_dir: str, steps: int) -> None:
+def two_rank_worker(rank: int, world_size: int, port: int, out_dir: str, steps: int, balance: str = "none") -> None:
     """One rank of a gloo run: shard AFM + c2al heads, train `steps` steps on identical batches.
 
     Writes {"losses", "parts", "heads_start", "heads"} to out_dir/rank{rank}.pt for the test to compare.
@@ -85,7 +85,7 @@ def two_rank_worker(rank: int, world_size: int, port: int, out_dir: str, steps: 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     model = build("afm", seed=0, table_device="meta")
-    wrapper = c2al.attach(model, "inter_arch", K, aux_weight=0.5, head=model.over_arch)
+    wrapper = c2al.attach(model, "inter_arch", K, aux_weight=0.5, head=model.over_arch, balance=balance)
     dmp = shard(TrainModule(wrapper), info, table_optimizer="sgd", table_lr=0.1)
     opt = dense_optimizer(dmp, lr=0.05)
     heads_start = {k: v.detach().clone() for k, v in wrapper.heads.state_dict().items()}

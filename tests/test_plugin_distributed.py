@@ -18,10 +18,12 @@ from c2al.train.task import TrainModule
 from plugin_support import B, K, build, make_batch, two_rank_worker
 
 
-def sharded(name: str, aux_weight: float = 0.5, head: str = "default", table_device: str = "cpu", seed: int = 0):
+def sharded(name: str, aux_weight: float = 0.5, head: str = "default", table_device: str = "cpu", seed: int = 0,
+            balance: str = "none"):
     """(dmp, wrapper, model) with the model's tables sharded table-wise and fused SGD on them."""
     model = build(name, seed=seed, table_device=table_device)
-    wrapper = c2al.attach(model, "inter_arch", K, aux_weight=aux_weight, head=model.over_arch if head == "clone" else None)
+    wrapper = c2al.attach(model, "inter_arch", K, aux_weight=aux_weight, head=model.over_arch if head == "clone" else None,
+                          balance=balance)
     torch.manual_seed(seed)  # tables built on meta are initialized by DMP
     dmp = shard(TrainModule(wrapper), init_distributed("cpu"), table_optimizer="sgd", table_lr=0.5)
     return dmp, wrapper, model
@@ -58,7 +60,7 @@ def test_train_step_after_sharding_updates_heads(name):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and logits.shape == (B,)
-    assert set(parts) == {"main", "aux_0", "aux_1"}
+    assert set(parts) == {"main", "aux", "aux_0", "aux_1"}
     assert all(not torch.equal(a, b) for a, b in zip(heads_before, wrapper.heads.parameters()))
 
 
@@ -93,15 +95,15 @@ def test_detach_after_sharding_returns_model_with_wrapper_logits():
         assert torch.equal(model(batch.dense, batch.sparse), logits)
 
 
-@pytest.mark.parametrize("name", ["afm", "dlrm_dcn"])
-def test_pipeline_trains_with_aux_heads_then_detaches(name):
-    dmp, wrapper, model = sharded(name, head="clone")
+@pytest.mark.parametrize("name, balance", [("afm", "none"), ("dlrm_dcn", "none"), ("afm", "gate"), ("dlrm_dcn", "magnitude+project")])
+def test_pipeline_trains_with_aux_heads_then_detaches(name, balance):
+    dmp, wrapper, model = sharded(name, head="clone", balance=balance)
     pipeline = TrainPipelineSparseDist(dmp, dense_optimizer(dmp, lr=0.05), torch.device("cpu"))
     batches = iter([make_batch(seed) for seed in range(5)])
     for _ in range(3):
         loss, logits, parts = pipeline.progress(batches)
         assert torch.isfinite(loss) and logits.shape == (B,)
-        assert set(parts) == {"main", "aux_0", "aux_1"}
+        assert set(parts) == {"main", "aux", "aux_0", "aux_1"}
     assert pipeline._pipelined_modules, "the sharded EBC was not pipelined"
     pipeline.detach()
     batch = make_batch(9)
@@ -111,14 +113,17 @@ def test_pipeline_trains_with_aux_heads_then_detaches(name):
         assert torch.equal(model(batch.dense, batch.sparse), expected)
 
 
-def test_torchrec_traced_graph_keeps_the_aux_heads():
-    dmp, _, _ = sharded("afm")
+@pytest.mark.parametrize("balance", ["none", "project"])
+def test_torchrec_traced_graph_keeps_the_aux_heads(balance):
+    dmp, _, _ = sharded("afm", balance=balance)
     train_module = dmp.module
     graph = Tracer(leaf_modules=_get_leaf_module_names(train_module)).trace(train_module)
     graph_module = torch.fx.GraphModule(train_module, graph)
     targets = {n.target for n in graph.nodes if n.op == "call_module"}
     assert all(any(t.startswith(f"model.heads.{k}.") for t in targets) for k in range(K))
     assert "model.model.inter_arch" not in targets  # traced through, not a leaf
+    splits = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "split"]
+    assert len(splits) == (balance != "none")  # the balance rule is one node that runs c2al.balance.split
     batch = make_batch(2)
     with torch.no_grad():
         got, want = graph_module(batch), train_module(batch)
@@ -132,14 +137,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_with_aux_heads_and_agree_on_loss(tmp_path: Path):
+@pytest.mark.parametrize("balance", ["none", "gate"])
+def test_two_processes_train_with_aux_heads_and_agree_on_loss(tmp_path: Path, balance: str):
     steps = 3
-    mp.spawn(two_rank_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    mp.spawn(two_rank_worker, args=(2, _free_port(), str(tmp_path), steps, balance), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert len(rank0["losses"]) == steps
     assert all(torch.isfinite(torch.tensor(rank0["losses"])))
     assert rank0["losses"] == pytest.approx(rank1["losses"], abs=1e-6)
-    assert set(rank0["parts"][0]) == {"main", "aux_0", "aux_1"}
+    assert set(rank0["parts"][0]) == {"main", "aux", "aux_0", "aux_1"}
     for part0, part1 in zip(rank0["parts"], rank1["parts"]):
         assert part0 == pytest.approx(part1, abs=1e-6)
     for key, value in rank0["heads"].items():  # DDP keeps the replicated heads in sync, and they trained

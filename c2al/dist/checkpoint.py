@@ -151,31 +151,61 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path, *, expect_config: dict[str, Any] | None = None, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load without executing pickled code; check it came from a compatible config.
 
+    Every way a file can be unusable (missing, empty, truncated, not a c2al
+    checkpoint, entries missing or of the wrong kind, config not JSON, another
+    config) is one C2ALError naming the file.
+
     Args:
         path: checkpoint file.
         expect_config: the current run's config.
-        keys: config fields that must agree (those that change parameter shapes or data).
+        keys: config fields that must agree (those that change parameter shapes, data or the trajectory).
 
     Returns:
         dict with "config" and "extra" decoded from JSON, "step", "model", "optimizer".
     """
     path = Path(path)
+    where = f"checkpoint {str(path)!r}"
     if not path.is_file():
-        raise C2ALError(f"checkpoint {str(path)!r} does not exist")
+        raise C2ALError(f"{where} does not exist")
+    if path.stat().st_size == 0:
+        raise C2ALError(f"{where} is empty (0 bytes): it was never written completely; delete it or start without --resume")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise C2ALError(f"checkpoint {str(path)!r} cannot be read safely: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise C2ALError(f"{where} cannot be read safely: {_one_line(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise C2ALError(f"{str(path)!r} is not a c2al checkpoint")
-    payload["config"] = json.loads(payload["config"])
-    payload["extra"] = json.loads(payload["extra"])
+    _check_entries(payload, where)
     if expect_config is not None:
         diff = [k for k in keys if payload["config"].get(k) != expect_config.get(k)]
         if diff:
             pairs = ", ".join(f"{k}={payload['config'].get(k)!r} (now {expect_config.get(k)!r})" for k in diff)
-            raise C2ALError(f"checkpoint {str(path)!r} comes from another config: {pairs}")
+            raise C2ALError(f"{where} comes from another config: {pairs}")
     return payload
+
+
+def _one_line(e: BaseException) -> str:
+    """'Type: first line of the message' (some errors, e.g. EOFError, have an empty message)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _check_entries(payload: dict[str, Any], where: str) -> None:
+    """Decode "config" and "extra" from JSON in place, and check every entry has its kind."""
+    missing = [k for k in ("config", "step", "model", "optimizer", "extra") if k not in payload]
+    if missing:
+        raise C2ALError(f"{where} lacks the entries {missing}: it was not written by this version of c2al")
+    for key in ("config", "extra"):
+        try:
+            payload[key] = json.loads(payload[key])
+        except (TypeError, ValueError) as e:
+            raise C2ALError(f"{where}: its {key} is not JSON ({_one_line(e)})") from None
+        if not isinstance(payload[key], dict):
+            raise C2ALError(f"{where}: its {key} is a JSON {type(payload[key]).__name__}, not an object")
+    if not isinstance(payload["step"], int) or isinstance(payload["step"], bool):
+        raise C2ALError(f"{where}: its step is {payload['step']!r}, not an integer")
+    if not isinstance(payload["model"], dict) or not (payload["optimizer"] is None or isinstance(payload["optimizer"], dict)):
+        raise C2ALError(f"{where}: its model and optimizer entries are not state dicts")
 
 
 def restore(model: torch.nn.Module, optimizer: Any | None, payload: dict[str, Any]) -> None:
@@ -192,3 +222,32 @@ def restore(model: torch.nn.Module, optimizer: Any | None, payload: dict[str, An
         optimizer.load_state_dict(state)
 
 
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    """This rank's tensors of a (sharded) state, in a fixed order: local shards of a ShardedTensor, plain tensors."""
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _leaves(obj[k])]
+    if isinstance(obj, ShardedTensor):
+        return [sh.tensor for sh in obj.local_shards()]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    return []
+
+
+def snapshot_local(state: dict[str, Any]) -> list[torch.Tensor]:
+    """Copies of this rank's part of a live state, e.g. the best weights so far.
+
+    No collective: each rank keeps its own shards, so restoring needs no gather.
+    """
+    return [t.detach().clone() for t in _leaves(state)]
+
+
+def restore_local(state: dict[str, Any], snap: list[torch.Tensor]) -> None:
+    """Copy a `snapshot_local` of the same live state back in place."""
+    leaves = _leaves(state)
+    if len(leaves) != len(snap):
+        raise C2ALError(f"snapshot holds {len(snap)} tensors, the model {len(leaves)}: it comes from another model")
+    with torch.no_grad():
+        for live, saved in zip(leaves, snap):
+            live.copy_(saved)

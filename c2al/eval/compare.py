@@ -72,10 +72,18 @@ def print_comparison(report: dict[str, Any]) -> None:
     o = report["overall"]
     rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"],
                  "auc_base": o["auc_base"], "auc_c2al": o["auc_c2al"]})
-    log.info(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)"))
+    log.info(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)" + kept_both(report)))
     for r in report["cohorts"]:
         if r.get("traits"):
             log.info(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
+    search = report.get("aux_weight_search")
+    if search:
+        log.info(format_table(search["candidates"], ["aux_weight", "ne", "cohort_ne", "best_epoch"],
+                              title=f"--aux-weight auto on validation (baseline NE {search['baseline']['ne']:.4f}, "
+                                    f"exposed cohorts {search['baseline']['cohort_ne']:.4f}); chosen {search['chosen']}"))
+    decision = report.get("decision")
+    if decision:
+        log.info(f"shipped as c2al.pt: {decision['shipped']} ({decision['reason']})")
     att = report.get("attention") or {}
     if att:
         keys = sorted(att["baseline"])
@@ -114,3 +122,71 @@ def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInf
         out_rows = [{"model": n, **r} for n, r in out.items()] + [{"model": "most popular", **{k.removeprefix("popularity_"): ref[k] for k in cols_pop}}]
         log.info(format_table(out_rows, cols, title="test split: retrieval over the full item catalog (seen items filtered)"))
     return out if len(out) > 1 else next(iter(out.values()))
+
+
+def kept(best: dict[str, Any] | None) -> str:
+    """'epoch 3 kept' for a training's best (or last) evaluation, as printed above tables."""
+    return f"epoch {best['epoch']} kept" if best else "last epoch"
+
+
+def kept_both(report: dict[str, Any]) -> str:
+    best = report.get("best") or {}
+    if not best:
+        return ""
+    return f"; baseline {kept(best.get('baseline'))}, C2AL {kept(best.get('c2al'))}"
+
+
+# --aux-weight auto tries these lambdas (each a full early-stopped C2AL training).
+AUTO_GRID = (0.03, 0.1, 0.3)
+
+
+def valid_scores(p_valid: np.ndarray, labels: np.ndarray, cohort_ids: np.ndarray, k: int) -> dict[str, Any]:
+    """Validation NE overall and the mean over the K exposed cohorts: what auto lambda and the gate read."""
+    rows = per_segment(p_valid, labels, cohort_ids, k)
+    cohort_ne = [r["ne"] for r in rows if r["ne"] is not None]
+    return {"ne": summarize(p_valid, labels)["ne"], "cohort_ne": float(np.mean(cohort_ne)) if cohort_ne else None,
+            "cohorts": [r["ne"] for r in rows]}
+
+
+def _no_worse(ne: float, base_ne: float, tolerance: float) -> bool:
+    return ne <= base_ne * (1.0 + tolerance)
+
+
+def choose_aux_weight(candidates: list[dict[str, Any]], base: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """The auto-lambda rule: among candidates whose overall validation NE is no worse than the baseline's
+    (relative `tolerance`), the lowest mean exposed-cohort validation NE; if none qualifies, the lowest overall.
+
+    Example:
+        >>> base = {"ne": 0.80, "cohort_ne": 0.90}
+        >>> cands = [{"aux_weight": 0.1, "ne": 0.79, "cohort_ne": 0.89}, {"aux_weight": 1.0, "ne": 0.82, "cohort_ne": 0.85}]
+        >>> choose_aux_weight(cands, base, 0.0)["aux_weight"]
+        0.1
+    """
+    fine = [c for c in candidates if _no_worse(c["ne"], base["ne"], tolerance) and c["cohort_ne"] is not None]
+    if fine:
+        return min(fine, key=lambda c: c["cohort_ne"])
+    return min(candidates, key=lambda c: c["ne"])
+
+
+def gate(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """Ship C2AL only when, on validation, its overall NE is no worse than the baseline's (relative
+    `tolerance`) and its mean exposed-cohort NE is lower; otherwise ship the baseline.
+
+    Returns:
+        {"shipped": "c2al" | "baseline", "reason", "valid_ne_base", "valid_ne_c2al",
+         "valid_cohort_ne_base", "valid_cohort_ne_c2al", "tolerance"}.
+
+    Example:
+        >>> gate({"ne": 0.80, "cohort_ne": 0.90}, {"ne": 0.81, "cohort_ne": 0.85}, 0.0)["shipped"]
+        'baseline'
+    """
+    out = {"valid_ne_base": base["ne"], "valid_ne_c2al": c2al["ne"], "valid_cohort_ne_base": base["cohort_ne"],
+           "valid_cohort_ne_c2al": c2al["cohort_ne"], "tolerance": tolerance}
+    if not _no_worse(c2al["ne"], base["ne"], tolerance):
+        return {"shipped": "baseline", "reason": f"C2AL's overall validation NE {c2al['ne']:.5f} is worse than the baseline's "
+                f"{base['ne']:.5f}", **out}
+    if base["cohort_ne"] is None or c2al["cohort_ne"] is None or not c2al["cohort_ne"] < base["cohort_ne"]:
+        return {"shipped": "baseline", "reason": f"C2AL's exposed-cohort validation NE {c2al['cohort_ne']} is not lower than "
+                f"the baseline's {base['cohort_ne']}", **out}
+    return {"shipped": "c2al", "reason": f"overall validation NE {c2al['ne']:.5f} <= {base['ne']:.5f} and exposed-cohort "
+            f"{c2al['cohort_ne']:.5f} < {base['cohort_ne']:.5f}", **out}

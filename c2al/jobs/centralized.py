@@ -11,22 +11,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+import c2al
 from c2al.config import Config
 from c2al.data.schema import Splits
 from c2al.dist.checkpoint import save_checkpoint
 from c2al.dist.process import DistInfo
 from c2al.eval.compare import (
+    AUTO_GRID,
     add_traits,
     attention_report,
+    choose_aux_weight,
     compare,
+    gate,
+    kept,
     print_comparison,
     retrieval_report,
+    valid_scores,
 )
 from c2al.eval.metrics import per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
 from c2al.train.build import seeded_model
-from c2al.train.loop import fit
+from c2al.train.loop import Trained, fit
 from c2al.train.task import predict
 
 log = logging.getLogger(__name__)
@@ -45,13 +53,14 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
         "overall": summarize(probs, test.labels),
         "segments": segments,
         "history": trained.history,
+        "best": trained.best,
         "train_seconds": trained.seconds,
         "world_size": info.world_size,
     }
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"model": trained.model}, splits, info, cfg)
     if info.is_main:
-        log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model})"))
+        log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, {kept(trained.best)})"))
         if segments:
             log.info(format_table(segments, ["id", "n", "share", "plr", "ne", "auc"], title="planted cohorts (ground truth)"))
         write_json(report, out / "report.json")
@@ -60,18 +69,27 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
 
 
 def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str, Any]:
-    """Baseline -> mine -> C2AL -> strip -> per-cohort comparison; writes report.json/png and checkpoints."""
-    import c2al
-
+    """Baseline -> mine -> C2AL (one lambda, or each of --aux-weight auto's) -> gate -> strip -> per-cohort
+    comparison; writes report.json/png, the miner and checkpoints, and OUT/c2al.pt: the model the gate ships."""
     base = fit(cfg, splits, seeded_model(cfg, splits.schema), info, checkpoint=out / "baseline.pt", tag="baseline")
     miner = mine_cohorts(cfg, splits, predict(base.module, splits.valid, splits.schema, cfg.batch_size, info), out, info)
     cohort_ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model))
-    trained = fit(cfg, splits.with_cohorts(cohort_ids), wrapper, info, checkpoint=out / "c2al_train.pt", tag="c2al")
+    v_base = _valid(cfg, splits, base.module, cohort_ids, info)
+    lambdas = [list(cfg.aux_weights())] if cfg.aux_weight != "auto" else [[lam] * cfg.aux_cohorts for lam in AUTO_GRID]
+    runs = []
+    for lam in lambdas:
+        name = "c2al_train.pt" if len(lambdas) == 1 else f"c2al_train_lambda{lam[0]:g}.pt"
+        trained = _fit_c2al(cfg, splits, cohort_ids, lam, info, out / name)
+        runs.append((trained, {"aux_weight": lam[0] if len(set(lam)) == 1 else lam, **_valid(cfg, splits, trained.module, cohort_ids, info),
+                               "best_epoch": trained.best.get("epoch")}))
+    chosen = choose_aux_weight([c for _, c in runs], v_base, cfg.gate_tolerance) if len(runs) > 1 else runs[0][1]
+    trained = next(t for t, c in runs if c is chosen)
     served = c2al.detach(trained.model)  # heads gone: the serving model is the plain model
-    save_checkpoint(out / "c2al.pt", model_state=served.state_dict(), config=cfg.to_dict(), step=-1,
-                    extra={"stripped": True}, is_main=info.is_main)  # heads gone: plain full tensors
+    decision = gate(v_base, chosen, cfg.gate_tolerance) if cfg.gate else {
+        "shipped": "c2al", "reason": "--no-gate", "valid_ne_base": v_base["ne"], "valid_ne_c2al": chosen["ne"]}
+    shipped = served if decision["shipped"] == "c2al" else base.model
+    save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
+                    extra={"stripped": True, "shipped": decision["shipped"]}, is_main=info.is_main)  # plain full tensors
 
     p_base = predict(base.module, splits.test, splits.schema, cfg.batch_size, info)
     p_c2al = predict(served, splits.test, splits.schema, cfg.batch_size, info)
@@ -81,8 +99,13 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"baseline": base.model, "c2al": served}, splits, info, cfg)
     report["history"] = {"baseline": base.history, "c2al": trained.history}
+    report["best"] = {"baseline": base.best, "c2al": trained.best}
     report["train_seconds"] = {"baseline": base.seconds, "c2al": trained.seconds}
     report["world_size"] = info.world_size
+    report["decision"] = decision
+    report["overall"]["ne_shipped"] = report["overall"]["ne_c2al" if decision["shipped"] == "c2al" else "ne_base"]
+    if len(runs) > 1:
+        report["aux_weight_search"] = {"candidates": [c for _, c in runs], "chosen": chosen["aux_weight"], "baseline": v_base}
     if info.is_main:
         print_comparison(report)
         write_json(report, out / "report.json")
@@ -93,3 +116,17 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     return report
 
 
+def _fit_c2al(cfg: Config, splits: Splits, cohort_ids: dict[str, np.ndarray], aux_weight: list[float], info: DistInfo,
+              checkpoint: Path) -> Trained:
+    """One C2AL training from the baseline's seeded start, early-stopped like it."""
+    model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
+    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
+                          balance=cfg.aux_balance)
+    tag = "c2al" if checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
+    return fit(cfg, splits.with_cohorts(cohort_ids), wrapper, info, checkpoint=checkpoint, tag=tag)
+
+
+def _valid(cfg: Config, splits: Splits, module: Any, cohort_ids: dict[str, np.ndarray], info: DistInfo) -> dict[str, Any]:
+    """Validation NE, overall and over the exposed cohorts, of a trained module (its kept weights)."""
+    p = predict(module, splits.valid, splits.schema, cfg.batch_size, info)
+    return valid_scores(p, splits.valid.labels, cohort_ids["valid"], cfg.aux_cohorts)

@@ -9,6 +9,7 @@ plus per-tier NE, MDAC and the agreement of federated with centralized mining.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,38 +17,38 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from c2al.train.build import seeded_model
-from c2al.config import SHAPE_FIELDS, Config
+from c2al.config import RESUME_FIELDS, Config
 from c2al.data.schema import Splits, Table
+from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
+from c2al.eval.compare import add_traits, attention_report, compare, print_comparison
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.eval.report import format_table, write_json
 from c2al.federated.aggregate import mdac
-from c2al.federated.client import ClientData, LocalTrainer, group_by_user, model_layout, per_user_features
+from c2al.federated.attacks import attack_client_fn, choose_attackers
+from c2al.federated.client import (
+    ClientData,
+    LocalTrainer,
+    group_by_user,
+    model_layout,
+    per_user_features,
+)
 from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, FedTrained, run_rounds
-from c2al.federated.strategy import make_strategy
-from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
-from c2al.dist.checkpoint import save_checkpoint
-from c2al.eval.compare import add_traits, attention_report, compare, print_comparison
-from c2al.eval.report import format_table, write_json
+from c2al.federated.strategy import Aggregation, make_strategy
 from c2al.jobs.common import cohort_frame, make_head
+from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
 
-FED_SHAPE_FIELDS = (*SHAPE_FIELDS, "federated", "server_optimizer")  # --rounds may grow on --resume
+log = logging.getLogger(__name__)
 
-
-def _floats(cfg: Config, name: str, cast: type = float) -> tuple:
-    try:
-        return tuple(cast(v) for v in cfg.list_of(name))
-    except ValueError:
-        raise C2ALError(f"--{name.replace('_', '-')} must be {len(TIERS)} comma-separated numbers, got {getattr(cfg, name)!r}") from None
 
 
 def tier_spec(cfg: Config) -> TierSpec:
     if cfg.tiers == "none":
         return TierSpec.uniform()
-    return TierSpec(shares=_floats(cfg, "tier_shares"), availability=_floats(cfg, "tier_availability"),
-                    dropout=_floats(cfg, "tier_dropout"), steps=_floats(cfg, "tier_steps", int))
+    return TierSpec(shares=cfg.tier_shares, availability=cfg.tier_availability, dropout=cfg.tier_dropout, steps=cfg.tier_steps)
 
 
 def make_clients(splits: Splits) -> list[ClientData]:
@@ -96,6 +97,13 @@ def train_module(cfg: Config, model: nn.Module) -> TrainModule:
     return TrainModule(model, loss="softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce")
 
 
+def aggregation(cfg: Config, spec: TierSpec) -> Aggregation:
+    """--aggregation and its options; no client can have trained on more examples than its step budget allows."""
+    budget = max(spec.steps) * cfg.local_batch_size if min(spec.steps) > 0 else 0
+    return Aggregation(cfg.aggregation, trim_fraction=cfg.trim_fraction, clip_norm=cfg.clip_norm, krum_f=cfg.krum_f,
+                       count_cap=cfg.count_cap, max_examples=budget)
+
+
 def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[ClientData], tiers: np.ndarray,
                   checkpoint: Path | None, tag: str) -> FedTrained:
     """Rounds of the configured engine over `clients`, from `model`'s (seeded) weights."""
@@ -106,14 +114,21 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
                            weight_decay=cfg.weight_decay)
     spec = tier_spec(cfg)
     strategy = make_strategy(cfg.server_optimizer, layout, cfg.clients_per_round, server_lr=cfg.server_lr,
-                             proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, spec=spec, seed=cfg.seed)
+                             proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, spec=spec, seed=cfg.seed,
+                             aggregation=aggregation(cfg, spec))
     kw = dict(rounds=cfg.rounds, seed=cfg.seed, spec=spec, checkpoint=checkpoint, resume=cfg.resume,
-              config=cfg.to_dict(), shape_keys=FED_SHAPE_FIELDS, show=not cfg.quiet, tag=tag)
+              config=cfg.to_dict(), shape_keys=RESUME_FIELDS, show=not cfg.quiet, tag=tag)
     if cfg.engine == "flower":
+        if cfg.attack != "none":
+            raise C2ALError("--attack is simulated by --engine simulation only")
         from c2al.federated.flower import run_rounds_flower
 
         return run_rounds_flower(trainer, strategy, clients, tiers, cfg=cfg, splits=splits, **kw)
-    return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers, **kw)
+    attackers = choose_attackers(len(clients), cfg.attack_share, cfg.seed) if cfg.attack != "none" else np.zeros(0, np.int64)
+    if len(attackers):
+        log.info(f"[{tag}] attack {cfg.attack} by {len(attackers)} of {len(clients)} clients (--attack-scale {cfg.attack_scale:g})")
+    return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers,
+                      client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale), **kw)
 
 
 def row_tiers(table: Table, clients: list[ClientData], tiers: np.ndarray) -> np.ndarray:
@@ -156,12 +171,12 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
     clients = make_clients(splits)
     check_federated(cfg, len(clients))
     tiers = client_tiers(cfg, splits, clients)
-    print(f"federated: {len(clients)} clients, {cfg.clients_per_round} per round, {cfg.rounds} rounds, {cfg.server_optimizer}, "
+    log.info(f"federated: {len(clients)} clients, {cfg.clients_per_round} per round, {cfg.rounds} rounds, {cfg.server_optimizer}, "
           f"tiers {cfg.tiers} (low/mid/high: {np.bincount(tiers, minlength=len(TIERS)).tolist()})")
     if cfg.aux_cohorts:
         return run_federated_c2al(cfg, splits, clients, tiers, out)
     trained = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_checkpoint.pt", "federated")
-    probs = predict(trained.module, splits.test, splits.schema, cfg.batch_size)
+    probs = trained.predict("test", splits, cfg.batch_size)
     test = splits.test
     tier_table = tier_rows(probs, None, test.labels, row_tiers(test, clients, tiers))
     segments = []
@@ -169,10 +184,10 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
         segments = per_segment(probs, test.labels, test.true_cohorts, int(test.true_cohorts.max()) + 1)
     report = {"config": cfg.to_dict(), "overall": summarize(probs, test.labels), "segments": segments, "tiers": tier_table,
               "federated": federated_summary(cfg, clients, tiers, {"train": trained}, tier_table)}
-    print(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, federated)"))
-    print(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "auc_base"], title="per device tier"))
+    log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, federated)"))
+    log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "auc_base"], title="per device tier"))
     write_json(report, out / "report.json")
-    print(f"wrote {out / 'report.json'}")
+    log.info(f"wrote {out / 'report.json'}")
     return report
 
 
@@ -180,7 +195,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     import c2al
 
     base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
-    p_valid = predict(base.module, splits.valid, splits.schema, cfg.batch_size)
+    p_valid = base.predict("valid", splits, cfg.batch_size)
     frame = cohort_frame(cfg, splits, "valid")
     # each client mines from its own validation rows: features, the baseline's scores, labels
     fed = FederatedCohortMiner(cfg.aux_cohorts, n_clusters=cfg.n_clusters, divergence=cfg.divergence, min_share=cfg.min_share,
@@ -190,15 +205,17 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     # clients compute their own cohort ids from the broadcast centroids (vectorized here)
     ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
     model = seeded_model(cfg, splits.schema)
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model))
+    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model),
+                          balance=cfg.aux_balance)
     trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
     trained.install()
     served = c2al.detach(wrapper)
     save_checkpoint(out / "c2al.pt", model_state=served.state_dict(), config=cfg.to_dict(), step=-1, extra={"stripped": True})
 
-    p_base = predict(base.module, splits.test, splits.schema, cfg.batch_size)
+    p_base = base.predict("test", splits, cfg.batch_size)
 
-    p_c2al = predict(served, splits.test, splits.schema, cfg.batch_size)
+    # --engine flower: the clients scored their own rows with the wrapper's main output (= the stripped model's)
+    p_c2al = trained.scores["test"] if trained.scores else predict(served, splits.test, splits.schema, cfg.batch_size)
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
     report["miner"]["federated"] = True
     add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])
@@ -211,9 +228,9 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
     report["federated"]["mining"] = agreement
     print_comparison(report)
-    print(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
-    print(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
-    print(f"federated vs centralized mining on validation rows: ARI {agreement['ari']:.3f} of the exposed cohorts, "
+    log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
+    log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
+    log.info(f"federated vs centralized mining on validation rows: ARI {agreement['ari']:.3f} of the exposed cohorts, "
           f"{agreement.get('kmeans_ari', float('nan')):.3f} of the k-means clusters")
     write_json(report, out / "report.json")
     try:
@@ -222,7 +239,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
         plot_report(report, out / "report.png")
     except ImportError:
         pass
-    print(f"wrote {out / 'report.json'}, {out / 'c2al.pt'}")
+    log.info(f"wrote {out / 'report.json'}, {out / 'c2al.pt'}")
     return report
 
 

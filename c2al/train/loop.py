@@ -4,23 +4,28 @@ Single-process and `torchrun` runs share this code; only DistInfo differs.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
-from c2al.config import SHAPE_FIELDS, Config
+from c2al.config import RESUME_FIELDS, Config
 from c2al.data.batch import iter_batches, local_batch_size, num_batches
 from c2al.data.schema import Splits
 from c2al.dist.checkpoint import (
     copy_full_into,
     load_checkpoint,
     restore,
+    restore_local,
     save_checkpoint,
+    snapshot_local,
 )
 from c2al.dist.process import DistInfo
 from c2al.dist.sharding import dense_optimizer, shard
@@ -39,6 +44,7 @@ class Trained:
     optimizer: Any
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)  # {"epoch", "step", "valid_ne"} of the weights it holds
 
     @property
     def module(self) -> DistributedModelParallel:
@@ -74,10 +80,20 @@ def fit(
     checkpoint: Path | None = None,
     tag: str = "train",
 ) -> Trained:
-    """Train `model` on splits.train for cfg.epochs, validating after each epoch.
+    """Train `model` on splits.train for at most cfg.epochs, early-stopped on validation NE.
+
+    Validation NE is computed at the end of every epoch and, with
+    cfg.eval_every = N, every N steps. The best weights so far are kept (in
+    memory on every rank, and atomically in `<checkpoint>.best.pt` when a
+    checkpoint path is given, while `<checkpoint>` holds the last state for
+    resuming); after cfg.patience evaluations without a strictly lower NE
+    training stops, and the best weights are put back before returning.
+    cfg.patience = 0 trains every epoch and keeps the last weights.
 
     With cfg.resume and an existing `checkpoint`, training continues from the
-    saved step (mid-epoch too: the epoch's batch order is seeded by (seed, epoch)).
+    saved step (mid-epoch too: the epoch's batch order is seeded by (seed, epoch)),
+    with the best-so-far weights, the patience count, the running loss sums and the
+    elapsed time of the interrupted run.
     """
     local_batch_size(cfg.batch_size, info.world_size)
     steps_per_epoch = num_batches(len(splits.train), cfg.batch_size, drop_last=True)
@@ -85,44 +101,125 @@ def fit(
         raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
     dmp, optimizer = shard_train_module(cfg, model, info)
     trained = Trained(dmp=dmp, optimizer=optimizer)
-    step = 0
+    run = _RunState()
+    best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
     if checkpoint is not None and cfg.resume and checkpoint.exists():
-        payload = load_checkpoint(checkpoint, expect_config=cfg.to_dict(), keys=SHAPE_FIELDS)
-        restore(dmp, optimizer, payload)
-        step = payload["step"]
-        trained.history = payload["extra"].get("history", [])
+        run = _resume(cfg, dmp, optimizer, checkpoint, best_path)
         if info.is_main:
-            log.info(f"[{tag}] resumed from {checkpoint} at step {step}")
+            log.info(f"[{tag}] resumed from {checkpoint} at step {run.step}")
+    trained.history = run.history
 
-    def save(at_step: int) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model_state=dmp.state_dict(), optimizer_state=optimizer.state_dict(),
-                            config=cfg.to_dict(), step=at_step, extra={"history": trained.history, "tag": tag},
-                            is_main=info.is_main)
+    def save(path: Path) -> None:
+        save_checkpoint(path, model_state=dmp.state_dict(), optimizer_state=optimizer.state_dict(), config=cfg.to_dict(),
+                        step=run.step, extra={**run.extra(), "tag": tag}, is_main=info.is_main)
 
-    start = time.perf_counter()
+    start = time.perf_counter() - run.seconds
     total_steps = steps_per_epoch * cfg.epochs
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
+    while run.step < total_steps and not run.stopped(cfg.patience):
+        epoch, skip = divmod(run.step, steps_per_epoch)
+        end = _next_evaluation(run.step, steps_per_epoch, cfg.eval_every)
         batches = iter_batches(splits.train, splits.schema, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                                rank=info.rank, world_size=info.world_size, drop_last=True)
-        batches = (b.to(info.device) for i, b in enumerate(batches) if i >= skip)
+        segment = (b.to(info.device) for b in itertools.islice(batches, skip, skip + end - run.step))
 
-        def on_step(n: int, _loss: float, base: int = step) -> None:
-            if cfg.checkpoint_every and (base + n) % cfg.checkpoint_every == 0 and (base + n) % steps_per_epoch:
-                save(base + n)
+        def on_step(n: int, _loss: float, base: int = run.step) -> None:
+            run.step = base + n
+            if checkpoint is not None and cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < end:
+                run.seconds = time.perf_counter() - start
+                save(checkpoint)
 
-        def step_seed(n: int, base: int = step) -> int:
+        def step_seed(n: int, base: int = run.step) -> int:
             return (cfg.seed * 1_000_003 + (base + n) * 7919 + info.rank) % (2**63)
 
-        stats = train_epoch(dmp, optimizer, batches, total=steps_per_epoch - skip,
+        stats = train_epoch(dmp, optimizer, segment, total=end - run.step,
                             desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}", show=info.is_main and not cfg.quiet,
-                            on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline, device=info.device)
-        step = (epoch + 1) * steps_per_epoch
-        valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
-        trained.history.append({"epoch": epoch + 1, **stats, "valid_ne": valid["ne"], "valid_auc": valid["auc"]})
-        if info.is_main:
-            log.info(f"[{tag}] epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}")
-        save(step)
+                            on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline, device=info.device, carry=run.carry)
+        run.step, run.carry = end, {"sums": {}, "n": 0}
+        _evaluate(cfg, splits, dmp, info, run, stats, steps_per_epoch, tag)
+        if run.bad == 0 and cfg.patience:
+            run.best_weights = snapshot_local(dmp.state_dict())
+            if best_path is not None:
+                save(best_path)
+        run.seconds = time.perf_counter() - start
+        if checkpoint is not None:
+            save(checkpoint)  # the last state: a resume (with more --epochs or --patience) goes on from here
+    if cfg.patience and run.best_weights is not None:
+        restore_local(dmp.state_dict(), run.best_weights)
+    trained.best = run.kept(cfg.patience)
     trained.seconds = time.perf_counter() - start
+    if info.is_main and trained.best:
+        why = "patience ran out" if run.stopped(cfg.patience) else "last epoch reached"
+        log.info(f"[{tag}] kept epoch {trained.best['epoch']} (step {trained.best['step']}, valid NE {trained.best['valid_ne']:.4f}); {why}")
     return trained
+
+
+@dataclass
+class _RunState:
+    """Where a training stands; all of it (but the weights) travels in the checkpoint's extra."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {"epoch", "step", "valid_ne"} of the best evaluation so far
+    bad: int = 0  # evaluations since the best one
+    carry: dict[str, Any] = field(default_factory=lambda: {"sums": {}, "n": 0})  # running loss sums of the open segment
+    seconds: float = 0.0
+    best_weights: list[torch.Tensor] | None = None
+
+    def stopped(self, patience: int) -> bool:
+        return patience > 0 and self.bad >= patience
+
+    def extra(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "bad": self.bad, "carry": self.carry, "seconds": self.seconds}
+
+    def kept(self, patience: int) -> dict[str, Any]:
+        """The evaluation whose weights the model holds now: the best one, or with patience 0 the last."""
+        if patience and self.best is not None:
+            return dict(self.best)
+        last = self.history[-1] if self.history else None
+        return {"epoch": last["epoch"], "step": last["step"], "valid_ne": last["valid_ne"]} if last else {}
+
+
+def _next_evaluation(step: int, steps_per_epoch: int, eval_every: int) -> int:
+    """The global step of the next validation after `step`: the epoch's end, or the next multiple of eval_every."""
+    end = (step // steps_per_epoch + 1) * steps_per_epoch
+    if eval_every:
+        end = min(end, (step // eval_every + 1) * eval_every)
+    return end
+
+
+def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: DistInfo, run: _RunState,
+              stats: dict[str, float], steps_per_epoch: int, tag: str) -> None:
+    """Validation NE at run.step: append to the history, update the best and the patience count."""
+    valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
+    if valid["ne"] is None or not math.isfinite(valid["ne"]):
+        raise C2ALError(f"[{tag}] validation NE is {valid['ne']} at step {run.step}: the validation split needs both labels")
+    epoch = run.step / steps_per_epoch
+    entry = {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3), "step": run.step, **stats,
+             "valid_ne": valid["ne"], "valid_auc": valid["auc"]}
+    run.history.append(entry)
+    improved = run.best is None or valid["ne"] < run.best["valid_ne"]
+    if improved:
+        run.best, run.bad = {"epoch": entry["epoch"], "step": run.step, "valid_ne": valid["ne"]}, 0
+    else:
+        run.bad += 1
+    if info.is_main:
+        mark = "  (best)" if improved else f"  (no gain {run.bad}/{cfg.patience})" if cfg.patience else ""
+        log.info(f"[{tag}] epoch {entry['epoch']}/{cfg.epochs}  loss {stats.get('loss', float('nan')):.4f}  "
+                 f"valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}{mark}")
+
+
+def _resume(cfg: Config, dmp: DistributedModelParallel, optimizer: Any, checkpoint: Path, best_path: Path | None) -> _RunState:
+    """The run state of a checkpoint, its weights in `dmp` and the best-so-far weights in memory."""
+    payload = load_checkpoint(checkpoint, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
+    extra = payload["extra"]
+    run = _RunState(step=int(payload["step"]), history=list(extra.get("history", [])), best=extra.get("best"),
+                    bad=int(extra.get("bad", 0)), carry=extra.get("carry") or {"sums": {}, "n": 0},
+                    seconds=float(extra.get("seconds", 0.0)))
+    if cfg.patience and run.best is not None:
+        if best_path is None or not best_path.exists():
+            raise C2ALError(f"{checkpoint} records a best step {run.best['step']} but {best_path} is missing; "
+                            "resume needs both files (or start again without --resume)")
+        restore(dmp, None, load_checkpoint(best_path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS))
+        run.best_weights = snapshot_local(dmp.state_dict())
+    restore(dmp, optimizer, payload)
+    return run

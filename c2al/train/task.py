@@ -6,7 +6,7 @@ federated loop both call it.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -85,8 +85,13 @@ def train_epoch(
     step_seed: Callable[[int], int] | None = None,
     pipelined: bool = False,
     device: torch.device | None = None,
+    carry: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """One pass; returns mean loss and mean of each named loss part.
+
+    `carry` ({"sums": {...}, "n": steps}) holds running sums that this pass adds
+    to, in place, and the means are over all of them: a pass resumed from a
+    checkpoint (which saves the carry) reports the whole pass's mean loss.
 
     `step_seed(n)` (n counts this call's steps from 0) reseeds torch's RNG before
     each step, so dropout masks depend on the global step only and a resumed
@@ -97,9 +102,11 @@ def train_epoch(
     model and overlaps the next batch's input distribution with this step.
     """
     model.train()
-    sums: dict[str, float] = {}
+    carry = {"sums": {}, "n": 0} if carry is None else carry
+    sums: dict[str, float] = carry["sums"]
     n = 0
-    bar = tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    # disable=None: tqdm draws only into a terminal; logs get the loop's one line per evaluation instead
+    bar = tqdm(total=total, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True)
     if pipelined:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -136,17 +143,18 @@ def train_epoch(
         if not torch.isfinite(loss):
             raise C2ALError(f"{desc}: loss became {loss.item()} at step {n}; lower --lr / --table-lr")
         n += 1
+        carry["n"] += 1
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}")
+        bar.set_postfix(loss=f"{sums['loss'] / carry['n']:.4f}")
         if on_step is not None:
             on_step(n, loss.item())
     bar.close()
     if pipelined:
         pipeline.detach()  # give the module its own forward back for evaluation
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    return {k: v / max(carry["n"], 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
