@@ -6,11 +6,18 @@ hand-computed arrays. Updates are deltas (client weights minus the global
 weights they started from); embedding tables travel as (row ids, row deltas)
 so a client that touched 30 rows of a million-row table sends 30 rows.
 
-Letters: C clients, R rows of a table, D embedding dim, T tiers.
+Robust rules (median, trimmed mean, Krum) call Flower's own functions
+(`flwr.server.strategy.aggregate`, `flwr.serverapp.strategy`); what Flower
+lacks is written here: the same rules row-wise over sparse table updates,
+norm clipping, and capping the example counts clients report.
+
+Letters: C clients, R rows of a table, U rows some client sent, D embedding dim,
+P entries of a whole update, T tiers.
 """
 from __future__ import annotations
 
 from itertools import combinations
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
@@ -76,6 +83,237 @@ def rowwise_mean(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray], weights:
         np.add.at(wsum, i, w)
     touched = np.flatnonzero(wsum > 0)
     return touched, sums[touched] / wsum[touched, None]
+
+
+def cap_counts(counts: Sequence[float], *, median_multiple: float = 5.0, bound: float = 0.0) -> np.ndarray:
+    """The example counts the server weights clients by: reported counts, capped by what it knows.
+
+    FedAvg weights a client by the examples it says it trained on, so one
+    client reporting 10^9 would set the global model alone. Each count is
+    capped at `bound` (the most examples the step budget the server handed
+    out allows: steps x local batch size) and at `median_multiple` times the
+    round's median reported count: a liar then weighs at most that multiple
+    of a typical client, as long as fewer than half the round's clients lie.
+
+    Args:
+        counts: reported examples per client [C].
+        median_multiple: cap as a multiple of the round's median count (0: no such cap).
+        bound: a cap the server knows for every client (0: none).
+
+    Returns:
+        float64 [C], each <= the caps.
+
+    Example:
+        >>> cap_counts([10, 20, 30, 10**9], median_multiple=2.0).tolist()
+        [10.0, 20.0, 30.0, 50.0]
+        >>> cap_counts([10, 20, 30], bound=15).tolist()
+        [10.0, 15.0, 15.0]
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if median_multiple < 0 or bound < 0:
+        raise C2ALError(f"cap_counts: median_multiple and bound must be >= 0, got {median_multiple}, {bound}")
+    if median_multiple > 0 and len(c):
+        c = np.minimum(c, median_multiple * np.median(c))
+    return np.minimum(c, bound) if bound > 0 else c
+
+
+def _flower(module: str) -> ModuleType:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise C2ALError("--aggregation median, trimmed-mean and krum use Flower's aggregation functions: "
+                        "pip install .[flower] (flwr 1.41)") from None
+
+
+def coordinatewise(arrays: Sequence[np.ndarray], rule: str, trim_fraction: float = 0.2) -> np.ndarray:
+    """Per-coordinate median or trimmed mean of C arrays of one shape, by Flower's functions.
+
+    Both ignore example counts (one client, one vote), so a lying count cannot sway them.
+
+    Args:
+        arrays: C arrays of one shape.
+        rule: "median" or "trimmed-mean" (cuts int(trim_fraction * C) values from each end).
+        trim_fraction: share cut from each end, in [0, 0.5).
+
+    Returns:
+        float64 array of that shape.
+
+    Example:
+        >>> coordinatewise([np.array([1.0]), np.array([2.0]), np.array([100.0])], "median").tolist()
+        [2.0]
+        >>> coordinatewise([np.array([v]) for v in (-50.0, 1.0, 2.0, 3.0, 90.0)], "trimmed-mean", 0.2).tolist()
+        [2.0]
+    """
+    fa = _flower("flwr.server.strategy.aggregate")
+    results = [([np.asarray(a, dtype=np.float64)], 1) for a in arrays]
+    if rule == "median":
+        return fa.aggregate_median(results)[0]
+    if rule == "trimmed-mean":
+        if not 0 <= trim_fraction < 0.5:
+            raise C2ALError(f"--trim-fraction must lie in [0, 0.5), got {trim_fraction}")
+        return fa.aggregate_trimmed_avg(results, trim_fraction)[0]
+    raise C2ALError(f"coordinatewise: rule must be median or trimmed-mean, got {rule!r}")
+
+
+def stack_rows(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clients' sparse row deltas on a common grid: the union of the rows any of them sent.
+
+    Args:
+        ids: per client, its distinct row ids [R_c].
+        rows: per client, its deltas of those rows [R_c, D].
+
+    Returns:
+        (union ids [U] sorted, values [C, U, D] zero where a client sent no row, sent [C, U] bool).
+
+    Example:
+        >>> u, v, sent = stack_rows([np.array([3]), np.array([1, 3])], [np.ones((1, 1)), np.full((2, 1), 2.0)])
+        >>> u.tolist(), v[..., 0].tolist(), sent.tolist()
+        ([1, 3], [[0.0, 1.0], [2.0, 2.0]], [[False, True], [True, True]])
+    """
+    union = np.unique(np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])) if len(ids) else np.zeros(0, np.int64)
+    dim = int(np.shape(rows[0])[1]) if len(rows) else 0
+    values = np.zeros((len(ids), len(union), dim))
+    sent = np.zeros((len(ids), len(union)), dtype=bool)
+    for c, (i, r) in enumerate(zip(ids, rows)):
+        pos = np.searchsorted(union, np.asarray(i, dtype=np.int64))
+        values[c, pos] = np.asarray(r, dtype=np.float64)
+        sent[c, pos] = True
+    return union, values, sent
+
+
+def outvotes_one(rule: str, k: int, trim_fraction: float = 0.2) -> bool:
+    """Whether `rule` over k values ignores one arbitrarily large value.
+
+    Example:
+        >>> [outvotes_one("median", k) for k in (1, 2, 3)], outvotes_one("trimmed-mean", 4), outvotes_one("trimmed-mean", 5)
+        ([False, False, True], False, True)
+    """
+    return k >= 3 if rule == "median" else int(trim_fraction * k) >= 1
+
+
+def rowwise(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray], rule: str,
+            trim_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """`coordinatewise` per table row, over the clients that sent that row.
+
+    As in `rowwise_mean`, a client that never saw item i has no vote on item
+    i. Rows sent by the same number k of clients go to Flower's function
+    together, as k arrays [R_k, D]. A row sent by too few clients for the rule
+    to outvote one of them (median: k < 3; trimmed mean: int(trim_fraction k) = 0)
+    has no majority to protect it, so there each client's row delta is first
+    clipped to the median norm of all row deltas of the round: a poisoned
+    client can move a rare item no further than an honest client typically does.
+
+    Args:
+        ids: per client, its distinct row ids [R_c].
+        rows: per client, its deltas of those rows [R_c, D].
+        rule: "median" or "trimmed-mean".
+        trim_fraction: share cut from each end of every row's k values.
+
+    Returns:
+        (ids [U] sorted, aggregated deltas [U, D]).
+
+    Example (row 1 is the median of three; row 0, sent by one client, is clipped to the
+    median row norm 3.5 of |5|, |1|, |2|, |900|):
+        >>> i, v = rowwise([np.array([0, 1]), np.array([1]), np.array([1])],
+        ...                [np.array([[5.0], [1.0]]), np.array([[2.0]]), np.array([[900.0]])], "median")
+        >>> i.tolist(), v.ravel().tolist()
+        ([0, 1], [3.5, 2.0])
+    """
+    union, values, sent = stack_rows(ids, rows)
+    out = np.zeros(values.shape[1:])
+    if not sent.any():
+        return union, out
+    norms = np.linalg.norm(values, axis=2)  # [C, U]
+    cap = float(np.median(norms[sent]))
+    count = sent.sum(0)  # [U] clients per row
+    for k in np.unique(count):
+        cols = np.flatnonzero(count == k)
+        who = np.argsort(~sent[:, cols], axis=0, kind="stable")[:k]  # [k, R_k]: each row's senders first
+        picked = values[who, cols[None, :]]  # [k, R_k, D]
+        if not outvotes_one(rule, int(k), trim_fraction):
+            n = norms[who, cols[None, :]][..., None]
+            picked = picked * np.where(n > cap, cap / np.maximum(n, 1e-300), 1.0)
+        out[cols] = coordinatewise(list(picked), rule, trim_fraction)
+    return union, out
+
+
+def flat_updates(dense: Sequence[Sequence[np.ndarray]],
+                 tables: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray]]]) -> np.ndarray:
+    """Each client's whole update as one vector: dense parameters, then every table on its `stack_rows` grid.
+
+    Args:
+        dense: per dense parameter, the C clients' deltas.
+        tables: per table, (C clients' row ids, C clients' row deltas).
+
+    Returns:
+        float64 [C, P]; rows a client did not send are 0, so distances and norms are those of
+        the full tables' updates.
+
+    Example:
+        >>> flat_updates([[np.array([1.0]), np.array([2.0])]], [([np.array([4]), np.array([])],
+        ...              [np.array([[3.0]]), np.zeros((0, 1))])]).tolist()
+        [[1.0, 3.0], [2.0, 0.0]]
+    """
+    parts = [np.stack([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) for arrays in dense]
+    for ids, rows in tables:
+        _, values, _ = stack_rows(ids, rows)
+        parts.append(values.reshape(len(values), -1))
+    return np.concatenate(parts, axis=1)
+
+
+def clip_factors(norms: Sequence[float], clip_norm: float = 0.0) -> tuple[np.ndarray, float]:
+    """Scale factors min(1, c / |u_c|) that clip each client's update norm to c.
+
+    Args:
+        norms: L2 norm of each client's whole update [C].
+        clip_norm: c; 0 takes the round's median norm, so the threshold follows the
+            honest majority's scale without tuning (a median-based clip).
+
+    Returns:
+        (factors [C], the threshold c used).
+
+    Example:
+        >>> f, c = clip_factors([1.0, 2.0, 4.0]); f.tolist(), c
+        ([1.0, 1.0, 0.5], 2.0)
+        >>> clip_factors([0.0, 4.0], 2.0)[0].tolist()
+        [1.0, 0.5]
+    """
+    n = np.asarray(norms, dtype=np.float64)
+    if clip_norm < 0:
+        raise C2ALError(f"--clip-norm must be >= 0, got {clip_norm}")
+    c = float(clip_norm or np.median(n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > c, c / n, 1.0), c
+
+
+def krum_select(vectors: np.ndarray, f: int, m: int) -> np.ndarray:
+    """The m updates Flower's (Multi-)Krum keeps (Blanchard et al. 2017, El Mhamdi et al. 2018).
+
+    Each client is scored by the summed squared distance to its C - f - 2 nearest
+    others; the m lowest scores are kept. Flower's `select_multikrum` returns the
+    kept updates themselves; here it picks from record dicts whose identity says
+    which client each is, so the caller can average the kept clients' sparse rows too.
+
+    Args:
+        vectors: whole updates [C, P] (`flat_updates`).
+        f: Byzantine clients assumed.
+        m: updates kept (1: Krum).
+
+    Returns:
+        sorted indices of the kept clients [m].
+
+    Example:
+        >>> krum_select(np.array([[0.0], [0.1], [0.3], [50.0]]), f=1, m=2).tolist()
+        [0, 1]
+    """
+    rec = _flower("flwr.app")
+    mk = _flower("flwr.serverapp.strategy.multikrum")
+    contents = [rec.RecordDict({"update": rec.ArrayRecord([v])}) for v in np.asarray(vectors, dtype=np.float64)]
+    where = {id(c): i for i, c in enumerate(contents)}
+    kept = mk.select_multikrum(contents, num_malicious_nodes=int(f), num_nodes_to_select=int(m))
+    return np.sort([where[id(c)] for c in kept])
 
 
 def fedavg_step(param: np.ndarray, delta: np.ndarray, lr: float = 1.0) -> np.ndarray:

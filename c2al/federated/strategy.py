@@ -6,6 +6,9 @@ mu, SAM's rho). `aggregate_fit` rejects malformed updates, averages the rest
 with the pure functions of `aggregate`, and steps the server optimizer.
 FedAvg (server lr 1: the mean model), FedProx (FedAvg on the server, a
 proximal term on the clients) and FedAdam (Reddi et al. 2021) are provided.
+How the accepted updates are combined before the server step is an
+`Aggregation` (--aggregation): the weighted mean, or a rule robust to poisoned
+updates (coordinate-wise median, trimmed mean, norm clipping, Multi-Krum).
 
 Parameters are a dict name -> numpy array holding only SHARED parameters:
 users' private rows never reach the server.
@@ -13,6 +16,7 @@ users' private rows never reach the server.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +28,94 @@ from c2al.federated.heterogeneity import TierSpec, available
 
 log = logging.getLogger("c2al.federated")
 Params = dict[str, np.ndarray]
+Deltas = dict[str, tuple[np.ndarray | None, np.ndarray]]  # name -> (row ids, or None for dense; delta)
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "norm-clip", "krum")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How `aggregate_fit` combines the accepted updates into one delta per parameter.
+
+    Dense parameters are combined whole; shared tables row by row over the
+    clients that sent each row; private user rows never reach the server.
+    Every rule first caps the example counts clients report
+    (`aggregate.cap_counts`), so a client lying about its data cannot take
+    over the weighting.
+
+    Attributes:
+        rule: mean (FedAvg's weighted mean); median or trimmed-mean (per coordinate,
+            unweighted, by Flower's functions); norm-clip (each client's whole update,
+            dense and rows together, clipped to `clip_norm`, then the weighted mean);
+            krum (Flower's Multi-Krum keeps the C - f updates closest to their
+            neighbours, then their weighted mean).
+        trim_fraction: share cut from each end of a coordinate's values (trimmed-mean).
+        clip_norm: norm-clip threshold; 0 takes the round's median update norm.
+        krum_f: clients Krum assumes Byzantine per round: a share of the round's
+            updates when < 1, else a count; at most (C - 3) // 2, Krum's limit.
+        count_cap: a count weighs at most this multiple of the round's median count (0: no cap).
+        max_examples: the most examples any client's step budget allows (0: unknown).
+
+    Example:
+        >>> Aggregation("krum").krum_count(50), Aggregation("krum", krum_f=3).krum_count(50)
+        (12, 3)
+    """
+
+    rule: str = "mean"
+    trim_fraction: float = 0.2
+    clip_norm: float = 0.0
+    krum_f: float = 0.25
+    count_cap: float = 5.0
+    max_examples: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in AGGREGATIONS:
+            raise C2ALError(f"--aggregation must be one of {list(AGGREGATIONS)}, got {self.rule!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise C2ALError(f"--trim-fraction must lie in [0, 0.5), got {self.trim_fraction}")
+        for flag, value in (("--clip-norm", self.clip_norm), ("--krum-f", self.krum_f), ("--count-cap", self.count_cap)):
+            if not value >= 0:
+                raise C2ALError(f"{flag} must be >= 0, got {value}")
+
+    def krum_count(self, n: int) -> int:
+        """f for a round of n updates."""
+        f = int(self.krum_f * n) if self.krum_f < 1 else int(self.krum_f)
+        return max(0, min(f, (n - 3) // 2))
+
+    def combine(self, updates: Sequence[FitResult], layout: Layout, params: Params
+                ) -> tuple[Deltas, np.ndarray, dict[str, Any]]:
+        """One delta per shared parameter from the accepted updates.
+
+        Args:
+            updates: the accepted clients' results [C].
+            layout: which parameters are dense and which are tables.
+            params: the global parameters (table sizes).
+
+        Returns:
+            (deltas, the capped example counts [C], metrics of the rule).
+        """
+        counts = np.array([float(r.num_examples) for r in updates])
+        weights = agg.cap_counts(counts, median_multiple=self.count_cap, bound=self.max_examples)
+        info: dict[str, Any] = {"capped": int((weights < counts).sum())}
+        dense = {n: [r.dense[n] for r in updates] for n in layout.dense}
+        tables = {n: ([r.rows[n][0] for r in updates], [r.rows[n][1] for r in updates]) for n in layout.tables}
+        if self.rule in ("median", "trimmed-mean"):
+            deltas: Deltas = {n: (None, agg.coordinatewise(a, self.rule, self.trim_fraction)) for n, a in dense.items()}
+            deltas.update({n: agg.rowwise(i, r, self.rule, self.trim_fraction) for n, (i, r) in tables.items()})
+            return deltas, weights, info
+        keep, scale = np.arange(len(updates)), np.ones(len(updates))
+        if self.rule == "norm-clip":
+            norms = np.linalg.norm(agg.flat_updates(list(dense.values()), list(tables.values())), axis=1)
+            scale, info["clip_norm"] = agg.clip_factors(norms, self.clip_norm)
+            info["clipped"] = int((scale < 1).sum())
+        elif self.rule == "krum":
+            f = self.krum_count(len(updates))
+            keep = agg.krum_select(agg.flat_updates(list(dense.values()), list(tables.values())), f, len(updates) - f)
+            info["krum_kept"] = len(keep)
+        w = weights[keep]
+        deltas = {n: (None, agg.weighted_mean([a[c] * scale[c] for c in keep], w)) for n, a in dense.items()}
+        for n, (ids, rows) in tables.items():
+            deltas[n] = agg.rowwise_mean([ids[c] for c in keep], [rows[c] * scale[c] for c in keep], w, params[n].shape[0])
+        return deltas, weights, info
 
 
 class FedAvg:
@@ -37,14 +129,17 @@ class FedAvg:
         sam_rho: local SAM radius (0: plain local steps).
         spec: device tiers (step budgets).
         seed: base seed of the clients' shuffles.
+        aggregation: how updates are combined (an `Aggregation`, or a rule name with default options).
     """
 
     name = "fedavg"
 
     def __init__(self, layout: Layout, clients_per_round: int, *, epochs: int = 1, server_lr: float = 1.0,
-                 sam_rho: float = 0.0, spec: TierSpec | None = None, seed: int = 0) -> None:
+                 sam_rho: float = 0.0, spec: TierSpec | None = None, seed: int = 0,
+                 aggregation: Aggregation | str = "mean") -> None:
         self.layout, self.clients_per_round, self.epochs = layout, clients_per_round, epochs
         self.server_lr, self.sam_rho, self.spec, self.seed = server_lr, sam_rho, spec or TierSpec.uniform(), seed
+        self.aggregation = Aggregation(aggregation) if isinstance(aggregation, str) else aggregation
 
     # ------------------------------------------------------------------ hooks
     def configure_fit(self, rnd: int, tiers: np.ndarray, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
@@ -77,14 +172,8 @@ class FedAvg:
         if not good:
             log.warning("round %d: no client update to aggregate; the global model is unchanged", rnd)
             return params, metrics
-        weights = [float(r.num_examples) for _, r in good]
-        deltas: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-        for n in self.layout.dense:
-            deltas[n] = (None, agg.weighted_mean([r.dense[n] for _, r in good], weights))
-        for n in self.layout.tables:
-            ids, mean = agg.rowwise_mean([r.rows[n][0] for _, r in good], [r.rows[n][1] for _, r in good],
-                                         weights, params[n].shape[0])
-            deltas[n] = (ids, mean)
+        deltas, weights, info = self.aggregation.combine([r for _, r in good], self.layout, params)
+        metrics.update(info)
         metrics["loss"] = float(np.average([r.metrics.get("loss", np.nan) for _, r in good], weights=weights))
         metrics["examples"] = int(sum(weights))
         return self.server_step(rnd, params, deltas), metrics
