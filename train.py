@@ -6,16 +6,23 @@
   python train.py --data ratings.csv --label click --sparse user,item,city --user-col user
   torchrun --nproc_per_node 2 train.py --aux-cohorts   # sharded over 2 processes (gloo on CPU)
 
-Writes OUT/report.json, OUT/config.json and checkpoints (see --out).
+Writes OUT/config.json, OUT/report.json and checkpoints (see --out); OUT is locked while a run writes.
+Every flag, the data, OUT and any checkpoint to resume are checked before anything is written;
+a problem is one `error: ...` line and exit status 2.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from c2al.config import Config, parse_args
 from c2al.errors import C2ALError
+
+log = logging.getLogger("c2al")
 
 
 def out_dir(cfg: Config) -> Path:
@@ -26,43 +33,86 @@ def out_dir(cfg: Config) -> Path:
     return Path("runs") / f"{data}-{cfg.model}-{kind}-seed{cfg.seed}"
 
 
+def changed_flags(cfg: Config) -> str:
+    """The flags that differ from the defaults, as they would be typed: what makes this run this run."""
+    default = Config()
+    out = []
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            out.append(f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return " ".join(out) or "(all defaults)"
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """The whole job; returns the report that is also written to OUT/report.json."""
+    """Validate everything, lock OUT, then run the job; returns the report also written to OUT/report.json."""
     from c2al.data.sources import load_splits
+    from c2al.dist.outdir import check_out_dir, lock_out_dir
     from c2al.dist.process import init_distributed
-    from c2al.eval.report import write_json
-    from c2al.jobs.centralized import run_baseline, run_c2al
+    from c2al.jobs.preflight import check_job, check_resume, check_world_size
     from c2al.logs import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()
-    info = init_distributed(cfg.device)
     out = out_dir(cfg)
-    if info.is_main:
-        print(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
-        print(cfg.to_json())
-        write_json(cfg.to_dict(), out / "config.json")
+    # 1. validate: nothing is written until the flags, OUT, the checkpoints and the data have passed
+    check_out_dir(out)
+    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_resume(cfg, out)
+    info = init_distributed(cfg.device)
     splits = load_splits(cfg)
-    if info.is_main:
-        s = splits.schema
-        print(f"data {s.name}: train {len(splits.train)}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
-              f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")
+    check_job(cfg, splits, info)
+    # 2. lock OUT: a second run on the same OUT stops here, naming this one
+    lock = lock_out_dir(out, info)
+    try:
+        if info.is_main:
+            start(cfg, out, info, splits)
+        return run_job(cfg, splits, info, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
+    """What the main process does once OUT is its own: tidy it, save the config, say what runs."""
+    from c2al.dist.outdir import remove_stale_temporaries
+    from c2al.eval.report import write_json
+
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info(f"removed {len(stale)} temporary file(s) a killed run left in {out}: {', '.join(p.name for p in stale)}")
+    write_json(cfg.to_dict(), out / "config.json")
+    log.info(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
+    log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
+    s = splits.schema
+    log.info(f"data {s.name}: train {len(splits.train)}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
+             f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")
+
+
+def run_job(cfg: Config, splits: Any, info: Any, out: Path) -> dict[str, Any]:
     if cfg.federated:
         from c2al.jobs.federated import run_federated
 
         return run_federated(cfg, splits, out)
+    from c2al.jobs.centralized import run_baseline, run_c2al
+
     if cfg.aux_cohorts:
         return run_c2al(cfg, splits, info, out)
     return run_baseline(cfg, splits, info, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = None
+    """Run train.py; a C2ALError is one `error:` line on stderr (from the main process only) and exit status 2."""
     try:
-        cfg = parse_args(argv, description=__doc__)
-        run(cfg)
+        run(parse_args(argv, description=__doc__))
     except C2ALError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

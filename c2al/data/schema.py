@@ -195,6 +195,10 @@ class Table:
         if not np.isin(self.labels, (0.0, 1.0)).all():
             bad = self.labels[~np.isin(self.labels, (0.0, 1.0))][:3]
             raise C2ALError(f"{split} split: labels must be 0 or 1, found {bad.tolist()}")
+        if (self.labels == self.labels[0]).all():
+            # training learns nothing, and NE (relative to the split's base rate) is undefined: a null in report.json
+            raise C2ALError(f"{split} split: all {len(self)} labels are {int(self.labels[0])}; every split needs both "
+                            "labels (more rows, or other --valid-frac / --test-frac)")
         if self.dense.shape != (len(self), len(schema.dense)):
             raise C2ALError(f"{split} split: dense has shape {self.dense.shape}, expected ({len(self)}, {len(schema.dense)})")
         if len(schema.dense) and not np.isfinite(self.dense).all():

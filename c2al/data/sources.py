@@ -10,6 +10,7 @@ Accepted names:
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,13 +45,33 @@ def _only(source: str, roles: dict[str, Any], allowed: tuple[str, ...]) -> dict[
 
 
 def _scalar(key: str, value: str) -> int | float:
+    """An option's text as its SyntheticConfig type: an int field takes only integers (n_rows=2.5 is refused)."""
+    integer = key not in _FLOAT_OPTIONS
     try:
-        return float(value) if key in _FLOAT_OPTIONS or "." in value or "e" in value else int(value)
+        number = int(value) if integer else float(value)
     except ValueError:
-        raise C2ALError(f"--data synthetic: option {key}={value!r} is not a number") from None
+        kind = "an integer" if integer else "a number"
+        raise C2ALError(f"--data synthetic: option {key}={value!r} is not {kind}") from None
+    if not math.isfinite(number):
+        raise C2ALError(f"--data synthetic: option {key}={value!r} is not a finite number")
+    return number
 
 
 _FLOAT_OPTIONS = ("majority_ctr", "valid_frac", "test_frac")
+_TUPLE_OPTIONS = ("minority_shares", "minority_ctrs", "vocab_sizes")  # written a/b/c inside --data
+
+
+def _numbers(key: str, parts: list[Any]) -> tuple[int | float, ...]:
+    """A tuple option's values as ints (vocab_sizes) or floats, or a C2ALError naming the option."""
+    cast = int if key == "vocab_sizes" else float
+    try:
+        values = tuple(cast(x) for x in parts)
+    except (TypeError, ValueError):
+        shown = "/".join(map(str, parts))
+        raise C2ALError(f"--data synthetic: option {key}={shown!r} must be {cast.__name__}s separated by '/'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise C2ALError(f"--data synthetic: option {key} must hold finite numbers, got {values}")
+    return values
 
 
 def synthetic_options(name: str) -> dict[str, str]:
@@ -63,8 +84,10 @@ def synthetic_options(name: str) -> dict[str, str]:
     opts = {}
     for part in filter(None, name.split(":", 1)[1].split(",")):
         key, eq, value = part.partition("=")
-        if not eq:
+        if not eq or not key.strip():
             raise C2ALError(f"--data {name!r}: option {part!r} is not key=value")
+        if key.strip() in opts:
+            raise C2ALError(f"--data {name!r}: option {key.strip()!r} is given twice")
         opts[key.strip()] = value.strip().replace("/", ",")
     return opts
 
@@ -111,9 +134,8 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
         roles = _only("synthetic", roles, _SYNTHETIC_ARGS)
         split_args = {k: roles.pop(k) for k in _SPLIT_ARGS if k in roles}
         for k, v in roles.items():  # "0.03,0.02" from a CLI flag becomes a tuple of floats
-            if isinstance(v, (str, list)) and k in ("minority_shares", "minority_ctrs", "vocab_sizes"):
-                parts = v.split(",") if isinstance(v, str) else v
-                roles[k] = tuple((int if k == "vocab_sizes" else float)(x) for x in parts)
+            if isinstance(v, (str, list)) and k in _TUPLE_OPTIONS:
+                roles[k] = _numbers(k, v.split(",") if isinstance(v, str) else v)
             elif isinstance(v, str):
                 roles[k] = _scalar(k, v)
         return make_synthetic_splits(SyntheticConfig(**roles), **split_args).validate()

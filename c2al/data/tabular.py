@@ -15,7 +15,7 @@ Shared rules (MovieLens uses the same helpers):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -188,16 +188,27 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     if not p.is_file():
         raise C2ALError(f"{p}: no such file")
     try:
-        if name.endswith((".csv", ".csv.gz")):
-            return pd.read_csv(p)
-        if name.endswith(".tsv"):
-            return pd.read_csv(p, sep="\t")
+        if name.endswith((".csv", ".csv.gz", ".tsv")):
+            sep = "\t" if name.endswith(".tsv") else ","
+            _check_header(p, pd.read_csv(p, sep=sep, header=None, nrows=1, dtype=str).iloc[0].tolist())
+            return pd.read_csv(p, sep=sep)
         if name.endswith((".parquet", ".pq")):
             return pd.read_parquet(p)
+    except C2ALError:
+        raise
     except Exception as e:  # pandas/pyarrow raise many types; the user needs the file and the reason
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise C2ALError(f"{p}: cannot read the file ({reason})") from e
     raise C2ALError(f"{p}: unsupported file type; use .csv, .tsv or .parquet")
+
+
+def _check_header(path: Path, names: list[Any]) -> None:
+    """Refuse a header naming one column twice: pandas would rename the second `user` to `user.1` and go on."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(map(str, names)):
+        if name in seen:
+            raise C2ALError(f"{path}: column {name!r} appears twice in the header (columns {seen[name] + 1} and {i + 1})")
+        seen[name] = i
 
 
 def _check_roles(where: str, columns: Sequence[str], roles: dict[str, list[str]]) -> None:
@@ -220,13 +231,21 @@ def _label(df: pd.DataFrame, col: str, where: str) -> np.ndarray:
         first = int(np.flatnonzero(s.isna().to_numpy())[0])
         raise C2ALError(f"{where}: label column {col!r} has {int(s.isna().sum())} missing values (first at row {first})")
     if pd.api.types.is_bool_dtype(s):
-        return s.to_numpy(dtype=np.float32)
+        return _both_labels(s.to_numpy(dtype=np.float32), col, where)
     num = pd.to_numeric(s, errors="coerce")
     bad = num.isna() | ~num.isin([0, 1])
     if bad.any():
         vals = pd.unique(s[bad])[:5].tolist()
         raise C2ALError(f"{where}: label column {col!r} must hold only 0 and 1, found {vals}")
-    return num.to_numpy(dtype=np.float32)
+    return _both_labels(num.to_numpy(dtype=np.float32), col, where)
+
+
+def _both_labels(y: np.ndarray, col: str, where: str) -> np.ndarray:
+    """A label column of one value leaves nothing to learn, and NE (relative to the base rate) is undefined."""
+    if len(y) and (y == y[0]).all():
+        raise C2ALError(f"{where}: label column {col!r} holds only {int(y[0])}s ({len(y)} rows): "
+                        "a model needs both positive and negative rows")
+    return y
 
 
 def _dense(df: pd.DataFrame, cols: list[str], where: str) -> np.ndarray:

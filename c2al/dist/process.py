@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from c2al.data.batch import Batch, iter_batches
 from c2al.data.schema import Schema, Table
+from c2al.errors import C2ALError
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def gather_rows(fn: Callable[[Batch], torch.Tensor], table: Table, schema: Schem
     """
     mine: list[np.ndarray] = []
     batches = iter_batches(table, schema, batch_size, shuffle=False, rank=info.rank, world_size=info.world_size)
-    for batch in tqdm(batches, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+    for batch in tqdm(batches, desc=desc, disable=None if show else True, leave=False, dynamic_ncols=True):  # None: off unless a terminal
         keep = batch.weights.cpu().numpy() > 0
         mine.append(fn(batch.to(info.device)).float().cpu().numpy()[keep])
     per_rank = all_gather_arrays(mine, info)

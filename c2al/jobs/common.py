@@ -31,10 +31,7 @@ def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Pat
     from c2al.cohorts import CohortMiner
 
     if cfg.cohorts:
-        path = Path(cfg.cohorts)
-        miner = CohortMiner.load(path / "cohorts.json" if path.is_dir() else path)
-        if len(miner.contrast_) != cfg.aux_cohorts:
-            raise C2ALError(f"--cohorts {cfg.cohorts!r} holds {len(miner.contrast_)} cohorts but --aux-cohorts is {cfg.aux_cohorts}")
+        miner = saved_miner(cfg)
     else:
         miner = CohortMiner(
             n_cohorts=cfg.aux_cohorts, candidates=cfg.cohort_candidates, n_clusters=cfg.n_clusters,
@@ -42,6 +39,17 @@ def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Pat
         ).fit(cohort_frame(cfg, splits, "valid"), splits.valid.labels, scores=valid_scores)
     if info.is_main:
         miner.save(out / "cohorts.json")
+    return miner
+
+
+def saved_miner(cfg: Config) -> Any:
+    """The miner --cohorts names, with --aux-cohorts cohorts (train.py checks this before training)."""
+    from c2al.cohorts import CohortMiner
+
+    path = Path(cfg.cohorts)
+    miner = CohortMiner.load(path / "cohorts.json" if path.is_dir() else path)
+    if len(miner.contrast_) != cfg.aux_cohorts:
+        raise C2ALError(f"--cohorts {cfg.cohorts!r} holds {len(miner.contrast_)} cohorts but --aux-cohorts is {cfg.aux_cohorts}")
     return miner
 
 
