@@ -57,9 +57,12 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str = "") -> str:
+    """A cell: '-' for missing, 4 decimals, and a signed percentage in `*_pct` columns (+3.56%)."""
     if v is None:
         return "-"
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and column.endswith("_pct"):
+        return f"{v:+.2f}%" if math.isfinite(v) else "nan"
     if isinstance(v, float):
         if not math.isfinite(v):
             return "nan"
@@ -68,8 +71,15 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
-    """Fixed-width text table of `columns` from each row dict."""
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    """Fixed-width text table of `columns` from each row dict; `*_pct` columns read as +3.56%.
+
+    Example:
+        >>> print(format_table([{"cohort": "0", "ne_diff_pct": -3.5567}], ["cohort", "ne_diff_pct"]))
+        cohort  ne_diff_pct
+        -------------------
+             0       -3.56%
+    """
+    cells = [[_fmt(r.get(c), c) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
     out = [title] if title else []

@@ -173,18 +173,22 @@ def run_rounds(
     start = 0
     if checkpoint is not None and resume and checkpoint.exists():
         start = _restore(trained, strategy, checkpoint, config, shape_keys)
-        print(f"[{tag}] resumed from {checkpoint} after round {start}")
-    began = time.perf_counter()
+        log.info(f"[{tag}] resumed from {checkpoint} after round {start}")
+    began = time.perf_counter() - trained.seconds  # a resumed run counts the interrupted run's time too
     threads = torch.get_num_threads()
     # A client's ops are tiny: on a busy machine intra-op thread spin-waits made them ~10x slower.
     torch.set_num_threads(1)
     try:
-        bar = tqdm(range(start, rounds), desc=f"[{tag}] rounds", disable=not show, dynamic_ncols=True, leave=False)
+        bar = tqdm(range(start, rounds), desc=f"[{tag}] rounds", disable=None if show else True, dynamic_ncols=True, leave=False)
         for rnd in bar:
             metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn, workers)
             trained.history.append(metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", ok=metrics["aggregated"], failed=len(metrics["failures"]))
+            if show and bar.disable:  # not a terminal (a log file): one line per round instead of a bar
+                log.info(f"[{tag}] round {rnd + 1}/{rounds}  loss {metrics.get('loss', float('nan')):.4f}  "
+                         f"aggregated {metrics['aggregated']}  failed {len(metrics['failures'])}")
             if checkpoint is not None:
+                trained.seconds = time.perf_counter() - began
                 save_state(trained, strategy, checkpoint, rnd + 1, config or {}, tag)
     finally:
         torch.set_num_threads(threads)
@@ -275,7 +279,7 @@ def save_state(trained: FedTrained, strategy: FedAvg, path: Path, rounds_done: i
         "format": FORMAT, "config": json.dumps(config, sort_keys=True), "step": int(rounds_done),
         "model": {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in trained.params.items()},
         "optimizer": {"strategy": strategy_state, "clients": trained.store.state_dict()},
-        "extra": json.dumps({"history": trained.history, "tag": tag, "federated": True}),
+        "extra": json.dumps({"history": trained.history, "tag": tag, "federated": True, "seconds": trained.seconds}),
     }, path)
 
 
@@ -291,6 +295,7 @@ def _restore(trained: FedTrained, strategy: FedAvg, path: Path, config: dict[str
     strategy.load_state_dict(_arrays(payload["optimizer"]["strategy"]))
     trained.store.load_state_dict(payload["optimizer"]["clients"])
     trained.history = payload["extra"].get("history", [])
+    trained.seconds = float(payload["extra"].get("seconds", 0.0))
     return int(payload["step"])
 
 
