@@ -1,34 +1,61 @@
-"""`--engine flower`: the same client and server logic as a Flower ClientApp / ServerApp.
+"""`--engine flower`: the federated rounds as a Flower ServerApp / ClientApp on Ray (flwr 1.41).
 
-The ClientApp's train handler is `LocalTrainer.fit` (the shared task inside);
-the ServerApp's loop calls the same strategy hooks (`configure_fit`,
-`aggregate_fit`) as the in-process engine. Only the transport differs:
-parameters travel as Flower ArrayRecords, configs as ConfigRecords, and each
-client's private rows live in its node's `Context.state`, which Flower keeps
-between rounds. Moving to Flower's deployment engine (real devices) changes
-neither the model code nor these two apps.
+Server: a ServerApp whose strategy is `FlowerStrategy` (Flower's Strategy interface
+around c2al's FedAvg / FedProx / FedAdam), run by Flower's own `Strategy.start`. One of
+Flower's strategies (`flwr.serverapp.strategy.FedAvg`, ...) can take its place: the
+ClientApp answers a train message without c2al's plan with its full trained model, as
+Flower's strategies expect. Client: virtual node i holds client i
+(`context.node_config["partition-id"]`), trains it with `LocalTrainer.fit` (the shared
+task inside) and keeps its private rows in `context.state`, which Flower keeps between
+messages. A deployment would change neither app.
 
-Simulation runs on Flower's Ray backend (flwr[simulation] 1.41, optional:
-`pip install .[flower]`). Virtual node i holds client i (its partition-id).
-For the simulation's report the server finally asks every node that trained
-for its private rows (a deployment would instead run a Flower evaluate round
-returning NE sums); `--resume` is not supported by this engine.
+The cost grows with the clients sampled, not with the population:
+- node -> client map without a message: Flower's simulation registers virtual node i
+  i-th and gives it partition-id i, so `grid.get_nodes()` sorted by registration time is
+  the map (only nodes registered in the same microsecond would be asked); every reply
+  names its client and a mismatch stops the run.
+- a round sends one train message per sampled client and nothing to the other nodes.
+- each Ray actor reads the model and the clients' data once, from a file: Flower's Ray
+  backend pickles the ClientApp into every message, and with the data inside its closure
+  that was 16 MB a message on MovieLens-100k.
+
+What leaves a client in simulation: each round it is sampled, its update (dense deltas,
+the deltas of the shared table rows it touched, its example count and loss); once at the
+end, its scores of its own validation and test rows (the report's per-tier and
+per-cohort tables and federated mining need them). Its private rows never leave it, so
+`FedTrained.model` holds the seeded initial private rows. Evaluation visits every client
+once, a few messages in flight at a time (`WindowedGrid`), with a progress bar.
+`--num-actors` Ray actors run the ClientApps. `--resume` is not supported here.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import pickle
+import tempfile
 import time
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from c2al.data.batch import make_batch
+from c2al.data.schema import Table
+from c2al.data.synthetic import concat_tables
 from c2al.errors import C2ALError
-from c2al.federated.client import ClientData, FitResult, LocalTrainer
-from c2al.federated.heterogeneity import drops_out, round_rng
+from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
 from c2al.federated.simulation import ClientStore, FedTrained, initial_params
 from c2al.federated.strategy import FedAvg
 
-_TRAINERS: dict[str, LocalTrainer] = {}  # one working model per Ray actor process and phase
+log = logging.getLogger("c2al.federated")
+# Messages in flight per Ray actor (see WindowedGrid): enough to keep an actor busy between Flower's
+# delivery sweeps (0.1 s apart), few enough that a sweep over 6,040 nodes stays short.
+WINDOW_PER_ACTOR = {"train": 4, "evaluate": 16}
+_LOADED: dict[str, "ClientSide"] = {}  # one copy per Ray actor process
 
 
 def _require_flower() -> None:
@@ -38,124 +65,272 @@ def _require_flower() -> None:
         raise C2ALError("--engine flower needs Flower: pip install '.[flower]' (flwr[simulation]==1.41)") from None
 
 
-def _pack_rows(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    out = {}
-    for n, (ids, vals) in rows.items():
-        out[f"{n}|ids"], out[f"{n}|rows"] = np.asarray(ids, dtype=np.int64), np.ascontiguousarray(vals)
+def backend_config(num_actors: int) -> dict[str, Any]:
+    """Ray with `num_actors` CPUs and one CPU per ClientApp: Flower runs that many actors."""
+    if num_actors < 1:
+        raise C2ALError(f"--num-actors must be >= 1, got {num_actors}")
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": num_actors, "include_dashboard": False, "log_to_driver": False}}
+
+
+# ------------------------------------------------------------------ client side
+@dataclass
+class ClientSide:
+    """What the simulation's virtual nodes read: the working model and every client's rows."""
+
+    trainer: LocalTrainer
+    clients: list[ClientData]
+    scored: Table  # the valid rows then the test rows: one forward scores a client's rows of both
+    n_valid: int
+    _key: bytes | None = field(default=None, repr=False)  # which global model the working model holds
+    _params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, trainer: LocalTrainer, clients: list[ClientData], valid: Table, test: Table) -> "ClientSide":
+        return cls(trainer, clients, concat_tables([replace(valid, cohort_frame=None), replace(test, cohort_frame=None)]), len(valid))
+
+    def rows(self, client: ClientData) -> np.ndarray:
+        """The client's rows of `scored`: its valid rows, then its test rows."""
+        return np.concatenate([client.valid, client.test + self.n_valid])
+
+    def load_global(self, record: Any) -> dict[str, np.ndarray]:
+        """A message's global shared parameters, decoded and written into the working model.
+
+        Once per model: an actor's consecutive messages mostly carry the same one (the
+        round's, then the final one), and decoding it cost half of an evaluation.
+        `fit` and `score_rows` leave the shared parameters as loaded.
+        """
+        from c2al.federated.flower_strategy import from_record
+
+        key = hashlib.blake2b(b"".join(k.encode() + a.data for k, a in record.items()), digest_size=16).digest()
+        if self._key != key:
+            self._key, self._params = None, from_record(record)
+            self.trainer.load(self._params)
+            self._key = key
+        return self._params
+
+    def forget_global(self) -> None:
+        """A client raised mid-fit: the working model may be half-updated."""
+        self._key = None
+
+
+class Payload:
+    """A ClientSide pickled to a file once; each process loads it once (a few bytes per message)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @classmethod
+    def write(cls, side: ClientSide, folder: Path) -> "Payload":
+        path = folder / "client_side.pkl"
+        with open(path, "wb") as f:
+            pickle.dump(side, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return cls(str(path))
+
+    def get(self) -> ClientSide:
+        if self.path not in _LOADED:
+            torch.set_num_threads(1)  # a client's ops are tiny: intra-op threads only spin
+            with open(self.path, "rb") as f:
+                _LOADED[self.path] = pickle.load(f)
+        return _LOADED[self.path]
+
+
+def _private_rows(t: LocalTrainer, client: ClientData, context: Any) -> dict[str, Rows]:
+    """The node's stored private rows, or the seeded initial ones before its first round."""
+    from c2al.federated.flower_strategy import from_record, unpack_rows
+
+    if "private" in context.state:
+        return unpack_rows(from_record(context.state["private"]))
+    init = t.initial_private
+    return {n: (t.touched(client, f), init[n][t.touched(client, f)]) for n, f in t.layout.private.items()}
+
+
+def _full_model(params: dict[str, np.ndarray], res: FitResult) -> dict[str, np.ndarray]:
+    """The client's trained shared parameters, for Flower's own strategies (they average models)."""
+    out = {n: params[n] + d for n, d in res.dense.items()}
+    for n, (ids, delta) in res.rows.items():
+        out[n] = params[n].copy()
+        out[n][ids] += delta
     return out
 
 
-def _unpack_rows(arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    names = {k.rsplit("|", 1)[0] for k in arrays}
-    return {n: (arrays[f"{n}|ids"], arrays[f"{n}|rows"]) for n in names}
+@torch.no_grad()
+def score_rows(t: LocalTrainer, table: Table, rows: np.ndarray, private: dict[str, Rows], batch_size: int = 512) -> np.ndarray:
+    """Probabilities of `rows` of `table` [len(rows)], by the loaded global model with these private rows written in.
+
+    What `c2al.train.task.predict` computes, on batches made straight from the rows: a
+    client scores a handful of rows, and `Table.take` (pandas included) cost as much as the forward.
+    """
+    for n, (ids, vals) in private.items():
+        t.params[n][torch.from_numpy(np.asarray(ids))] = torch.from_numpy(np.asarray(vals))
+    t.module.eval()
+    out = [torch.sigmoid(t.module(make_batch(table, t.schema, rows[b:b + batch_size]))[1][1]).numpy()
+           for b in range(0, len(rows), batch_size)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def _record(arrays: dict[str, np.ndarray]) -> Any:
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}) if arrays else ArrayRecord()
-
-
-def _arrays(record: Any) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def make_client_app(factory: Any, clients: list[ClientData], tag: str) -> Any:
-    """A Flower ClientApp whose train handler is LocalTrainer.fit on the node's own client."""
+def make_client_app(payload: Payload) -> Any:
+    """A Flower ClientApp: virtual node i trains and evaluates client i (its partition-id)."""
     from flwr.app import Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
+    from c2al.federated.flower_strategy import pack_rows, to_record
+
     app = ClientApp()
-
-    def trainer() -> LocalTrainer:
-        if tag not in _TRAINERS:
-            torch.set_num_threads(1)
-            _TRAINERS[tag] = factory()
-        return _TRAINERS[tag]
-
-    def private_rows(t: LocalTrainer, client: ClientData, context: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if "private" in context.state:
-            return _unpack_rows(_arrays(context.state["private"]))
-        init = t.initial_private
-        return {n: (t.touched(client, f), init[n][t.touched(client, f)]) for n, f in t.layout.private.items()}
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        t = trainer()
-        client = clients[int(context.node_config["partition-id"])]
-        params = _arrays(msg.content["arrays"])
-        conf = dict(msg.content["config"])
-        t.load(params)
-        res = t.fit(client, params, private_rows(t, client, context), conf)
-        context.state["private"] = _record(_pack_rows(res.private))
-        return Message(RecordDict({"dense": _record(res.dense), "rows": _record(_pack_rows(res.rows)),
-                                   "metrics": MetricRecord({"num_examples": res.num_examples, "loss": float(res.metrics.get("loss", 0.0))})}),
-                       reply_to=msg)
+        side, cid = payload.get(), int(context.node_config["partition-id"])
+        t, client = side.trainer, side.clients[cid]
+        params, conf = side.load_global(msg.content["arrays"]), dict(msg.content["config"])
+        native = "seed" not in conf  # one of Flower's own strategies: it sends only server-round
+        if native:
+            conf = {"seed": int(conf.get("server-round", 0)) * 1_000_003 + cid, "epochs": 1}
+        try:
+            res = t.fit(client, params, _private_rows(t, client, context), conf)
+        except Exception:
+            side.forget_global()
+            raise
+        context.state["private"] = to_record(pack_rows(res.private))
+        update = ("arrays", _full_model(params, res)) if native else ("update", {**res.dense, **pack_rows(res.rows)})
+        metrics = MetricRecord({"num-examples": res.num_examples, "loss": float(res.metrics.get("loss", 0.0)), "partition-id": cid})
+        return Message(RecordDict({update[0]: to_record(update[1]), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        side, cid = payload.get(), int(context.node_config["partition-id"])
+        t, client = side.trainer, side.clients[cid]
+        side.load_global(msg.content["arrays"])
+        probs = score_rows(t, side.scored, side.rows(client), _private_rows(t, client, context))
+        scores = {"valid": probs[:len(client.valid)], "test": probs[len(client.valid):]}
+        p, y = np.clip(scores["test"], 1e-7, 1 - 1e-7), side.scored.labels[client.test + side.n_valid]
+        logloss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum())
+        metrics = MetricRecord({"num-examples": len(client.test), "logloss-sum": logloss, "partition-id": cid})
+        return Message(RecordDict({"scores": to_record(scores), "metrics": metrics}), reply_to=msg)
 
     @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        t = trainer()
-        client = clients[int(context.node_config["partition-id"])]
-        content = {"metrics": MetricRecord({"cid": client.cid})}
-        if msg.content["config"]["what"] == "private" and "private" in context.state:
-            content["private"] = context.state["private"]
-        return Message(RecordDict(content), reply_to=msg)
+    def query(msg: Message, context: Context) -> Message:  # only nodes whose registration times tie
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}), reply_to=msg)
 
     return app
 
 
-def make_server_app(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, *,
-                    rounds: int, seed: int, spec: Any, show: bool, tag: str) -> Any:
-    """A Flower ServerApp running the strategy's hooks for `rounds` rounds; results land in `trained`."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.serverapp import Grid, ServerApp
+# ------------------------------------------------------------------ server side
+def client_nodes(grid: Any, population: int, poll_s: float = 0.05) -> dict[int, int]:
+    """Client -> node id from Flower's node registry: virtual node i is the i-th registered.
+
+    No message goes out unless two nodes registered in the same microsecond (registering
+    takes about 10 us a node); only those nodes are then asked for their partition-id.
+    """
+    from flwr.app import Message, RecordDict
+
+    while len(nodes := list(grid.get_nodes())) < population:  # virtual nodes register as the ServerApp starts
+        time.sleep(poll_s)
+    key = {n.node_id: (datetime.fromisoformat(n.registered_at), n.last_activated_at or "") for n in nodes}
+    order = sorted(key, key=key.get)
+    node_of = dict(enumerate(order))
+    times = Counter(key.values())
+    tied = [n for n in order if times[key[n]] > 1]
+    if tied:
+        ask = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in tied]
+        slots = sorted(c for c, n in node_of.items() if n in set(tied))
+        answers = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in grid.send_and_receive(ask)}
+        if sorted(answers) != slots:
+            raise C2ALError(f"Flower nodes {tied} registered at the same time and did not all say which client they hold")
+        node_of.update(answers)
+    return node_of
+
+
+class WindowedGrid:
+    """Flower's Grid whose `send_and_receive` keeps at most `window` messages in flight.
+
+    Flower's in-memory link state looks through every stored message for every node
+    on each delivery sweep (ten a second), so a sweep costs nodes x messages in flight:
+    sending a whole evaluation at once made each sweep scan 943 x 943 messages. Pushing
+    the next message as a reply comes back keeps the actors busy at a fraction of that.
+    Everything else is the wrapped Grid's.
+    """
+
+    def __init__(self, grid: Any, window: int, poll_s: float = 0.02, on_first_reply: Callable[[], None] | None = None) -> None:
+        self.grid, self.window, self.poll_s, self.on_first_reply = grid, window, poll_s, on_first_reply
+        self.first_reply_at: float | None = None  # when the first ClientApp answered: Ray and an actor are up
+        self.on_replies: Callable[[list[Any]], None] | None = None  # each batch of replies (a progress bar)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        queue, pending, replies = list(messages)[::-1], set(), []
+        end = None if timeout is None else time.time() + timeout
+        while (queue or pending) and (end is None or time.time() < end):
+            while queue and len(pending) < self.window:
+                pending.update(self.grid.push_messages([queue.pop()]))
+            got = list(self.grid.pull_messages(pending))
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            replies.extend(got)
+            if got and self.first_reply_at is None:
+                self.first_reply_at = time.perf_counter()
+                if self.on_first_reply is not None:
+                    self.on_first_reply()
+            if got and self.on_replies is not None:
+                self.on_replies(got)
+            if not got:
+                time.sleep(self.poll_s)
+        return replies
+
+
+def evaluate_clients(grid: WindowedGrid, strategy: Any, server_round: int, arrays: Any, population: int, *, show: bool, tag: str) -> None:
+    """Every client scores its own rows: one Flower evaluate message per client, `grid.window` in flight."""
+    from flwr.app import ConfigRecord
     from tqdm.auto import tqdm
+
+    with tqdm(total=population, desc=f"[{tag}] evaluating on the clients", disable=None if show else True, leave=False) as bar:
+        grid.on_replies = lambda got: bar.update(len(got))
+        config = ConfigRecord({"cids": list(range(population))})
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, config, grid)))
+        grid.on_replies = None
+
+
+def make_server_app(strategy: Any, population: int, rounds: int, clock: dict[str, float], *, actors: int, show: bool, tag: str) -> Any:
+    """A Flower ServerApp: map nodes, `strategy.start` for `rounds` rounds, then evaluate on every client."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from c2al.federated.flower_strategy import to_record
 
     app = ServerApp()
 
-    def ask(grid: Grid, nodes: list[int], what: str) -> list[Message]:
-        msgs = [Message(RecordDict({"config": ConfigRecord({"what": what})}), dst_node_id=n, message_type="query") for n in nodes]
-        return list(grid.send_and_receive(msgs))
-
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        nodes = list(grid.get_node_ids())
-        while len(nodes) < len(clients):  # virtual nodes register asynchronously
-            time.sleep(0.2)
-            nodes = list(grid.get_node_ids())
-        node_of = {int(m.content["metrics"]["cid"]): m.metadata.src_node_id for m in ask(grid, nodes, "cid")}
-        for rnd in tqdm(range(rounds), desc=f"[{tag}] flower rounds", disable=not show, leave=False):
-            rng = round_rng(seed, rnd)
-            plan = strategy.configure_fit(rnd, tiers, rng)
-            failures: list[tuple[int, str]] = []
-            msgs, sent = [], []
-            for cid, conf in plan:
-                if drops_out(int(tiers[cid]), spec, rng):
-                    failures.append((cid, "dropped out mid-round"))
-                    continue
-                msgs.append(Message(RecordDict({"arrays": _record(trained.params),
-                                                "config": ConfigRecord(conf)}), dst_node_id=node_of[cid], message_type="train",
-                                    group_id=str(rnd)))
-                sent.append(cid)
-            by_node = {m.metadata.src_node_id: m for m in grid.send_and_receive(msgs)} if msgs else {}
-            results = []
-            for cid in sent:
-                reply = by_node.get(node_of[cid])
-                if reply is None or reply.has_error():
-                    failures.append((cid, f"raised: {reply.error.reason if reply is not None else 'no reply'}"))
-                    continue
-                m = reply.content["metrics"]
-                results.append((cid, FitResult(num_examples=int(m["num_examples"]), dense=_arrays(reply.content["dense"]),
-                                               rows=_unpack_rows(_arrays(reply.content["rows"])), private={}, metrics={"loss": float(m["loss"])})))
-            trained.params, metrics = strategy.aggregate_fit(rnd, trained.params, results, failures)
-            metrics["sampled"] = len(plan)
-            metrics["failures"] = [[int(c), r] for c, r in failures]
-            trained.history.append(metrics)
-        for reply in ask(grid, nodes, "private"):  # simulation report only (see module docstring)
-            if reply.has_content() and "private" in reply.content:
-                trained.store.put(int(reply.content["metrics"]["cid"]), _unpack_rows(_arrays(reply.content["private"])))
+        def up() -> None:  # the start-up is the long silent part: say when it is over
+            log.info(f"[{tag}] flower: first ClientApp reply {time.perf_counter() - clock['began']:.1f} s after the engine started "
+                     "(Ray and the actors are up)")
+
+        strategy.node_of = client_nodes(grid, population)
+        windowed = WindowedGrid(grid, WINDOW_PER_ACTOR["train"] * actors, on_first_reply=up)
+        result = strategy.start(windowed, to_record(strategy.params), num_rounds=rounds)
+        clock["trained"] = time.perf_counter()
+        clock["first_reply"] = windowed.first_reply_at or clock["trained"]
+        windowed.window = WINDOW_PER_ACTOR["evaluate"] * actors
+        evaluate_clients(windowed, strategy, rounds, result.arrays, population, show=show, tag=tag)
+        clock["evaluated"] = time.perf_counter()
 
     return app
+
+
+def gather_scores(strategy: Any, trainer: LocalTrainer, clients: list[ClientData], tables: dict[str, Table]) -> dict[str, np.ndarray]:
+    """The clients' scores put back in row order; rows of users without a client (none hold them)
+    are scored here with the global model and the seeded initial private rows."""
+    trainer.load(strategy.params)
+    out = {}
+    for split, table in tables.items():
+        probs = np.full(len(table), np.nan, dtype=np.float32)
+        for c in clients:
+            probs[getattr(c, split)] = strategy.scores[c.cid][split]
+        rest = np.flatnonzero(np.isnan(probs))
+        if len(rest):
+            probs[rest] = score_rows(trainer, table, rest, {})
+        out[split] = probs
+    return out
 
 
 def run_rounds_flower(trainer: LocalTrainer, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, *, cfg: Any,
@@ -163,34 +338,48 @@ def run_rounds_flower(trainer: LocalTrainer, strategy: FedAvg, clients: list[Cli
                       config: Any = None, shape_keys: tuple = (), show: bool = True, tag: str = "federated") -> FedTrained:
     """The Flower twin of `simulation.run_rounds` (same arguments), on Flower's Ray simulation backend.
 
-    One Ray actor: each actor imports torch and TorchRec once, which on a 2-core machine costs
-    more than the clients' training; the clients of a round run one after another, as in-process.
+    `cfg.num_actors` Ray actors run the ClientApps (each imports torch once). The
+    returned FedTrained carries the clients' own scores of the valid and test splits;
+    its `seconds` include the start-up (Ray, the actors importing torch).
     """
     _require_flower()
     from flwr.simulation import run_simulation
+    from tqdm.auto import tqdm
+
+    from c2al.federated.flower_strategy import FlowerStrategy
 
     if resume:
         raise C2ALError("--resume is not supported with --engine flower; use --engine simulation")
+    actors = int(getattr(cfg, "num_actors", 1))
+    backend = backend_config(actors)
     params, private_init = initial_params(trainer)
     trainer.initial_private = private_init
-    trained = FedTrained(trainer=trainer, params=params, store=ClientStore(private_init))
-    factory = _Factory(trainer)
-    began = time.perf_counter()
-    run_simulation(server_app=make_server_app(trained, strategy, clients, tiers, rounds=rounds, seed=seed, spec=spec, show=show, tag=tag),
-                   client_app=make_client_app(factory, clients, tag), num_supernodes=len(clients),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 1, "include_dashboard": False, "log_to_driver": False}})
-    trained.seconds = time.perf_counter() - began
-    if len(trained.history) != rounds:
-        raise C2ALError(f"Flower simulation stopped after {len(trained.history)} of {rounds} rounds (see Flower's log above)")
+    if not show:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    clock = {"began": time.perf_counter()}
+    with tqdm(total=rounds, desc=f"[{tag}] flower rounds", disable=None if show else True, leave=False, dynamic_ncols=True) as bar, \
+            tempfile.TemporaryDirectory(prefix="c2al-flower-") as folder:
+        adapter = FlowerStrategy(strategy, params, tiers, seed=seed, spec=spec, on_round=lambda m: bar.update(1))
+        payload = Payload.write(ClientSide.of(trainer, clients, splits.valid, splits.test), Path(folder))
+        server = make_server_app(adapter, len(clients), rounds, clock, actors=actors, show=show, tag=tag)
+        run_simulation(server_app=server, client_app=make_client_app(payload), num_supernodes=len(clients),
+                       backend_config=backend)
+    clock["ended"] = time.perf_counter()
+    if len(adapter.history) != rounds or "evaluated" not in clock:
+        raise C2ALError(f"Flower simulation stopped after {len(adapter.history)} of {rounds} rounds (see Flower's log above)")
+    trained = FedTrained(trainer=trainer, params=adapter.params, store=ClientStore(private_init), history=adapter.history,
+                         seconds=clock["trained"] - clock["began"])
+    trained.scores = gather_scores(adapter, trainer, clients, {"valid": splits.valid, "test": splits.test})
+    log.info(timing_line(clock, actors, len(clients), tag))
     return trained
 
 
-class _Factory:
-    """Ships the working model to each Ray actor once (pickled), where it becomes that actor's trainer."""
+def timing_line(clock: dict[str, float], actors: int, nodes: int, tag: str) -> str:
+    """The engine's phases on one line (benchmarks/flower_engine.py reads it).
 
-    def __init__(self, trainer: LocalTrainer) -> None:
-        self.trainer = trainer
-
-    def __call__(self) -> LocalTrainer:
-        return self.trainer
+    startup: until the first ClientApp replied (Ray, actors importing torch and reading
+    the data, one client's training); rounds: from there to the last aggregation.
+    """
+    phases = {"startup_s": clock["first_reply"] - clock["began"], "rounds_s": clock["trained"] - clock["first_reply"],
+              "eval_s": clock["evaluated"] - clock["trained"], "shutdown_s": clock["ended"] - clock["evaluated"]}
+    return f"[{tag}] flower timings: " + " ".join(f"{k}={v:.2f}" for k, v in phases.items()) + f" actors={actors} nodes={nodes}"

@@ -91,6 +91,13 @@ class FedTrained:
     store: ClientStore
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # --engine flower: split -> the clients' own scores
+    best: dict[str, Any] = field(default_factory=dict)  # {"round", "rounds", "valid_ne", "valid_auc"} of the state it holds
+    bad: int = 0  # evaluations since the best one
+    best_state: tuple[Params, ClientStore] | None = None  # deep copies of the best evaluation's params and client store
+
+    def stopped(self, patience: int) -> bool:
+        return patience > 0 and self.bad >= patience
 
     @property
     def model(self) -> torch.nn.Module:
@@ -103,6 +110,15 @@ class FedTrained:
         `c2al.train.task.predict(trained.module, ...)` scores each row with its own user's private row."""
         self.install()
         return self.trainer.module
+
+    def predict(self, split: str, splits: Any, batch_size: int) -> np.ndarray:
+        """Probabilities for every row of `splits.<split>`, each row scored with its own user's private row:
+        the scores the clients computed themselves (--engine flower), else `predict` on `module`."""
+        from c2al.train.task import predict
+
+        if split in self.scores:
+            return self.scores[split]
+        return predict(self.module, getattr(splits, split), splits.schema, batch_size)
 
     def install(self) -> None:
         """Write the global parameters and all private rows into the working model."""
