@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_ARGS ?= --aux-cohorts
 
-.PHONY: install run test bench minority-ne clean
+.PHONY: install run test bench minority-ne flower-engine clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	@echo ">> creating $(VENV) and installing the pinned CPU dependency set"
@@ -26,8 +26,9 @@ run: $(STAMP)
 	$(BIN)/python train.py $(RUN_ARGS)
 
 test: $(STAMP)
-	@echo ">> pytest tests"
-	$(BIN)/python -m pytest -q tests
+	@echo ">> ruff check (ruff.toml), then pytest: the suite and every docstring example"
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/python -m pytest -q --doctest-modules c2al models cohorts tests
 
 bench: $(STAMP)
 	@echo ">> benchmarks/throughput.py (installs benchmarks/requirements.txt with --no-deps; torch stays pinned)"
@@ -37,6 +38,10 @@ bench: $(STAMP)
 minority-ne: $(STAMP)
 	@echo ">> benchmarks/minority_ne.py $(MINORITY_ARGS)   (baseline vs C2AL and its controls, 5 seeds; see README)"
 	$(BIN)/python benchmarks/minority_ne.py $(MINORITY_ARGS)
+
+flower-engine: $(STAMP)
+	@echo ">> benchmarks/flower_engine.py $(FLOWER_ARGS)   (Flower engine vs in-process engine wall time, 5 rounds; see README)"
+	$(BIN)/python benchmarks/flower_engine.py $(FLOWER_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

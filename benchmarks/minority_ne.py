@@ -16,13 +16,24 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
   least_contrast  the two least contrasting qualified candidates of the miner
   own_labels      multi-task control: head k learns y on cohort k's rows only,
                   no conflicting zero labels (c2al.attach(aux_labels="own"))
+  auto            lambda from 0.03 / 0.1 / 0.3 picked on validation (--aux-weight auto's rule)
+  gate, project, magnitude   main-anchored aux gradients (c2al.attach(balance=...))
+  tree_cohorts    cohorts mined with --cohort-candidates tree (conjunction rules)
+  cohort_feature  no heads: the mined cohort id as one more sparse input field
+  cohort_bias     no heads: one learned logit offset per mined cohort
+  tuned_regularisation  no heads (lambda = 0): dropout / weight decay picked on
+                  validation from a small grid (Kurin et al. 2022's control)
 
 Every arm runs on every model (--control-models narrows it); TwoTower's clone
 head is a linear one, since its output head, a sum, has no parameters to clone.
-On synthetic data the planted minority cohorts are scored too. Test NE is read
-after the last epoch; "best-epoch valid" compares each training's lowest
-per-epoch validation NE with its baseline's, i.e. what early stopping would
-see, which tells a regularising effect on an overfitting baseline from a gain. Over seeds the
+On synthetic data the planted minority cohorts are scored too. Every training
+(baseline and arms) is early-stopped on validation NE (--patience, default 2;
+--epochs is the maximum) and scored on test with its best epoch's weights.
+"exposed" is NE on the rows of both mined cohorts together. The validation gate
+of train.py decides per seed whether the arm would ship (overall validation NE no
+worse than the baseline's and exposed-cohort validation NE lower); "shipped" is
+the test NE_diff of what ships (0 when the gate keeps the baseline) and "gate
+kept base" counts those seeds. Over seeds the
 per-seed NE_diff % are paired differences against that seed's baseline: the
 summary gives their mean, a 95% t-interval, a paired t-test and a Wilcoxon
 signed-rank test. (seed, model) tasks run in --workers spawned processes of
@@ -78,7 +89,7 @@ from c2al.errors import C2ALError  # noqa: E402
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
 from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
 from c2al.logs import quiet_libraries  # noqa: E402
-from c2al.eval.compare import attention_report, compare  # noqa: E402
+from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores  # noqa: E402
 from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
 from c2al.eval.report import machine_info, format_table, write_json  # noqa: E402
 
@@ -101,23 +112,34 @@ class Arm:
     """One way of training against the baseline (see the module docstring)."""
 
     name: str
-    cohorts: str = "mined"  # mined | random | least
+    kind: str = "c2al"  # c2al | feature (cohort id as input) | bias (per-cohort logit offset) | regularised (tuned lambda=0)
+    cohorts: str = "mined"  # mined | random | least | tree
     k: int = 2
     head: str = "clone"  # clone | linear | mlp (c2al.jobs.common.make_head)
-    lam: float = 0.1
+    lam: float | None = 0.1  # None: --aux-weight auto's grid, picked on validation
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
+    balance: str = "none"  # c2al.balance mode
 
 
 ARMS = {a.name: a for a in (
     Arm("c2al"),
     Arm("lambda_0.03", lam=0.03), Arm("lambda_0.3", lam=0.3), Arm("lambda_1", lam=1.0),
+    Arm("auto", lam=None),
+    Arm("gate", balance="gate"), Arm("project", balance="project"), Arm("magnitude", balance="magnitude"),
     Arm("single_head", k=1),
     Arm("linear_head", head="linear"), Arm("mlp_head", head="mlp"),
     Arm("random_cohorts", cohorts="random"),
     Arm("least_contrast", cohorts="least"),
+    Arm("tree_cohorts", cohorts="tree"),
     Arm("own_labels", labels="own"),
+    Arm("cohort_feature", kind="feature"),
+    Arm("cohort_bias", kind="bias"),
+    Arm("tuned_regularisation", kind="regularised"),
 )}
-QUICK_ARMS = ("c2al", "random_cohorts", "least_contrast", "own_labels", "single_head")
+QUICK_ARMS = ("c2al", "gate", "random_cohorts", "cohort_feature", "cohort_bias", "own_labels")
+# The lambda=0 control of Kurin et al. 2022: the baseline's dropout / weight decay tuned on validation.
+REGULARISATION_GRID = ({"dropout": 0.0, "weight_decay": 0.0}, {"dropout": 0.4, "weight_decay": 0.0},
+                       {"dropout": 0.2, "weight_decay": 1e-5}, {"dropout": 0.2, "weight_decay": 1e-4})
 
 
 # ---------------------------------------------------------------- statistics
@@ -209,19 +231,68 @@ def least_contrasting(miner: Any, k: int) -> Any:
 # ---------------------------------------------------------------- training and scoring
 
 
-def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, info: DistInfo) -> tuple[Any, dict[str, Any]]:
-    """Attach, fit from the baseline's seeded start, detach; returns the served model and facts."""
-    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(arm.lam,), aux_head=arm_head(cfg, arm))
+def train_c2al(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, lam: float, info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """Attach, fit (early-stopped) from the baseline's seeded start, detach; returns the served model and facts."""
+    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(lam,), aux_head=arm_head(cfg, arm))
     model = seeded_model(acfg, splits.schema)  # same seed: same start as the baseline
     wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
-                          head=make_head(acfg, model), aux_labels=arm.labels)
+                          head=make_head(acfg, model), aux_labels=arm.labels, balance=arm.balance)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
     trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
     moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
-    facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before),
+    facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before), "aux_weight": lam,
              "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
-             "history": trained.history}
+             "history": trained.history, "best": trained.best}
     return c2al.detach(trained.model), facts
+
+
+def valid_of(cfg: Config, splits: Splits, module: Any, mined: dict[str, np.ndarray], info: DistInfo) -> dict[str, Any]:
+    """Validation NE overall and on the mined cohorts: what the gate and auto lambda read."""
+    return valid_scores(predict(module, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels, mined["valid"], 2)
+
+
+def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], mined: dict[str, np.ndarray], arm: Arm,
+              info: DistInfo, base_valid: dict[str, Any]) -> tuple[Any, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """One arm: (served model or None, test probabilities, validation scores on the mined cohorts, facts)."""
+    if arm.kind == "feature":  # the mined cohort as one more sparse input field (0: reserved, 1: no cohort)
+        fsplits = splits.with_feature("mined_cohort", {s: np.asarray(v) + 2 for s, v in mined.items()}, 4)
+        trained = fit(cfg, fsplits, seeded_model(cfg, fsplits.schema), info, tag=arm.name)
+        return None, predict(trained.module, fsplits.test, fsplits.schema, cfg.batch_size, info), \
+            valid_of(cfg, fsplits, trained.module, mined, info), {"train_seconds": trained.seconds, "best": trained.best}
+    if arm.kind == "bias":
+        bsplits = splits.with_cohorts(mined)
+        trained = fit(cfg, bsplits, seeded_model(cfg, splits.schema), info, tag=arm.name, cohort_bias=2)
+        return None, predict(trained.module, bsplits.test, splits.schema, cfg.batch_size, info), \
+            valid_of(cfg, bsplits, trained.module, mined, info), {"train_seconds": trained.seconds, "best": trained.best}
+    if arm.kind == "regularised":
+        return tuned_regularisation(cfg, splits, mined, arm, info)
+    lams = AUTO_GRID if arm.lam is None else (arm.lam,)
+    tried = []
+    for lam in lams:
+        served, facts = train_c2al(cfg, splits, ids, arm, lam, info)
+        tried.append((served, facts, {"aux_weight": lam, **valid_of(cfg, splits, served, mined, info)}))
+    if len(tried) == 1:
+        served, facts, valid = tried[0]
+    else:
+        pick = choose_aux_weight([v for _, _, v in tried], base_valid, cfg.gate_tolerance)
+        served, facts, valid = next(t for t in tried if t[2] is pick)
+        facts = {**facts, "auto_candidates": [v for _, _, v in tried]}
+    return served, predict(served, splits.test, splits.schema, cfg.batch_size, info), valid, facts
+
+
+def tuned_regularisation(cfg: Config, splits: Splits, mined: dict[str, np.ndarray], arm: Arm,
+                         info: DistInfo) -> tuple[Any, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """lambda = 0 with dropout / weight decay picked on validation NE from REGULARISATION_GRID."""
+    best = None
+    for params in REGULARISATION_GRID:
+        rcfg = dataclasses.replace(cfg, **params)
+        trained = fit(rcfg, splits, seeded_model(rcfg, splits.schema), info, tag=arm.name)
+        valid = valid_of(rcfg, splits, trained.module, mined, info)
+        if best is None or valid["ne"] < best[2]["ne"]:
+            best = (trained, params, valid)
+    trained, params, valid = best
+    return trained.model, predict(trained.module, splits.test, splits.schema, cfg.batch_size, info), valid, \
+        {"train_seconds": trained.seconds, "best": trained.best, "regularisation": params}
 
 
 def arm_head(cfg: Config, arm: Arm) -> str:
@@ -240,10 +311,33 @@ def attention_scalars(base_model: Any, model: Any, splits: Splits, cfg: Config, 
     return {m: att[m] for m in ("baseline", "c2al") if m in att}
 
 
+def arm_cohorts(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], miner: Any, arm: Arm, trained: Any,
+                info: DistInfo) -> tuple[Any, dict[str, np.ndarray]]:
+    """The cohorts an arm trains on: (their miner when they are not the mined ones, ids per split)."""
+    if arm.cohorts == "random":
+        arm_ids = random_cohorts(splits, ids["train"], arm.k, cfg.seed)
+        own = copy.copy(miner)
+        own.cohorts_ = [{"rule": f"random users {c}"} for c in range(arm.k)]
+        own.contrast_ = np.full(arm.k, math.nan)
+        return own, arm_ids
+    if arm.cohorts == "least":
+        own = least_contrasting(miner, arm.k)
+        return own, {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
+    if arm.cohorts == "tree":  # conjunction cohorts from a decision tree on the baseline's validation signal
+        tcfg = dataclasses.replace(cfg, aux_cohorts=arm.k, cohort_candidates="tree")
+        with tempfile.TemporaryDirectory() as tmp:
+            own = mine_cohorts(tcfg, splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
+        return own, {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
+    return None, {s: np.where(v < arm.k, v, -1) for s, v in ids.items()}  # K=1: cohort 0 only
+
+
 def score_arm(cfg: Config, splits: Splits, base: dict[str, Any], p: np.ndarray, own: Any, own_ids: np.ndarray | None) -> dict[str, Any]:
     """Overall and mined-cohort NE against the baseline; own cohorts and planted ones where they differ."""
     rep = compare(dataclasses.replace(cfg, aux_cohorts=base["k"]), splits, base["ids"]["test"], base["p_test"], p, base["miner"])
-    out = {"overall": rep["overall"], "cohorts": rep["cohorts"], "outside": rep["outside_cohorts"]}
+    inside = base["ids"]["test"] >= 0
+    y = splits.test.labels
+    exposed = ne_diff_pct(summarize(p[inside], y[inside])["ne"], summarize(base["p_test"][inside], y[inside])["ne"])
+    out = {"overall": rep["overall"], "exposed_ne_diff_pct": exposed, "cohorts": rep["cohorts"], "outside": rep["outside_cohorts"]}
     if own is not None:
         out["own_cohorts"] = compare(dataclasses.replace(cfg, aux_cohorts=len(own.cohorts_)), splits, own_ids,
                                      base["p_test"], p, own)["cohorts"]
@@ -264,31 +358,22 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
         miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
     base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)}
+    base["valid"] = valid_of(cfg, splits, trained.module, ids, info)
     rows = [{"seed": cfg.seed, "model": cfg.model, "arm": "baseline", "train_seconds": trained.seconds,
-             "ne": summarize(base["p_test"], splits.test.labels)["ne"],
+             "ne": summarize(base["p_test"], splits.test.labels)["ne"], "valid": base["valid"], "best": trained.best,
              "mined": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in miner.cohorts_],
              "retrieval": retrieval(trained.model, splits, info) if cfg.model == "two-tower" else {},
              "history": trained.history}]
     for arm in arms:
-        own, own_ids = None, None
-        if arm.cohorts == "random":
-            arm_ids = random_cohorts(splits, ids["train"], arm.k, cfg.seed)
-            own = copy.copy(miner)
-            own.cohorts_ = [{"rule": f"random users {c}"} for c in range(arm.k)]
-            own.contrast_ = np.full(arm.k, math.nan)
-            own_ids = arm_ids["test"]
-        elif arm.cohorts == "least":
-            own = least_contrasting(miner, arm.k)
-            arm_ids = {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-            own_ids = arm_ids["test"]
-        else:
-            arm_ids = {s: np.where(v < arm.k, v, -1) for s, v in ids.items()}  # K=1: cohort 0 only
-        served, facts = train_arm(cfg, splits, arm_ids, arm, info)
-        p = predict(served, splits.test, splits.schema, cfg.batch_size, info)
+        own, arm_ids = arm_cohorts(cfg, splits, ids, miner, arm, trained, info)
+        served, p, valid, facts = train_arm(cfg, splits, arm_ids, ids, arm, info, base["valid"])
+        decision = gate(base["valid"], valid, cfg.gate_tolerance)
         row = {"seed": cfg.seed, "model": cfg.model, "arm": arm.name, "spec": dataclasses.asdict(arm), **facts,
-               **score_arm(cfg, splits, base, p, own, own_ids),
-               "attention": attention_scalars(trained.model, served, splits, cfg, info) if cfg.model != "two-tower" else {}}
-        if cfg.model == "two-tower":
+               "valid": valid, "decision": decision,
+               **score_arm(cfg, splits, base, p, own, None if own is None else arm_ids["test"]),
+               "attention": attention_scalars(trained.model, served, splits, cfg, info)
+               if cfg.model != "two-tower" and served is not None else {}}
+        if cfg.model == "two-tower" and served is not None:
             row["retrieval"] = retrieval(served, splits, info)
         rows.append(row)
         tick()
@@ -329,10 +414,10 @@ def splits_of(base: Config) -> Splits:
 
 def metric_values(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     """The per-seed differences summarized for one arm row (NE_diff %, retrieval deltas)."""
-    out = {"overall": row["overall"]["ne_diff_pct"]}
-    best_arm, best_base = best_valid_ne(row), best_valid_ne(base)
-    if best_arm is not None and best_base is not None:
-        out["best_epoch_valid"] = ne_diff_pct(best_arm, best_base)
+    out = {"overall": row["overall"]["ne_diff_pct"], "exposed": row["exposed_ne_diff_pct"]}
+    shipped = row.get("decision", {}).get("shipped") == "c2al"  # the gate ships the baseline otherwise: no change
+    out["shipped_overall"] = out["overall"] if shipped else 0.0
+    out["shipped_exposed"] = out["exposed"] if shipped else 0.0
     for c in row["cohorts"]:
         out[f"cohort_{c['id']}"] = c["ne_diff_pct"]
     for c in row.get("own_cohorts", []):
@@ -342,12 +427,6 @@ def metric_values(row: dict[str, Any], base: dict[str, Any]) -> dict[str, float]
     for key, value in row.get("retrieval", {}).items():
         out[f"{key}_diff"] = value - base["retrieval"][key]
     return out
-
-
-def best_valid_ne(row: dict[str, Any]) -> float | None:
-    """The lowest per-epoch validation NE of a training: what early stopping on NE would keep."""
-    values = [h["valid_ne"] for h in row.get("history") or [] if h.get("valid_ne") is not None]
-    return min(values) if values else None
 
 
 def attention_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -377,7 +456,9 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for (model, arm), metrics in values.items():
         summary.setdefault(model, {})[arm] = {k: describe(v) for k, v in metrics.items()}
-        att = attention_summary([r for r in rows if r["model"] == model and r["arm"] == arm])
+        arm_rows = [r for r in rows if r["model"] == model and r["arm"] == arm]
+        summary[model][arm]["gate_kept"] = f"{sum(r['decision']['shipped'] == 'baseline' for r in arm_rows)}/{len(arm_rows)}"
+        att = attention_summary(arm_rows)
         if att:
             summary[model][arm]["attention"] = att
     by_seed = {(r["model"], r["arm"], r["seed"]): r for r in rows}
@@ -388,7 +469,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
             seeds = sorted(s for (m, a, s) in by_seed if m == model and a == arm and (m, "c2al", s) in by_seed)
             diff = {k: [metric_values(by_seed[(model, arm, s)], bases[(model, s)])[k]
                         - metric_values(by_seed[(model, "c2al", s)], bases[(model, s)])[k] for s in seeds]
-                    for k in ("overall", "cohort_0", "cohort_1", "best_epoch_valid")
+                    for k in ("overall", "exposed", "cohort_0", "cohort_1")
                     if k in arms[arm] and k in summary[model]["c2al"]}
             arms[arm]["minus_c2al"] = {k: describe(v) for k, v in diff.items()}
     return summary
@@ -411,16 +492,16 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
         for arm, m in arms.items():
             out.append({"model": model, "arm": arm, "overall": cell(m.get("overall")), "p_t": pval(m.get("overall"), "t_p"),
                         "p_wilcoxon": pval(m.get("overall"), "wilcoxon_p"),
-                        "cohort 0": cell(m.get("cohort_0")), "p0": pval(m.get("cohort_0"), "t_p"),
-                        "cohort 1": cell(m.get("cohort_1")), "p1": pval(m.get("cohort_1"), "t_p"),
-                        "best-epoch valid": cell(m.get("best_epoch_valid")),
-                        "vs c2al (overall)": cell(m.get("minus_c2al", {}).get("overall"))})
+                        "exposed": cell(m.get("exposed")), "p_exp": pval(m.get("exposed"), "t_p"),
+                        "cohort 0": cell(m.get("cohort_0")), "cohort 1": cell(m.get("cohort_1")),
+                        "shipped (gate)": cell(m.get("shipped_overall")), "gate kept base": m.get("gate_kept", "-"),
+                        "vs c2al (exposed)": cell(m.get("minus_c2al", {}).get("exposed"))})
     return out
 
 
 def print_summary(summary: dict[str, Any], n_seeds: int) -> None:
-    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "cohort 0", "p0", "cohort 1", "p1", "best-epoch valid",
-            "vs c2al (overall)"]
+    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "exposed", "p_exp", "cohort 0", "cohort 1", "shipped (gate)",
+            "gate kept base", "vs c2al (exposed)"]
     print(format_table(table_rows(summary), cols, title=f"test NE_diff % vs baseline on the mined cohorts, mean [95% CI] "
                                                          f"over {n_seeds} seeds (< 0 is better); p: paired t-test / Wilcoxon"))
     extra = []
@@ -447,7 +528,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [(model, arm) for model, arms in summary.items() for arm in arms]
-    panels = ("overall", "cohort_0", "cohort_1")
+    panels = ("overall", "exposed", "shipped_overall")
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.38 * len(labels) + 1.6), sharey=True)
     y = np.arange(len(labels))[::-1]
     for ax, key in zip(axes, panels):

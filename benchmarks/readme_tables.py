@@ -91,23 +91,29 @@ def minority_ne(name: str) -> Callable[[], str]:
         cells_all = [c for arms in res["summary"].values() for c in arms.values()]
         planted = any("planted_0" in c for c in cells_all)
         recall = any("recall@10_diff" in c for c in cells_all)
+        gated = any("shipped_overall" in c for c in cells_all)  # early-stopped protocol with the validation gate
         rows = []
         for model, arms in res["summary"].items():
             for arm, cells in arms.items():
                 att = cells.get("attention", {}).get("attention_entropy")
-                row = [model, arm, ci(cells["overall"]), f"{cells['overall']['t_p']:.3f}",
-                       *(ci(cells[k]) if k in cells else "" for k in ("cohort_0", "cohort_1"))]
+                row = [model, arm, ci(cells["overall"]), f"{cells['overall']['t_p']:.3f}"]
+                row += [ci(cells[k]) if k in cells else "" for k in (("exposed",) if gated else ()) + ("cohort_0", "cohort_1")]
+                if gated:
+                    row += [f"{cells['exposed']['t_p']:.3f}", ci(cells["shipped_overall"]), cells.get("gate_kept", "")]
                 if planted:
                     row += [ci(cells[k]) if k in cells else "" for k in ("planted_0", "planted_1")]
-                row.append(ci(cells["best_epoch_valid"]) if "best_epoch_valid" in cells else "")
+                if not gated:
+                    row.append(ci(cells["best_epoch_valid"]) if "best_epoch_valid" in cells else "")
                 row.append(f"{att['baseline']:.2f} -> {att['arm']:.2f}" if att else "")
                 if recall:
                     r = cells.get("recall@10_diff")
                     row.append(f"{r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if r else "")
                 rows.append(row)
-        header = ["model", "arm", "overall NE_diff % [95% CI]", "paired t p", "mined cohort 0", "mined cohort 1"]
+        header = ["model", "arm", "overall NE_diff % [95% CI]", "paired t p"]
+        header += ["exposed cohorts", "mined cohort 0", "mined cohort 1", "exposed p", "shipped by the gate", "gate kept baseline"] \
+            if gated else ["mined cohort 0", "mined cohort 1"]
         header += ["planted cohort 0", "planted cohort 1"] if planted else []
-        header += ["best-epoch valid NE_diff %", "attention entropy"] + (["recall@10 change"] if recall else [])
+        header += ([] if gated else ["best-epoch valid NE_diff %"]) + ["attention entropy"] + (["recall@10 change"] if recall else [])
         args = res["config"]["args"]
         return md(header, rows) + (
             f"\n\n{len(res['seeds'])} seeds, {res['seconds'] / 60:.0f} min wall with {args.get('workers', 1)} worker process(es) "

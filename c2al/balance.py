@@ -67,8 +67,8 @@ def control(aux: torch.Tensor, main: torch.Tensor, mode: str, relax: float = REL
     check_mode(mode)
     a, g = aux.reshape(aux.shape[0], -1), main.reshape(main.shape[0], -1)  # [B, H]
     if mode.endswith("gate"):
-        agree = ((a * g).sum(1, keepdim=True) > 0).to(a.dtype)  # [B, 1]; cos > 0 <=> dot > 0
-        a = a * agree
+        agree = (a * g).sum(1, keepdim=True) > 0  # [B, 1]; cos > 0 <=> dot > 0
+        a = torch.where(agree, a, torch.zeros_like(a))
     elif mode.endswith("project"):
         dot = (a * g).sum(1, keepdim=True)  # [B, 1]
         a = a - torch.clamp(dot, max=0.0) / (g * g).sum(1, keepdim=True).clamp_min(_EPS) * g

@@ -14,11 +14,11 @@ class _CurrentStdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at emit time (pytest's capture swaps it after set-up)."""
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201 - logging.StreamHandler's own attribute
+    def stream(self):
         return sys.stdout
 
     @stream.setter
-    def stream(self, _value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+    def stream(self, _value) -> None:
         pass
 
 

@@ -224,6 +224,16 @@ class Splits:
     valid: Table
     test: Table
 
+    def with_feature(self, name: str, ids: dict[str, np.ndarray], num_embeddings: int, side: str = "user") -> "Splits":
+        """The same splits with one more single-id sparse field `name` (ids[split] in [0, num_embeddings)),
+        e.g. the mined cohort as an input feature."""
+        schema = replace(self.schema, sparse=(*self.schema.sparse, SparseFeature(name, num_embeddings, side)))
+
+        def add(table: Table, split: str) -> Table:
+            return replace(table, sparse={**table.sparse, name: JaggedColumn.from_ids(np.asarray(ids[split], dtype=np.int64))})
+
+        return Splits(schema=schema, train=add(self.train, "train"), valid=add(self.valid, "valid"), test=add(self.test, "test")).validate()
+
     def with_cohorts(self, ids: dict[str, np.ndarray]) -> "Splits":
         """The same splits with each table's cohort ids replaced by `ids[split]` (-1: no cohort)."""
         return Splits(schema=self.schema, train=self.train.with_cohorts(ids["train"]),

@@ -32,7 +32,12 @@ def title(report: dict[str, Any]) -> str:
     """'movielens-100k, afm, K=2, lambda=0.1': what made the figure."""
     cfg = report.get("config") or {}
     data = str(cfg.get("data", "?"))
-    weights = ",".join(f"{w:g}" for w in cfg.get("aux_weight", []))
+    given = cfg.get("aux_weight", [])
+    if given == "auto":  # --aux-weight auto: the lambda the validation search kept
+        chosen = (report.get("aux_weight_search") or {}).get("chosen")
+        weights = f"auto -> {chosen:g}" if isinstance(chosen, (int, float)) else "auto"
+    else:
+        weights = ",".join(f"{w:g}" for w in given)
     parts = [Path(data).name if "/" in data else data, str(cfg.get("model", "?")), f"K={cfg.get('aux_cohorts', len(report['cohorts']))}",
              f"lambda={weights or '?'}"]
     if cfg.get("federated"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -57,14 +58,15 @@ class Trained:
         return self.dmp.module.model
 
 
-def shard_train_module(cfg: Config, model: nn.Module, info: DistInfo) -> tuple[DistributedModelParallel, Any]:
+def shard_train_module(cfg: Config, model: nn.Module, info: DistInfo, cohort_bias: int = 0,
+                       item_log_q: tuple[str, torch.Tensor] | None = None) -> tuple[DistributedModelParallel, Any]:
     """Wrap in TrainModule, shard, and copy the unsharded initial weights in.
 
     Sharding re-initializes the tables; copying the seeded weights back makes a
     run independent of the world size and lets baseline and C2AL start equal.
     """
     loss = "softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce"
-    module = TrainModule(model, loss=loss)
+    module = TrainModule(model, loss=loss, cohort_bias=cohort_bias, item_log_q=item_log_q)
     init = {k: v.detach().clone() for k, v in module.state_dict().items()}  # unsharded: the same on every rank
     dmp = shard(module, info, table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, sharding_type=cfg.sharding)
     copy_full_into(dmp.state_dict(), init)
@@ -79,6 +81,7 @@ def fit(
     *,
     checkpoint: Path | None = None,
     tag: str = "train",
+    cohort_bias: int = 0,
 ) -> Trained:
     """Train `model` on splits.train for at most cfg.epochs, early-stopped on validation NE.
 
@@ -93,13 +96,14 @@ def fit(
     With cfg.resume and an existing `checkpoint`, training continues from the
     saved step (mid-epoch too: the epoch's batch order is seeded by (seed, epoch)),
     with the best-so-far weights, the patience count, the running loss sums and the
-    elapsed time of the interrupted run.
+    elapsed time of the interrupted run. `cohort_bias` = K trains one logit offset per cohort
+    next to the model (see TrainModule), a per-cohort baseline for C2AL.
     """
     local_batch_size(cfg.batch_size, info.world_size)
     steps_per_epoch = num_batches(len(splits.train), cfg.batch_size, drop_last=True)
     if steps_per_epoch == 0:
         raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
-    dmp, optimizer = shard_train_module(cfg, model, info)
+    dmp, optimizer = shard_train_module(cfg, model, info, cohort_bias, candidate_log_q(cfg, splits))
     trained = Trained(dmp=dmp, optimizer=optimizer)
     run = _RunState()
     best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
@@ -151,6 +155,18 @@ def fit(
         why = "patience ran out" if run.stopped(cfg.patience) else "last epoch reached"
         log.info(f"[{tag}] kept epoch {trained.best['epoch']} (step {trained.best['step']}, valid NE {trained.best['valid_ne']:.4f}); {why}")
     return trained
+
+
+def candidate_log_q(cfg: Config, splits: Splits) -> tuple[str, torch.Tensor] | None:
+    """The logQ correction of in-batch softmax (--two-tower-logq): the item key (the schema's first
+    item-side feature) and the log of each of its ids' share of the training rows, the rate at which a
+    shuffled batch draws it as a candidate; ids absent from train get the rate of one row. None when
+    the run trains no in-batch softmax or the flag is off."""
+    if not (cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" and cfg.two_tower_logq):
+        return None
+    name = splits.schema.item_features[0]
+    counts = np.bincount(splits.train.sparse[name].first(), minlength=splits.schema.feature(name).num_embeddings)
+    return name, torch.from_numpy(np.log(np.maximum(counts, 1) / len(splits.train))).float()
 
 
 @dataclass

@@ -40,12 +40,22 @@ class TrainModule(nn.Module):
     Args:
         model: a model taking (dense_features, sparse_features), or a c2al wrapper.
         loss: "bce", or "softmax" for two-tower in-batch sampled softmax.
+        cohort_bias: K > 0 adds one learned logit offset per cohort (batch.cohort_ids), a
+            per-cohort baseline to compare C2AL with; 0 (default) adds nothing.
+        item_log_q: for loss="softmax", (item-key feature, log sampling probability per id of
+            it): the logQ correction of `in_batch_softmax_loss`; None for none.
     """
 
-    def __init__(self, model: nn.Module, loss: str = "bce") -> None:
+    def __init__(self, model: nn.Module, loss: str = "bce", cohort_bias: int = 0,
+                 item_log_q: tuple[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss_kind = loss
+        # A per-cohort baseline (no heads): one learned logit offset per cohort id in 0..K-1, 0 outside.
+        self.cohort_bias = nn.Parameter(torch.zeros(cohort_bias)) if cohort_bias else None
+        # Not persistent: a training-data statistic, kept out of checkpoints and the served model.
+        self.item_feature = item_log_q[0] if item_log_q is not None else ""
+        self.register_buffer("item_log_q", item_log_q[1] if item_log_q is not None else None, persistent=False)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
         from c2al.plugin import C2ALWrapper
@@ -57,7 +67,7 @@ class TrainModule(nn.Module):
             logits = out.logits
             aux = parts["aux"]
         else:
-            logits = out
+            logits = out if self.cohort_bias is None else out.reshape(-1) + self._bias(batch.cohort_ids)
             loss = bce_with_logits(logits.reshape(-1), batch.labels, batch.weights)
             parts = {"main": loss}
             aux = 0.0 * loss
@@ -67,10 +77,18 @@ class TrainModule(nn.Module):
         parts = {k: v.detach() for k, v in parts.items()}
         return loss, (loss.detach(), logits.detach().reshape(-1), parts)
 
+    def _bias(self, cohort_ids: torch.Tensor) -> torch.Tensor:
+        """[B] the cohort's learned offset, 0 for rows outside every cohort (id -1)."""
+        padded = torch.cat([self.cohort_bias.new_zeros(1), self.cohort_bias])  # index 0: no cohort
+        return padded[cohort_ids + 1]
+
     def _softmax_loss(self, batch: Batch) -> torch.Tensor:
         inner = getattr(self.model, "model", self.model)
         query, candidate = inner.towers(batch.dense, batch.sparse)
-        return in_batch_softmax_loss(query, candidate, batch.labels * batch.weights)
+        log_q = None
+        if self.item_log_q is not None:
+            log_q = self.item_log_q[batch.sparse[self.item_feature].values()]  # [B]: the item key is single-hot
+        return in_batch_softmax_loss(query, candidate, batch.labels * batch.weights, log_q=log_q)
 
 
 def train_epoch(
