@@ -13,7 +13,6 @@ scores, the picked C's test scores, and the seconds spent loading and fitting.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from c2al.config import Config
 from c2al.data.sources import load_splits
 from c2al.data.schema import Schema, Table
 from c2al.eval.metrics import summarize
-from c2al.eval.report import format_table, write_json
+from c2al.eval.report import format_table, machine_info, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,8 +71,7 @@ def main() -> None:
     name = Path(args.data).stem if "/" in args.data else args.data
     write_json({"benchmark": "linear_baseline", "data": args.data, "seed": args.seed, "grid": args.grid, "C": c,
                 "valid_by_C": by_c, "valid": valid, "test": test, "load_seconds": load_seconds,
-                "seconds": time.perf_counter() - start, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-                f"{__import__('os').cpu_count()} cores, python {platform.python_version()}"},
+                "seconds": time.perf_counter() - start, "machine": machine_info()},
                RESULTS / f"linear_baseline_{name}.json")
 
 
