@@ -82,6 +82,8 @@ class Config:
     attention_dim: int = _opt("AFM attention MLP width / AttentionFM rank K'", default=16)
     dropout: float = _opt("AFM dropout on the pairwise products", default=0.2)
     two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)", default="bce", choices=("bce", "softmax"))
+    two_tower_logq: bool = _opt("--two-tower-loss softmax: logQ correction (Yi et al. 2019), each in-batch candidate's logits minus the "
+                                "log of its item's share of the training rows, so popular items are not over-penalised as negatives", default=True)
     # training
     epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
     patience: int = _opt("early stopping: evaluations of validation NE without a strictly lower one before training stops; "

@@ -71,14 +71,22 @@ def in_batch_softmax_loss(
     temperature: float = 0.05,
     normalize: bool = True,
     weights: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax with in-batch negatives, over the positive pairs.
 
     Row i with label 1 is a positive pair (query_i, candidate_i); its softmax
     runs over every candidate of the batch, the other B-1 acting as negatives:
     loss_i = -log softmax_j(<q_i, c_j> / temperature)[i]. The loss is the mean
-    over positive rows. There is no log-Q popularity correction, and a batch
-    holding the same item twice counts the copy as a negative.
+    over positive rows. A batch holding the same item twice counts the copy as
+    a negative.
+
+    In-batch negatives are drawn by popularity, so without correction popular
+    items are pushed down as negatives far more often than a full softmax would.
+    `log_q` applies the logQ correction of Yi et al. (2019): every logit of
+    candidate j becomes <q_i, c_j> / temperature - log Q_j, Q_j being the
+    probability that candidate j is sampled into a batch (its share of the
+    training rows; a constant factor cancels in the softmax).
 
     By default q and c are L2-normalized (cosine similarity), which is what a
     small temperature such as 0.05 is calibrated for; with normalize=False the
@@ -92,6 +100,7 @@ def in_batch_softmax_loss(
         normalize: L2-normalize query and candidate before the dot product.
         weights: [B] sample weights; a row of weight 0 (padding) is neither a
             positive nor a negative. None weighs every row 1.
+        log_q: [B] log sampling probability of each row's candidate; None: no correction.
 
     Returns:
         Scalar loss; 0 with a gradient when the batch has no positives.
@@ -108,12 +117,16 @@ def in_batch_softmax_loss(
             raise C2ALError(
                 f"in_batch_softmax_loss: labels have shape {tuple(labels.shape)}, expected ({query.shape[0]},)"
             )
+        if log_q is not None and log_q.shape != labels.shape:
+            raise C2ALError(f"in_batch_softmax_loss: log_q has shape {tuple(log_q.shape)}, expected ({query.shape[0]},)")
     # float32 whatever the model's dtype: a softmax over B candidates at temperature 0.05
     # is too sharp for half precision.
     query, candidate = query.float(), candidate.float()
     if normalize:
         query, candidate = F.normalize(query, dim=-1), F.normalize(candidate, dim=-1)
     scores = query @ candidate.T / temperature  # [B, B]: row i scores every candidate of the batch
+    if log_q is not None:
+        scores = scores - log_q.float().unsqueeze(0)  # column j: candidate j's correction, for every query
     row_weights = (labels > 0.5).float()  # [B]
     if weights is not None:
         row_weights = row_weights * weights.float()

@@ -72,3 +72,16 @@ def test_two_tower_report_has_retrieval_metrics(tmp_path):
     ret = json.loads((tmp_path / "report.json").read_text())["retrieval"]
     assert set(ret) >= {"recall@10", "ndcg@10", "recall@50", "ndcg@50", "n_users", "n_items"}
     assert 0 <= ret["recall@10"] <= ret["recall@50"] <= 1
+
+
+def test_valid_split_scores_valid_positives_and_filters_only_train_items(splits):
+    pop = popularity_by_feature_id(splits)
+    valid = retrieval_metrics(Oracle(pop), splits, INFO, ks=(10,), split="valid")
+    users_with_positives = len(np.unique(splits.valid.user_ids[splits.valid.labels > 0.5]))
+    assert valid["n_users"] == users_with_positives
+    assert valid["recall@10"] == pytest.approx(valid["popularity_recall@10"])
+
+
+def test_unknown_split_is_refused(splits):
+    with pytest.raises(C2ALError, match="split must be one of"):
+        retrieval_metrics(Oracle(popularity_by_feature_id(splits)), splits, INFO, split="train")

@@ -1,9 +1,11 @@
 """Two-tower retrieval evaluation: recall@K and NDCG@K on held-out items.
 
-Every test user is scored against the whole item catalog (every item seen in
-any split) by the dot product of the two towers. The relevant items are the
-user's positive test interactions; items the user met in train or valid are
-never recommended (the usual "filter seen items" protocol).
+Every user of the evaluated split (test, or valid for choosing settings) is
+scored against the whole item catalog (every item seen in any split) by the
+dot product of the two towers. The relevant items are the user's positive
+interactions in that split; items the user met in the splits before it (train,
+and valid when scoring test) are never recommended (the usual "filter seen
+items" protocol).
 """
 from __future__ import annotations
 
@@ -49,26 +51,45 @@ def catalog(splits: Splits) -> list[tuple[np.ndarray, Table]]:
     return out
 
 
+# The splits whose items a user has met before each evaluated split: never recommended.
+_BEFORE = {"valid": ("train",), "test": ("train", "valid")}
+
+
 @torch.no_grad()
 def retrieval_metrics(model: nn.Module, splits: Splits, info: DistInfo, *, batch_size: int = 1024,
-                      ks: Sequence[int] = (10, 50)) -> dict[str, Any]:
-    """recall@K / NDCG@K of a two-tower model over the test users' positive items."""
+                      ks: Sequence[int] = (10, 50), split: str = "test") -> dict[str, Any]:
+    """recall@K / NDCG@K of a two-tower model over one split's users and their positive items.
+
+    Args:
+        model: anything with `towers(dense, sparse) -> (u [B, H], v [B, H])`.
+        splits: the data; items of every split form the catalog.
+        info: the process group (tower outputs are gathered over ranks).
+        batch_size: rows per tower pass.
+        ks: the cut-offs K.
+        split: "test" (reported), or "valid" (for choosing settings without looking at test).
+
+    Returns:
+        recall@K, ndcg@K and popularity_recall@K (every user gets the items with the most
+        positive train rows) per K, n_users (with a positive) and n_items.
+    """
     if not hasattr(model, "towers"):
         raise C2ALError(f"retrieval metrics need a two-tower model with .towers(), got {type(model).__name__}")
-    test = splits.test
+    if split not in _BEFORE:
+        raise C2ALError(f"retrieval metrics: split must be one of {sorted(_BEFORE)}, got {split!r}")
+    held = getattr(splits, split)
     pieces = catalog(splits)
     item_ids = np.concatenate([ids for ids, _ in pieces])
     items = np.concatenate([tower_vectors(model, rows, splits, "item", batch_size, info) for _, rows in pieces])  # [I, H]
-    users, first = _first_rows(test.user_ids)
-    queries = tower_vectors(model, test.take(first), splits, "user", batch_size, info)  # [U, H]
+    users, first = _first_rows(held.user_ids)
+    queries = tower_vectors(model, held.take(first), splits, "user", batch_size, info)  # [U, H]
     index = {int(i): n for n, i in enumerate(item_ids)}
     user_pos = {int(u): n for n, u in enumerate(users)}
     relevant: list[set[int]] = [set() for _ in users]
-    for u, i, y in zip(test.user_ids, test.item_ids, test.labels):
+    for u, i, y in zip(held.user_ids, held.item_ids, held.labels):
         if y > 0.5 and i >= 0:
             relevant[user_pos[int(u)]].add(index[int(i)])
     seen: list[set[int]] = [set() for _ in users]
-    for part in (splits.train, splits.valid):
+    for part in (getattr(splits, s) for s in _BEFORE[split]):
         for u, i in zip(part.user_ids, part.item_ids):
             n = user_pos.get(int(u))
             if n is not None and i >= 0:
