@@ -86,8 +86,8 @@ class Config:
                                 "log of its item's share of the training rows, so popular items are not over-penalised as negatives", default=True)
     # training
     epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
-    patience: int = _opt("early stopping: evaluations of validation NE without a strictly lower one before training stops; "
-                         "the best evaluation's weights are kept (0: train every epoch, keep the last)", default=2)
+    patience: int = _opt("early stopping: evaluations of validation NE (recall@10 with --two-tower-loss softmax) without a strictly "
+                         "better one before training stops; the best evaluation's weights are kept (0: train every epoch, keep the last)", default=2)
     eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only)", default=0)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)

@@ -1,6 +1,7 @@
 """The logQ popularity correction of the two-tower in-batch softmax (Yi et al. 2019)."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -77,3 +78,13 @@ def test_the_flag_reaches_the_loss(tmp_path, monkeypatch, flag) -> None:
     else:
         assert all(v is not None and v.shape == (256,) and bool((v < 0).all()) for v in seen)
         assert len(np.unique(seen[0].numpy())) > 1  # per item, not one constant
+
+
+def test_softmax_two_tower_keeps_the_epoch_of_best_validation_recall(tmp_path) -> None:
+    assert train.main(["--data", SMALL, "--model", "two-tower", "--two-tower-loss", "softmax", "--epochs", "3", "--patience", "5",
+                       "--batch-size", "256", "--out", str(tmp_path), "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    recalls = [h["valid_recall@10"] for h in report["history"]]
+    assert len(recalls) == 3
+    assert report["best"]["epoch"] == report["history"][int(np.argmax(recalls))]["epoch"]
+    assert report["best"]["valid_recall@10"] == max(recalls)
