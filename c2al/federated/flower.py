@@ -356,6 +356,7 @@ def run_rounds_flower(trainer: LocalTrainer, strategy: FedAvg, clients: list[Cli
     trainer.initial_private = private_init
     if not show:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    log.info(f"[{tag}] flower engine: {len(clients)} virtual nodes, {actors} Ray actor(s) running ClientApps (--num-actors)")
     clock = {"began": time.perf_counter()}
     with tqdm(total=rounds, desc=f"[{tag}] flower rounds", disable=None if show else True, leave=False, dynamic_ncols=True) as bar, \
             tempfile.TemporaryDirectory(prefix="c2al-flower-") as folder:
