@@ -123,7 +123,9 @@ def minority_ne(name: str) -> Callable[[], str]:
 
 def throughput_models() -> str:
     res = load("throughput.json")
-    names = {"tables_only": "TorchRec tables alone (lookup, backward, fused update)", "afm_reference": "c2al AFM, straightforward interaction",
+    # result files since the step and the input pipeline are timed apart (throughput.py COLUMN_NOTES)
+    split_columns = all("input_eps" in r for r in res["rows"].values() if "train_eps" in r)
+    names = {"tables_only": "TorchRec tables alone (lookup, backward, fused update" + ("; no model, so no NE)" if split_columns else ")"), "afm_reference": "c2al AFM, straightforward interaction",
              "afm_lean": "c2al AFM (lean interaction, default)", "afm_lean_heads": "c2al AFM + 2 aux heads (infer: stripped)",
              "afm_lean_embeddingbag": "same AFM on plain nn.EmbeddingBag + dense Adagrad", "attention_fm": "c2al AttentionFM",
              "attention_fm_heads": "c2al AttentionFM + 2 aux heads (infer: stripped)", "deepctr_afm": "deepctr-torch AFM",
@@ -134,10 +136,15 @@ def throughput_models() -> str:
             rows.append([names.get(name, name), "error", "", "", ""])
             continue
         infer = r.get("stripped_infer_eps", r["infer_eps"])
-        rows.append([names.get(name, name), f"{r['train_eps']:,.0f}", f"{infer:,.0f}", f"{r['ne']:.4f}", f"{r['peak_rss_mb']:,.0f}"])
+        ne = "" if r.get("ne") is None else f"{r['ne']:.4f}"  # tables_only has no model to score
+        split = [f"{r['input_eps']:,.0f}", f"{r['train_with_input_eps']:,.0f}"] if split_columns else []
+        rows.append([names.get(name, name), f"{r['train_eps']:,.0f}", *split, f"{infer:,.0f}", ne, f"{r['peak_rss_mb']:,.0f}"])
     ra = res["ratios"]
     m = res["machine"]
-    return md(["model (26 fields, D=16, batch 4096)", "train ex/s", "infer ex/s", "held-out NE", "peak RSS MB"], rows) + (
+    header = ["model (26 fields, D=16, batch 4096)", "train ex/s", "infer ex/s"]
+    if split_columns:
+        header = [header[0], "train step ex/s", "input ex/s", "step + input ex/s", "infer ex/s"]
+    return md([*header, "held-out NE", "peak RSS MB"], rows) + (
         f"\n\nc2al AFM vs deepctr-torch: {ra['afm_lean_vs_deepctr_train']:.2f}x train, {ra['afm_lean_vs_deepctr_infer']:.2f}x inference; "
         f"vs torchfm {ra['afm_lean_vs_torchfm_train']:.2f}x / {ra['afm_lean_vs_torchfm_infer']:.2f}x; lean vs straightforward interaction "
         f"{ra['afm_lean_vs_reference_train']:.2f}x / {ra['afm_lean_vs_reference_infer']:.2f}x. Aux-head training overhead "

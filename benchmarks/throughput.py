@@ -54,7 +54,23 @@ GRID: dict[str, tuple[Callable[[tv.Sizes], tv.Variant], str]] = {
     "torchfm_afm": (tv.torchfm_afm, "pytorch-fm AFM (one nn.Embedding, dense Adagrad)"),
 }
 HEADS = {"afm_lean_heads": "afm_lean", "attention_fm_heads": "attention_fm"}
-COLUMNS = ["row", "train_eps", "infer_eps", "stripped_infer_eps", "ne", "peak_rss_mb"]
+COLUMNS = ["row", "train_eps", "input_eps", "train_with_input_eps", "infer_eps", "stripped_infer_eps", "ne", "peak_rss_mb"]
+# What each column times (also written into the result file): the step and the input pipeline apart,
+# so a fast step is not hidden behind slow batch building and neither is credited with the other.
+COLUMN_NOTES = {
+    "train_eps": "examples/s of the train step alone: forward, loss, backward and optimizer update (for c2al rows "
+                 "TorchRec's input distribution inside DMP and the fused table update in backward); the batch is built "
+                 "before the clock starts",
+    "input_eps": "examples/s of the input pipeline alone: the rows' ids (a numpy array) made into the model's input "
+                 "(a KeyedJaggedTensor Batch as c2al's batcher builds it; deepctr-torch: a float tensor of ids; "
+                 "pytorch-fm: a long tensor)",
+    "train_with_input_eps": "examples/s of input pipeline then step, one after the other as a loop without "
+                            "prefetching runs them: 1 / (1 / input_eps + 1 / train_eps)",
+    "infer_eps": "examples/s of predict alone (eval forward and sigmoid) on held-out batches built beforehand",
+    "stripped_infer_eps": "infer_eps of the model c2al.detach returns (heads rows only)",
+    "ne": "normalized entropy of the held-out predictions after the timed training (none for tables_only, "
+          "which has no model)",
+}
 
 
 def peak_rss_mb() -> float:
@@ -68,15 +84,8 @@ def run_row(name: str, sizes: tv.Sizes) -> dict[str, Any]:
     held = tv.make_data(sizes, sizes.eval_rows, seed=sizes.seed + 2)
     variant = builder(sizes)
     row: dict[str, Any] = {"row": name, "what": what, "params": variant.params, "notes": variant.notes}
-    timed = 0.0
-    for i in range(sizes.train_steps):
-        inp = variant.prepare(train, i * sizes.batch, sizes.batch)
-        start = time.perf_counter()
-        variant.step(inp)
-        if i >= sizes.warmup_steps:
-            timed += time.perf_counter() - start
-    row["train_eps"] = (sizes.train_steps - sizes.warmup_steps) * sizes.batch / timed
-    row.update(_infer(variant.predict, variant.prepare, held, sizes, ""))
+    row.update(_train(variant, train, sizes))
+    row.update(_infer(variant.predict, variant.prepare, held, sizes, "", quality=variant.scores))
     if name in HEADS:
         predict, model = tv.stripped_predictor(variant)
         row["stripped_params"] = tv.param_counts(model)
@@ -91,6 +100,22 @@ def run_row(name: str, sizes: tv.Sizes) -> dict[str, Any]:
         row["stripped_params_equal_baseline"] = row["stripped_params"] == baseline.params
     row["peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def _train(variant: tv.Variant, data: tv.Data, sizes: tv.Sizes) -> dict[str, float]:
+    """Train sizes.train_steps steps, timing the input pipeline (prepare) and the step apart (see COLUMN_NOTES)."""
+    prepare_s = step_s = 0.0
+    for i in range(sizes.train_steps):
+        t0 = time.perf_counter()
+        inp = variant.prepare(data, i * sizes.batch, sizes.batch)
+        t1 = time.perf_counter()
+        variant.step(inp)
+        t2 = time.perf_counter()
+        if i >= sizes.warmup_steps:
+            prepare_s, step_s = prepare_s + t1 - t0, step_s + t2 - t1
+    n = (sizes.train_steps - sizes.warmup_steps) * sizes.batch
+    return {"train_eps": n / step_s, "input_eps": n / prepare_s, "train_with_input_eps": n / (prepare_s + step_s),
+            "train_step_s": step_s, "train_input_s": prepare_s}
 
 
 def _interleaved(predictors: dict[str, Callable[[Any], torch.Tensor]], prepare: Callable[..., Any], held: tv.Data,
@@ -110,7 +135,8 @@ def _interleaved(predictors: dict[str, Callable[[Any], torch.Tensor]], prepare: 
 
 
 def _infer(predict: Callable[[Any], torch.Tensor], prepare: Callable[..., Any], held: tv.Data, sizes: tv.Sizes,
-           prefix: str) -> dict[str, Any]:
+           prefix: str, quality: bool = True) -> dict[str, Any]:
+    """Predict the held-out rows (batches built outside the clock); NE and AUC unless the variant has no model."""
     probs, timed = [], 0.0
     predict(prepare(held, 0, sizes.batch))  # warm-up
     for start in range(0, sizes.eval_rows - sizes.batch + 1, sizes.batch):
@@ -119,8 +145,10 @@ def _infer(predict: Callable[[Any], torch.Tensor], prepare: Callable[..., Any], 
         probs.append(predict(inp).float().numpy())
         timed += time.perf_counter() - t0
     p = np.concatenate(probs)
-    quality = summarize(np.clip(p, 1e-7, 1 - 1e-7), held.labels[: len(p)])
-    return {f"{prefix}infer_eps": len(p) / timed, f"{prefix}ne": quality["ne"], f"{prefix}auc": quality["auc"]}
+    if not quality:
+        return {f"{prefix}infer_eps": len(p) / timed, f"{prefix}ne": None, f"{prefix}auc": None}
+    scored = summarize(np.clip(p, 1e-7, 1 - 1e-7), held.labels[: len(p)])
+    return {f"{prefix}infer_eps": len(p) / timed, f"{prefix}ne": scored["ne"], f"{prefix}auc": scored["auc"]}
 
 
 def spawn(args: list[str], timeout: float) -> dict[str, Any]:
@@ -178,6 +206,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: miner, scaling")
     ap.add_argument("--steps", type=int, default=None, help="override train steps per row")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help=f"dropout of every AFM row (default {tv.Sizes().dropout}; 0 times the steps without the mask draws)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
@@ -188,6 +218,8 @@ def main() -> None:
     sizes = tv.QUICK if args.quick else tv.Sizes()
     if args.steps:
         sizes = replace(sizes, train_steps=args.steps)
+    if args.dropout is not None:
+        sizes = replace(sizes, dropout=args.dropout)
     if args.part == "scaling-worker":
         from throughput_parts import scaling_worker
 
@@ -210,9 +242,11 @@ def run_all(args: argparse.Namespace, sizes: tv.Sizes) -> None:
     from throughput_parts import scaling_rows
 
     base = [sys.executable, str(HERE), *(["--quick"] if args.quick else []),
-            *(["--steps", str(args.steps)] if args.steps else []), *(["--threads", str(args.threads)] if args.threads else [])]
+            *(["--steps", str(args.steps)] if args.steps else []), *(["--threads", str(args.threads)] if args.threads else []),
+            *(["--dropout", str(args.dropout)] if args.dropout is not None else [])]
     report: dict[str, Any] = {"benchmark": "throughput", "command": " ".join(sys.argv), "config": asdict(sizes),
-                              "vocabs": sizes.vocabs, "quick": args.quick, "machine": machine(), "rows": {}}
+                              "vocabs": sizes.vocabs, "quick": args.quick, "machine": machine(), "columns": COLUMN_NOTES,
+                              "rows": {}}
     started = time.perf_counter()
     for name in [r for r in args.rows.split(",") if r]:
         row_started = time.perf_counter()

@@ -29,6 +29,7 @@ class Sizes:
     train_steps: int = 100  # every AFM variant trains this many steps, then NE is read on held-out rows
     warmup_steps: int = 3  # excluded from the timings
     eval_rows: int = 65536
+    dropout: float = 0.2  # every AFM row's dropout (each library puts it where its AFM does; see the rows' notes)
     seed: int = 0
 
     @property
@@ -112,6 +113,7 @@ class Variant:
     params: dict[str, int]
     module: nn.Module
     notes: str = ""
+    scores: bool = True  # predict gives a model's probabilities (NE is reported); False: a timing-only stand-in
 
 
 def _numel(t: Any) -> int:
@@ -178,15 +180,14 @@ def build_c2al_model(kind: str, sizes: Sizes, *, lean: bool, dropout: float, dev
     return AttentionFM(ebc, 0, rank=8)
 
 
-def c2al_sharded(kind: str, sizes: Sizes, *, lean: bool = True, heads: bool = False, dropout: float = 0.2,
-                 sharding: str = "table_wise") -> Variant:
+def c2al_sharded(kind: str, sizes: Sizes, *, lean: bool = True, heads: bool = False, sharding: str = "table_wise") -> Variant:
     """DMP-sharded model, fused row-wise Adagrad tables, Adam on the dense part; optionally 2 aux heads."""
     import c2al
     from c2al.dist.process import init_distributed
     from c2al.dist.sharding import dense_optimizer, shard
     from c2al.train.task import TrainModule
 
-    model = build_c2al_model(kind, sizes, lean=lean, dropout=dropout, device="meta")
+    model = build_c2al_model(kind, sizes, lean=lean, dropout=sizes.dropout, device="meta")
     params = None
     inner: nn.Module = model
     if heads:
@@ -222,7 +223,11 @@ def stripped_predictor(variant: Variant) -> tuple[Callable[[Batch], torch.Tensor
 
 
 def tables_only(sizes: Sizes) -> Variant:
-    """TorchRec's sharded tables alone: lookup, a trivial loss, backward with the fused update."""
+    """TorchRec's sharded tables alone: the lookup, a trivial loss, backward with the fused update.
+
+    predict times the same lookup in eval mode, squashing each row's pooled sum;
+    there is no model, so no NE is reported.
+    """
     from c2al.dist.process import init_distributed
     from c2al.dist.sharding import shard
     from c2al.models import make_ebc
@@ -233,20 +238,26 @@ def tables_only(sizes: Sizes) -> Variant:
             self.ebc = make_ebc(schema_of(sizes), sizes.dim, device="meta")
 
         def forward(self, batch: Batch) -> torch.Tensor:
-            return self.ebc(batch.sparse).values().square().mean()
+            return self.ebc(batch.sparse).values()  # [B, F * D] pooled embeddings
 
     dmp = shard(Tables(), init_distributed("cpu"), table_optimizer="rowwise_adagrad", table_lr=0.05)
 
     def step(batch: Batch) -> None:
-        dmp(batch).backward()
+        dmp.train()
+        dmp(batch).square().mean().backward()
 
-    return Variant(step=step, predict=lambda b: torch.full((len(b),), 0.5), prepare=to_batch,
-                   params=param_counts(dmp), module=dmp, notes="no dense part; predict is a constant")
+    @torch.no_grad()
+    def predict(batch: Batch) -> torch.Tensor:
+        dmp.eval()
+        return torch.sigmoid(dmp(batch).sum(1))  # [B]: a real lookup, not a model's probability
+
+    return Variant(step=step, predict=predict, prepare=to_batch, params=param_counts(dmp), module=dmp, scores=False,
+                   notes="no dense part; predict is the eval-mode lookup plus a row sum, so no NE")
 
 
-def c2al_embeddingbag(sizes: Sizes, dropout: float = 0.2) -> Variant:
+def c2al_embeddingbag(sizes: Sizes) -> Variant:
     """c2al's lean AFM on an unsharded EBC (plain torch.nn.EmbeddingBag per table), dense Adagrad/Adam."""
-    model = build_c2al_model("afm", sizes, lean=True, dropout=dropout, device="cpu")
+    model = build_c2al_model("afm", sizes, lean=True, dropout=sizes.dropout, device="cpu")
     update = _split_optimizer(model, lambda n: "embedding_bag_collection" in n, 0.05, 3e-3)
     fwd = lambda x: model(x.dense, x.sparse)  # noqa: E731
     prepare = lambda d, s, n: (to_batch(d, s, n), torch.from_numpy(d.labels[s : s + n]))  # noqa: E731
@@ -254,29 +265,30 @@ def c2al_embeddingbag(sizes: Sizes, dropout: float = 0.2) -> Variant:
                    prepare=prepare, params=param_counts(model), module=model)
 
 
-def deepctr_afm(sizes: Sizes, dropout: float = 0.2) -> Variant:
+def deepctr_afm(sizes: Sizes) -> Variant:
     """deepctr-torch's AFM, driven by our loop (its fit() adds a DataLoader and callbacks we do not time)."""
     from deepctr_torch.inputs import SparseFeat
     from deepctr_torch.models import AFM as DeepCTRAFM
 
     cols = [SparseFeat(f"c{i}", v, embedding_dim=sizes.dim) for i, v in enumerate(sizes.vocabs)]
     # No L2 terms: c2al's AFM has none, and deepctr's would add a pass over every table per step.
-    model = DeepCTRAFM(cols, cols, attention_factor=sizes.attention, afm_dropout=dropout, l2_reg_linear=0,
+    model = DeepCTRAFM(cols, cols, attention_factor=sizes.attention, afm_dropout=sizes.dropout, l2_reg_linear=0,
                        l2_reg_embedding=0, l2_reg_att=0, seed=sizes.seed, device="cpu")
     update = _split_optimizer(model, lambda n: "embedding_dict" in n, 0.05, 3e-3)
     prepare = lambda d, s, n: (torch.from_numpy(d.ids[s : s + n].astype(np.float32)),  # noqa: E731
                                torch.from_numpy(d.labels[s : s + n]))
     return Variant(step=_bce_step(model, model, update, True), predict=_predictor(model, model, True),
                    prepare=prepare, params=param_counts(model), module=model,
-                   notes="input: float [B, F] of ids as deepctr expects; dropout on the attention output")
+                   notes="input: float [B, F] of ids as deepctr expects; dropout on the attention output [B, D] "
+                         "(c2al's AFM drops the [B, P, D] pair products, as Xiao et al.)")
 
 
-def torchfm_afm(sizes: Sizes, dropout: float = 0.2) -> Variant:
+def torchfm_afm(sizes: Sizes) -> Variant:
     """pytorch-fm (torchfm) AttentionalFactorizationMachineModel: one nn.Embedding over all fields."""
     from torchfm.model.afm import AttentionalFactorizationMachineModel
 
     torch.manual_seed(sizes.seed)
-    model = AttentionalFactorizationMachineModel(sizes.vocabs, sizes.dim, sizes.attention, (dropout, dropout))
+    model = AttentionalFactorizationMachineModel(sizes.vocabs, sizes.dim, sizes.attention, (sizes.dropout, sizes.dropout))
     is_table = lambda n: n.startswith(("embedding", "linear.fc"))  # noqa: E731
     update = _split_optimizer(model, is_table, 0.05, 3e-3)
     prepare = lambda d, s, n: (torch.from_numpy(d.ids[s : s + n]), torch.from_numpy(d.labels[s : s + n]))  # noqa: E731

@@ -37,6 +37,26 @@ def test_every_grid_row_reports_speed_memory_and_ne_or_why_not(report: dict) -> 
             continue
         assert row["train_eps"] > 0 and row["infer_eps"] > 0 and row["peak_rss_mb"] > 0, name
         assert "ne" in row and "params" in row
+        # the step and the input pipeline are timed apart, and together as a loop without prefetching runs them
+        assert row["input_eps"] > 0 and row["train_with_input_eps"] == pytest.approx(
+            1 / (1 / row["train_eps"] + 1 / row["input_eps"]), rel=1e-9), name
+
+
+def test_columns_say_what_they_time_and_the_tables_row_claims_no_quality(report: dict) -> None:
+    assert {"train_eps", "input_eps", "train_with_input_eps", "infer_eps"} <= set(report["columns"])
+    assert report["config"]["dropout"] == 0.2
+    tables = report["rows"]["tables_only"]
+    assert tables["ne"] is None and tables["auc"] is None  # its predict is a lookup, not a model
+
+
+def test_tables_row_times_a_real_lookup() -> None:
+    """Its predict goes through the sharded tables (rows differ), not a constant."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput_variants as tv
+
+    variant = tv.tables_only(tv.QUICK)
+    p = variant.predict(tv.to_batch(tv.make_data(tv.QUICK, 64, seed=3), 0, 64))
+    assert p.shape == (64,) and float(p.std()) > 0 and not variant.scores
 
 
 def test_stripped_model_serves_the_baseline_parameters(report: dict) -> None:
