@@ -63,3 +63,23 @@ def test_help_is_grouped_and_shows_only_meaningful_defaults():
         assert f"\n{title}\n" in text
     flat = " ".join(text.split())  # the help is wrapped to the terminal width
     assert "(default: )" not in flat and "(default: movielens-100k)" in flat
+
+
+def test_cohort_candidate_names_agree_with_the_miner():
+    """Config checks --cohort-candidates without importing the miner (a lower layer); the names must match."""
+    from c2al.cohorts.candidates import SOURCES
+    from c2al.config import CANDIDATES
+
+    assert CANDIDATES == SOURCES
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--dropout", "2"], "--dropout must be in [0, 1), got 2.0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--tier-steps", "1,-2,3"], "--tier-steps must be >= 0, got 1,-2,3"),
+    (["--valid-frac", "0.5", "--test-frac", "0.5"], "--valid-frac + --test-frac must be below 1"),
+])
+def test_out_of_range_values_name_the_flag_and_the_range(argv, needle):
+    with pytest.raises(C2ALError) as err:
+        parse_args(argv)
+    assert needle in str(err.value)
