@@ -174,6 +174,7 @@ FLAG_CASES = [
     flag("flower-resume", "--federated", "--engine", "flower", "--resume", needle="--resume"),
     flag("cohorts-with-federated", "--federated", "--aux-cohorts", "--cohorts", "x.json", needle="--cohorts"),
     # checked against the data or the machine, still before anything is written
+    *([] if torch.cuda.is_available() else [flag("cuda-without-gpu", "--device", "cuda", needle="--device cuda")]),
     flag("table-adam-on-cpu", "--table-optimizer", "adam", needle="adam"),
     flag("row-wise-on-gloo", "--sharding", "row_wise", needle="row_wise"),
     flag("batch-above-train-rows", "--batch-size", "100000", needle="--batch-size"),
@@ -187,6 +188,8 @@ FLAG_CASES = [
 DATA_CASES = [
     Case("missing-file", lambda f, out: on("/no/such/clicks.csv", "--out", str(out)), "/no/such/clicks.csv"),
     data("directory-without-movielens", "no_movielens", "no_movielens"),
+    Case("missing-movielens-directory", lambda f, out: plain("--data", "movielens:/no/such/dir", "--out", str(out)),
+         "/no/such/dir"),
     Case("unknown-source", lambda f, out: plain("--data", "moviepedia", "--out", str(out)), "moviepedia"),
     data("unsupported-suffix", "notes.txt", "notes.txt"),
     data("empty-file", "empty.csv", "empty.csv"),
