@@ -1,8 +1,8 @@
-"""Candidate cohorts: clusters and axis buckets.
+"""Candidate cohorts: clusters, axis buckets and decision-tree conjunctions.
 
 Candidates come in families. A family's rules never share a row (the clusters of
 one clusterer, the values of one categorical column, the quintiles of a numeric
-one), so `selection.disjoint` can tell which
+one, the nodes at one depth of the tree), so `selection.disjoint` can tell which
 candidates of two families overlap from one contingency table.
 
 Letters: N rows, D encoded features, K clusters.
@@ -15,20 +15,27 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.mixture import GaussianMixture
+from sklearn.tree import DecisionTreeRegressor
 from threadpoolctl import threadpool_limits
 
 from c2al.cohorts.encoding import CHUNK, Encoding, nearest_center
 from c2al.cohorts.rules import members, rule_text
 from c2al.errors import C2ALError
 
-SOURCES = ("kmeans", "gmm", "axes")
+SOURCES = ("kmeans", "gmm", "axes", "tree")
 CLUSTERERS = ("kmeans", "gmm")
-ONEHOT_SOURCES = ("kmeans", "gmm")  # sources that one-hot encode categorical columns
-# clusterers fit on a subsample this large, then every row is assigned; EM costs more per row
-FIT_ROWS = {"kmeans": 100_000, "gmm": 20_000}
+ONEHOT_SOURCES = ("kmeans", "gmm", "tree")  # sources that one-hot encode categorical columns
+# clusterers (and the tree) fit on a subsample this large, then every row is assigned; EM costs more per row
+FIT_ROWS = {"kmeans": 100_000, "gmm": 20_000, "tree": 200_000}
 KMEANS_BATCH = 2048  # scikit-learn advises > 256 * cores; larger batches buy little on 2-8 cores
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
 TAIL = 0.05  # top and bottom 5%: the paper's head and tail users by value
+# conjunctions of at most this many conditions stay readable (`region=3 & age>=55 & tenure<2`)
+TREE_DEPTH = 4
+# a split must explain this share of the target's variance: without it the tree halves a homogeneous
+# cohort on noise and the selection prefers the more extreme half (planted conjunctions at 4% / 3% of
+# traffic, 3 seeds: mean ARI 0.80 -> 0.93; unchanged on planted clusters; 1e-3 already loses cohorts)
+TREE_MIN_DECREASE = 3e-4
 
 
 def subsample(Z: np.ndarray, rows: int, rng: np.random.RandomState) -> np.ndarray:
@@ -125,7 +132,7 @@ def families(enc: Encoding, columns: list[np.ndarray], clusters: dict[str, np.nd
         clusters: cluster of each row per clusterer.
         n_clusters: clusters per clusterer.
         axes: positions of the axis columns.
-        extra: further rule families.
+        extra: further rule families (the tree's).
 
     Returns:
         (labels, rules): one label array and one list of rules per family.
@@ -150,3 +157,76 @@ def families(enc: Encoding, columns: list[np.ndarray], clusters: dict[str, np.nd
         labels.append(member)
     return labels, rules
 
+
+# -------------------------------------------------------------------- tree
+def tree_rules(enc: Encoding, columns: list[np.ndarray], target: np.ndarray, min_share: float,
+               n_leaves: int, rng: np.random.RandomState) -> list[list[dict[str, Any]]]:
+    """Conjunction candidates: the nodes of a regression tree of `target` on the cohort features.
+
+    The tree reads raw numeric columns (thresholds stay in the column's units)
+    and one-hot categorical ones; no leaf holds fewer than min_share of the rows,
+    so every node could be exposed. Leaves and internal nodes are candidates: an
+    internal node is the cohort when the tree went on to split it (on planted
+    data the selection always took a leaf, at no cost for offering the nodes).
+
+    Args:
+        enc: the miner's encoding.
+        columns: per-column arrays of X.
+        target: what the tree explains, one value per row [N].
+        min_share: smallest share of rows in a leaf.
+        n_leaves: most leaves the tree grows (best first).
+        rng: seeds the subsample and the tree's tie breaks.
+
+    Returns:
+        One family per depth 1..TREE_DEPTH: the rules of that depth's nodes.
+    """
+    design = enc.transform(columns, scaled=False)  # [N, D]
+    rows = rng.choice(len(design), FIT_ROWS["tree"], replace=False) if len(design) > FIT_ROWS["tree"] else slice(None)
+    fitted = DecisionTreeRegressor(
+        max_depth=TREE_DEPTH, max_leaf_nodes=max(n_leaves, 2), min_samples_leaf=max(1, int(np.ceil(min_share * len(target[rows])))),
+        min_impurity_decrease=TREE_MIN_DECREASE * float(np.var(target[rows])),
+        random_state=rng.randint(np.iinfo(np.int32).max)).fit(design[rows], target[rows])
+    by_depth: dict[int, list[dict[str, Any]]] = {}
+    for depth, path in _node_paths(fitted.tree_):
+        if depth > 0:
+            conds = _simplify([_condition(enc, feature, threshold, right) for feature, threshold, right in path])
+            by_depth.setdefault(depth, []).append({"source": "tree", "conditions": conds})
+    return [by_depth[d] for d in sorted(by_depth)]
+
+
+def _node_paths(tree: Any) -> list[tuple[int, list[tuple[int, float, bool]]]]:
+    """(depth, path) of every node; a path lists (feature, threshold, went right) from the root."""
+    out, stack = [], [(0, [])]
+    while stack:
+        node, path = stack.pop()
+        out.append((len(path), path))
+        left, right = tree.children_left[node], tree.children_right[node]
+        if left >= 0:
+            f, t = int(tree.feature[node]), float(tree.threshold[node])
+            stack += [(right, path + [(f, t, True)]), (left, path + [(f, t, False)])]
+    return sorted(out, key=lambda item: item[0])
+
+
+def _condition(enc: Encoding, feature: int, threshold: float, right: bool) -> dict[str, Any]:
+    """A tree split as a condition on X's column: x <= t / x > t, or col == v / col != v for a one-hot."""
+    column, value = enc.source_of(feature)
+    if value is None:
+        return {"column": column, "op": ">" if right else "<=", "value": threshold}
+    return {"column": column, "op": "==" if right else "!=", "value": value}  # one-hot: right means 1
+
+
+def _simplify(conds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop conditions implied by others: looser bounds, and `!=` beside an `==` on the same column."""
+    equal = {c["column"] for c in conds if c["op"] == "=="}
+    out: list[dict[str, Any]] = []
+    for c in conds:
+        if c["op"] == "!=" and c["column"] in equal:
+            continue
+        same = next((i for i, o in enumerate(out) if o["column"] == c["column"] and o["op"] == c["op"]
+                     and c["op"] in ("<=", ">")), None)
+        if same is None:
+            out.append(dict(c))
+        else:
+            tighter = min if c["op"] == "<=" else max
+            out[same]["value"] = tighter(out[same]["value"], c["value"])
+    return out

@@ -58,6 +58,9 @@ def score_candidates(families: list[np.ndarray], rules: list[list[dict[str, Any]
         (counts [C, B], pooled histogram [B], table, rules [C]); the table has id, source, rule,
         size, share, plr, contrast, qualified, cohort (-1), family and label.
     """
+    if not families:
+        raise C2ALError("no candidate cohorts: the sources proposed none (e.g. a tree whose scores never split); "
+                        "add candidates such as 'kmeans' or 'axes'")
     n_bins, n = len(support), len(y)
     pooled = np.bincount(bins, minlength=n_bins)  # histogram of all samples [B]
     counts, positives, family, label = [], [], [], []

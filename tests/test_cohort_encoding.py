@@ -10,8 +10,8 @@ import pytest
 from c2al.cohorts import CohortMiner
 from c2al.cohorts import encoding as encoding_module
 from c2al.cohorts.encoding import Encoding, read_columns
-from c2al.federated import mining as mining_module
 from c2al.errors import C2ALError
+from c2al.federated import mining as mining_module
 from c2al.federated.mining import FederatedCohortMiner, client_column_stats, server_encoding
 
 

@@ -168,3 +168,40 @@ def test_synthetic_batches_are_valid_kjts(small_splits) -> None:  # type: ignore
 def test_bad_config_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(C2ALError, match=message):
         SyntheticConfig(**kwargs)
+
+
+# ------------------------------------------------------------ planted conjunctions
+CONJ = SyntheticConfig(n_users=5000, n_items=400, n_rows=60_000, conjunctions=True, seed=2)
+
+
+def test_conjunction_cohorts_are_the_rows_whose_user_features_meet_their_rule() -> None:
+    gen = SyntheticGenerator(CONJ)
+    t = gen.chunk(0, 60_000)
+    frame = t.cohort_frame
+    assert [len(rule) for rule in gen.conjunction_rules] == [2, 3] and str(frame["region"].dtype) == "category"
+    for k, rule in enumerate(gen.conjunction_rules):
+        inside = np.ones(len(t), dtype=bool)
+        for column, op, value in rule:
+            values = frame[column].astype(np.float64).to_numpy()
+            inside &= {"==": values == value, ">=": values >= value, "<": values < value}[op]
+        np.testing.assert_array_equal(t.true_cohorts == k, inside)
+
+
+def test_conjunction_cohorts_have_their_share_and_click_rate() -> None:
+    t = SyntheticGenerator(CONJ).chunk(0, 60_000)
+    for k, (share, ctr) in enumerate(zip(CONJ.minority_shares, CONJ.minority_ctrs)):
+        assert abs((t.true_cohorts == k).mean() - share) < 0.004
+        assert abs(t.labels[t.true_cohorts == k].mean() - ctr) < 0.03
+    assert abs(t.labels[t.true_cohorts == -1].mean() - CONJ.majority_ctr) < 0.01
+
+
+def test_conjunction_cohorts_cut_across_the_user_clusters() -> None:
+    gen = SyntheticGenerator(CONJ)
+    for k in range(CONJ.n_minority):
+        clusters = np.bincount(gen.user_cluster[gen.user_group == k], minlength=CONJ.n_clusters)
+        assert (clusters > 0).sum() >= 3  # no single cluster holds a cohort, unlike the default world
+
+
+def test_conjunctions_need_a_region_per_cohort() -> None:
+    with pytest.raises(C2ALError, match="needs its own region"):
+        SyntheticConfig(conjunctions=True, n_regions=2, n_clusters=5, minority_shares=(0.02, 0.02, 0.02))

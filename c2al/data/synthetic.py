@@ -12,6 +12,13 @@ dense x):
     logit = b[cohort] + item_bias[i] + affinity[c, k] + s[cohort] * flip[k, v]
             + hour_effect[h] + x @ w,        s = +1 for the majority, -1 for minorities,
 with b[cohort] solved at construction so each cohort's click rate hits its target.
+
+With `conjunctions=True` the minorities are not clusters but conjunctions of user
+features that cut across them (cohort 0: `region=r0 & age_z>=a`, cohort 1:
+`region=r1 & tenure_z<t & activity_z>=v`, thresholds at quantiles of the region's
+users), the readable rules a decision tree can find and k-means over the same
+features finds poorly. Rows are drawn by group: each minority cohort, then the
+rest of each cluster; a cluster's affinities and devices still follow the cluster.
 Every table the model reads is drawn once from `seed`; chunk j of a stream is drawn
 from (seed, j), so a stream is reproducible and never materialized whole.
 """
@@ -49,6 +56,8 @@ class SyntheticConfig:
         n_dense: dense fields (standard normal, each with a linear effect).
         n_categories: item categories.
         n_regions: user regions.
+        conjunctions: minority cohorts are conjunctions of user features, not clusters
+            (module docstring); the clusters then all have the same number of users.
         seed: seed of everything.
 
     Example:
@@ -68,6 +77,7 @@ class SyntheticConfig:
     n_dense: int = 2
     n_categories: int = 16
     n_regions: int = 8
+    conjunctions: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +96,10 @@ class SyntheticConfig:
             raise C2ALError(f"vocab_sizes must be >= 1, got {self.vocab_sizes}")
         if self.n_users < self.n_clusters or self.n_items < 1 or self.n_rows < 1:
             raise C2ALError("need n_users >= n_clusters, n_items >= 1 and n_rows >= 1")
+        if self.conjunctions not in (True, False, 0, 1):
+            raise C2ALError(f"conjunctions must be a boolean (or 0 / 1), got {self.conjunctions!r}")
+        if self.conjunctions and m > self.n_regions:
+            raise C2ALError(f"conjunctions: each of the {m} minority cohorts needs its own region; n_regions is {self.n_regions}")
 
     @property
     def extra_vocab_sizes(self) -> tuple[int, ...]:
@@ -126,7 +140,7 @@ class SyntheticGenerator:
         # traffic: minorities get their shares, the majority clusters split the rest evenly
         self.traffic = np.concatenate([cfg.minority_shares, np.full(c - m, (1 - sum(cfg.minority_shares)) / (c - m))])
         # users per cluster follow traffic (at least one each); ids are shuffled so id order hides clusters
-        counts = np.maximum(np.floor(self.traffic * cfg.n_users).astype(int), 1)
+        counts = np.maximum(np.floor((np.full(c, 1 / c) if cfg.conjunctions else self.traffic) * cfg.n_users).astype(int), 1)
         counts[-1] += cfg.n_users - counts.sum()
         self.user_cluster = rng.permutation(np.repeat(np.arange(c), counts))
         centers = rng.normal(0.0, 2.5, size=(c, len(USER_NUMERIC)))
@@ -134,9 +148,15 @@ class SyntheticGenerator:
         home = np.arange(c) % cfg.n_regions
         at_home = rng.random(cfg.n_users) < 0.7
         self.user_region = np.where(at_home, home[self.user_cluster], rng.integers(0, cfg.n_regions, cfg.n_users))
-        # within a cluster, user activity is Zipf-like
-        self.cluster_users = [np.flatnonzero(self.user_cluster == k) for k in range(c)]
-        self.cluster_user_cdf = [self._zipf_cdf(len(u), 0.8, rng) for u in self.cluster_users]
+        # a group is one cohort's users: minority cohorts first, then the majority's; without
+        # conjunctions the groups are the clusters
+        self.conjunction_rules: list[list[tuple[str, str, float]]] = []
+        self.user_group = self._conjunction_groups() if cfg.conjunctions else self.user_cluster
+        if cfg.conjunctions:
+            self.traffic = np.concatenate([cfg.minority_shares, np.full(c, (1 - sum(cfg.minority_shares)) / c)])
+        # within a group, user activity is Zipf-like
+        self.group_users = [np.flatnonzero(self.user_group == k) for k in range(len(self.traffic))]
+        self.group_user_cdf = [self._zipf_cdf(len(u), 0.8, rng) for u in self.group_users]
         self.item_category = rng.integers(0, cfg.n_categories, cfg.n_items)
         self.item_cdf = self._zipf_cdf(cfg.n_items, 0.9, rng)
         self.device_cdf = np.cumsum(rng.dirichlet(np.full(N_DEVICES, 2.0), size=c), axis=1)
@@ -147,8 +167,8 @@ class SyntheticGenerator:
         self.flip = rng.choice([-1.2, 1.2], size=(cfg.n_categories, N_DEVICES))
         self.hour_effect = 0.4 * np.sin(2 * np.pi * np.arange(N_HOURS) / N_HOURS + rng.uniform(0, 2 * np.pi))
         self.dense_w = rng.normal(0.0, 0.4, cfg.n_dense)
-        self.sign = np.where(np.arange(c) < m, -1.0, 1.0)  # per cluster: the minorities' flipped interaction
-        self.intercept = np.zeros(c)
+        self.sign = np.where(np.arange(len(self.traffic)) < m, -1.0, 1.0)  # per group: the minorities' flipped interaction
+        self.intercept = np.zeros(len(self.traffic))
         self._calibrate()
         self.schema = self._schema()
 
@@ -159,15 +179,48 @@ class SyntheticGenerator:
         cdf[-1] = 1.0
         return cdf
 
-    def _cohort_target(self, cluster: int) -> float:
+    def _conjunction_groups(self) -> np.ndarray:
+        """Group of each user: minority cohort k where its conjunction holds, else m + its cluster."""
+        cfg, m = self.cfg, self.cfg.n_minority
+        rng = np.random.default_rng([cfg.seed, 3])  # its own stream: the default world draws nothing more
+        regions = rng.choice(cfg.n_regions, m, replace=False)
+        age, tenure, activity = self.user_numeric.T
+        group = m + self.user_cluster
+        for k, region in enumerate(regions):
+            home = self.user_region == region
+            if k % 2 == 0:  # two conditions: the region's older half
+                rule = [("region", "==", float(region)), ("age_z", ">=", float(np.quantile(age[home], 0.5)))]
+            else:  # three: the region's shorter-tenure, more active users
+                low = tenure[home] < np.quantile(tenure[home], 0.6)
+                rule = [("region", "==", float(region)), ("tenure_z", "<", float(np.quantile(tenure[home], 0.6))),
+                        ("activity_z", ">=", float(np.quantile(activity[home][low], 0.3)))]
+            inside = home & (group >= m) & self._holds(rule)
+            if not inside.any():
+                raise C2ALError(f"conjunctions: cohort {k} ({rule}) holds no user; raise n_users")
+            group[inside] = k
+            self.conjunction_rules.append(rule)
+        empty = [j for j in range(cfg.n_clusters) if not (group == m + j).any()]
+        if empty:
+            raise C2ALError(f"conjunctions: clusters {empty} keep no user outside the cohorts; raise n_users")
+        return group
+
+    def _holds(self, rule: list[tuple[str, str, float]]) -> np.ndarray:
+        """Which users meet every condition of a conjunction [n_users]."""
+        ok = np.ones(self.cfg.n_users, dtype=bool)
+        for column, op, value in rule:
+            values = self.user_region if column == "region" else self.user_numeric[:, USER_NUMERIC.index(column)]
+            ok &= {"==": values == value, ">=": values >= value, "<": values < value}[op]
+        return ok
+
+    def _cohort_target(self, group: int) -> float:
         m = self.cfg.n_minority
-        return self.cfg.minority_ctrs[cluster % len(self.cfg.minority_ctrs)] if cluster < m else self.cfg.majority_ctr
+        return self.cfg.minority_ctrs[group % len(self.cfg.minority_ctrs)] if group < m else self.cfg.majority_ctr
 
     def _calibrate(self) -> None:
-        """Solve each cluster's intercept so its mean click probability is its cohort's target."""
+        """Solve each group's intercept so its mean click probability is its cohort's target."""
         rng = np.random.default_rng([self.cfg.seed, 1])
-        for k in range(self.cfg.n_clusters):
-            rows = self._draw(rng, 20000, clusters=np.full(20000, k))
+        for k in range(len(self.traffic)):
+            rows = self._draw(rng, 20000, groups=np.full(20000, k))
             z = rows["logit"]
             lo, hi = -15.0, 15.0
             for _ in range(60):  # bisection: the mean of sigmoid(b + z) increases with b
@@ -175,25 +228,26 @@ class SyntheticGenerator:
                 lo, hi = (mid, hi) if _sigmoid(mid + z).mean() < self._cohort_target(k) else (lo, mid)
             self.intercept[k] = (lo + hi) / 2
 
-    def _draw(self, rng: np.random.Generator, n: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def _draw(self, rng: np.random.Generator, n: int, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Raw draws of n rows (0-based ids) and their logits."""
         cfg = self.cfg
-        if clusters is None:
-            clusters = _draw_from_cdf(np.cumsum(self.traffic), rng.random(n))
+        if groups is None:
+            groups = _draw_from_cdf(np.cumsum(self.traffic), rng.random(n))
         users = np.empty(n, dtype=np.int64)
-        for k in range(cfg.n_clusters):  # few clusters: loop over them, vectorize within
-            rows = np.flatnonzero(clusters == k)
-            users[rows] = self.cluster_users[k][_draw_from_cdf(self.cluster_user_cdf[k], rng.random(len(rows)))]
+        for k in range(len(self.traffic)):  # few groups: loop over them, vectorize within
+            rows = np.flatnonzero(groups == k)
+            users[rows] = self.group_users[k][_draw_from_cdf(self.group_user_cdf[k], rng.random(len(rows)))]
+        clusters = self.user_cluster[users]
         items = _draw_from_cdf(self.item_cdf, rng.random(n))
         device = (rng.random(n)[:, None] > self.device_cdf[clusters]).sum(axis=1)
         hour = rng.integers(0, N_HOURS, n)
         dense = rng.standard_normal((n, cfg.n_dense)).astype(np.float32)
         cat = self.item_category[items]
         logit = (
-            self.intercept[clusters] + self.item_bias[items] + self.affinity[clusters, cat]
-            + self.sign[clusters] * self.flip[cat, device] + self.hour_effect[hour] + dense @ self.dense_w
+            self.intercept[groups] + self.item_bias[items] + self.affinity[clusters, cat]
+            + self.sign[groups] * self.flip[cat, device] + self.hour_effect[hour] + dense @ self.dense_w
         )
-        return {"cluster": clusters, "user": users, "item": items, "category": cat, "device": device,
+        return {"group": groups, "cluster": clusters, "user": users, "item": items, "category": cat, "device": device,
                 "hour": hour, "dense": dense, "logit": logit}
 
     def _schema(self) -> Schema:
@@ -229,6 +283,8 @@ class SyntheticGenerator:
             ids[f"f{j}"] = np.minimum((v * rng.random(n_rows) ** 3).astype(np.int64), v - 1)
         cohort_frame = pd.DataFrame(self.user_numeric[d["user"]], columns=list(USER_NUMERIC))
         cohort_frame["region"] = self.user_region[d["user"]]
+        if self.cfg.conjunctions:  # a region is a category (`region=3`), not a number to bucket
+            cohort_frame["region"] = pd.Categorical(cohort_frame["region"], categories=np.arange(self.cfg.n_regions))
         m = self.cfg.n_minority
         return Table(
             sparse={k: JaggedColumn.from_ids(v + 1) for k, v in ids.items()},
@@ -237,7 +293,7 @@ class SyntheticGenerator:
             user_ids=d["user"].astype(np.int64),
             item_ids=d["item"].astype(np.int64),
             cohort_frame=cohort_frame,
-            true_cohorts=np.where(d["cluster"] < m, d["cluster"], -1).astype(np.int64),
+            true_cohorts=np.where(d["group"] < m, d["group"], -1).astype(np.int64),
             timestamps=np.arange(first_row, first_row + n_rows, dtype=np.int64),
         )
 
