@@ -18,7 +18,8 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
                   no conflicting zero labels (c2al.attach(aux_labels="own"))
   auto            lambda from 0.03 / 0.1 / 0.3 picked on validation (--aux-weight auto's rule)
   gate, project, magnitude   main-anchored aux gradients (c2al.attach(balance=...))
-  tree_cohorts    cohorts mined with --cohort-candidates tree (conjunction rules)
+  kmeans_cohorts  cohorts mined with k-means candidates only (the default mines with
+                  kmeans+tree, decision-tree conjunctions included)
   cohort_feature  no heads: the mined cohort id as one more sparse input field
   cohort_bias     no heads: one learned logit offset per mined cohort
   tuned_regularisation  no heads (lambda = 0): dropout / weight decay picked on
@@ -113,7 +114,7 @@ class Arm:
 
     name: str
     kind: str = "c2al"  # c2al | feature (cohort id as input) | bias (per-cohort logit offset) | regularised (tuned lambda=0)
-    cohorts: str = "mined"  # mined | random | least | tree
+    cohorts: str = "mined"  # mined | random | least | kmeans
     k: int = 2
     head: str = "clone"  # clone | linear | mlp (c2al.jobs.common.make_head)
     lam: float | None = 0.1  # None: --aux-weight auto's grid, picked on validation
@@ -130,7 +131,7 @@ ARMS = {a.name: a for a in (
     Arm("linear_head", head="linear"), Arm("mlp_head", head="mlp"),
     Arm("random_cohorts", cohorts="random"),
     Arm("least_contrast", cohorts="least"),
-    Arm("tree_cohorts", cohorts="tree"),
+    Arm("kmeans_cohorts", cohorts="kmeans"),
     Arm("own_labels", labels="own"),
     Arm("cohort_feature", kind="feature"),
     Arm("cohort_bias", kind="bias"),
@@ -323,8 +324,8 @@ def arm_cohorts(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], miner: 
     if arm.cohorts == "least":
         own = least_contrasting(miner, arm.k)
         return own, {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    if arm.cohorts == "tree":  # conjunction cohorts from a decision tree on the baseline's validation signal
-        tcfg = dataclasses.replace(cfg, aux_cohorts=arm.k, cohort_candidates="tree")
+    if arm.cohorts == "kmeans":  # k-means candidates only: what mining without the tree's conjunctions finds
+        tcfg = dataclasses.replace(cfg, aux_cohorts=arm.k, cohort_candidates="kmeans")
         with tempfile.TemporaryDirectory() as tmp:
             own = mine_cohorts(tcfg, splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
         return own, {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}

@@ -88,7 +88,8 @@ class Config:
     epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
     patience: int = _opt("early stopping: evaluations of validation NE (recall@10 with --two-tower-loss softmax) without a strictly "
                          "better one before training stops; the best evaluation's weights are kept (0: train every epoch, keep the last)", default=2)
-    eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only)", default=0)
+    eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only); with --federated, "
+                           "rounds between evaluations (0: every 5 rounds)", default=0)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)
     dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=DENSE_OPTIMIZERS)
@@ -121,7 +122,9 @@ class Config:
                       "(within --gate-tolerance) and its mean NE over the exposed cohorts is lower; otherwise ship the "
                       "baseline and say why (--no-gate always ships C2AL)", default=True)
     gate_tolerance: float = _opt("relative slack on overall validation NE for --gate and --aux-weight auto (0.001 = 0.1%%)", default=0.0)
-    cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, tree, or several joined by + (kmeans+axes)", default="kmeans")
+    cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, tree (decision-tree conjunctions such as "
+                                  "'region=3 & age>=55'), or several joined by + (the default measured best on planted cohorts: "
+                                  "benchmarks/results/cohort_recovery.json)", default="kmeans+tree")
     n_clusters: int = _opt("clusters the miner proposes as candidates", default=16)
     divergence: str = _opt("miner contrast: js, kl or wasserstein", default="js", choices=("js", "kl", "wasserstein"))
     min_share: float = _opt("smallest traffic share of an exposed cohort", default=0.02)
@@ -134,8 +137,8 @@ class Config:
     clients_per_round: int = _opt("clients sampled per round (among the available ones)", default=50)
     local_epochs: int = _opt("local passes over a client's rows per round (capped by its tier's step budget)", default=1)
     local_batch_size: int = _opt("client batch size", default=32)
-    server_optimizer: str = _opt("server strategy: fedavg, fedprox or fedadam", default="fedavg", choices=("fedavg", "fedprox", "fedadam"))
-    server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam)", default=0.0)
+    server_optimizer: str = _opt("server strategy: fedavg, fedprox, fedadam or fedyogi", default="fedavg", choices=("fedavg", "fedprox", "fedadam", "fedyogi"))
+    server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi)", default=0.0)
     proximal_mu: float = _opt("FedProx proximal term mu", default=0.01)
     sam_rho: float = _opt("local sharpness-aware minimization radius (FedRecGEL); 0 disables", default=0.0)
     two_tower_hinge: bool = _opt("federated two-tower: batch-insensitive squared hinge + spread-out loss (Ning et al. 2021) instead of --two-tower-loss", default=False)
@@ -148,10 +151,13 @@ class Config:
     tier_steps: tuple[int, int, int] = _list("low,mid,high local step budget per round (0: uncapped)", _numbers(int, 3), (2, 5, 10))
     kmeans_iters: int = _opt("federated k-means (Lloyd) rounds of cohort mining", default=50)
     workers: int = _opt("simulation engine: run each round's clients over this many forked processes (0: sequential)", default=0)
+    parallel_clients: int = _opt("simulation engine: train up to N of a round's clients side by side, each local step of all of them "
+                                 "as one vectorized step (torch.func.vmap; the same batches and steps as one after another, dropout "
+                                 "drawn once per step for all); 0 or 1: one after another", default=0)
     num_actors: int = _opt("flower engine: Ray actors running ClientApps side by side, one CPU each (each imports torch and reads the data once)", default=1)
     aggregation: str = _opt("how the server combines client updates, dense parameters and shared table rows alike (a row over the clients that sent it; "
                             "private user rows never leave the client): mean (FedAvg); median or trimmed-mean (per coordinate, one client one vote, "
-                            "Flower's functions); norm-clip (each client's whole update clipped to --clip-norm, then the mean); krum (Flower's "
+                            "Flower's functions; table rows first clipped to the round's median row norm); norm-clip (each client's whole update clipped to --clip-norm, then the mean); krum (Flower's "
                             "Multi-Krum keeps the updates closest to their neighbours, then their mean). Every rule weighs a client's reported "
                             "example count at most --count-cap x the round's median count and, when every tier has a step budget, at most "
                             "the largest budget's examples (max --tier-steps x --local-batch-size)", default="mean", choices=("mean", "median", "trimmed-mean", "norm-clip", "krum"))
@@ -258,7 +264,7 @@ _PROBABILITY = _Range(0, 1)
 RANGES: dict[str, _Range] = {
     **dict.fromkeys(("epochs", "batch_size", "embedding_dim", "attention_dim", "n_clusters", "rounds", "clients_per_round",
                      "local_epochs", "local_batch_size", "kmeans_iters", "num_actors"), _AT_LEAST_1),
-    **dict.fromkeys(("patience", "eval_every", "checkpoint_every", "seed", "workers", "aux_cohorts", "weight_decay",
+    **dict.fromkeys(("patience", "eval_every", "checkpoint_every", "seed", "workers", "parallel_clients", "aux_cohorts", "weight_decay",
                      "server_lr", "proximal_mu", "sam_rho", "clip_norm", "krum_f", "count_cap", "tier_steps", "aux_weight"),
                     _AT_LEAST_0),
     **dict.fromkeys(("lr", "table_lr", "tier_skew"), _POSITIVE),
