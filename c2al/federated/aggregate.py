@@ -183,27 +183,18 @@ def stack_rows(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray]) -> tuple[n
     return union, values, sent
 
 
-def outvotes_one(rule: str, k: int, trim_fraction: float = 0.2) -> bool:
-    """Whether `rule` over k values ignores one arbitrarily large value.
-
-    Example:
-        >>> [outvotes_one("median", k) for k in (1, 2, 3)], outvotes_one("trimmed-mean", 4), outvotes_one("trimmed-mean", 5)
-        ([False, False, True], False, True)
-    """
-    return k >= 3 if rule == "median" else int(trim_fraction * k) >= 1
-
-
 def rowwise(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray], rule: str,
             trim_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """`coordinatewise` per table row, over the clients that sent that row.
+    """`coordinatewise` per table row, over the clients that sent that row, after a row norm clip.
 
     As in `rowwise_mean`, a client that never saw item i has no vote on item
-    i. Rows sent by the same number k of clients go to Flower's function
-    together, as k arrays [R_k, D]. A row sent by too few clients for the rule
-    to outvote one of them (median: k < 3; trimmed mean: int(trim_fraction k) = 0)
-    has no majority to protect it, so there each client's row delta is first
-    clipped to the median norm of all row deltas of the round: a poisoned
-    client can move a rare item no further than an honest client typically does.
+    i, so a row's vote is small: a rare item is sent by one or two clients,
+    and two attackers among three or four senders set its median. So each
+    client's row delta is first clipped to the median norm of all row deltas
+    of the round (over every client and row): no client moves an item further
+    than an honest client typically does, and the rule then decides the
+    direction. Rows sent by the same number k of clients go to Flower's
+    function together, as k arrays [R_k, D].
 
     Args:
         ids: per client, its distinct row ids [R_c].
@@ -214,8 +205,8 @@ def rowwise(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray], rule: str,
     Returns:
         (ids [U] sorted, aggregated deltas [U, D]).
 
-    Example (row 1 is the median of three; row 0, sent by one client, is clipped to the
-    median row norm 3.5 of |5|, |1|, |2|, |900|):
+    Example (row norms 5, 1, 2, 900: every row is clipped to their median 3.5; row 1 is then
+    median(1, 2, 3.5), row 0, sent by one client, its clipped 3.5):
         >>> i, v = rowwise([np.array([0, 1]), np.array([1]), np.array([1])],
         ...                [np.array([[5.0], [1.0]]), np.array([[2.0]]), np.array([[900.0]])], "median")
         >>> i.tolist(), v.ravel().tolist()
@@ -225,17 +216,14 @@ def rowwise(ids: Sequence[np.ndarray], rows: Sequence[np.ndarray], rule: str,
     out = np.zeros(values.shape[1:])
     if not sent.any():
         return union, out
-    norms = np.linalg.norm(values, axis=2)  # [C, U]
+    norms = np.linalg.norm(values, axis=2, keepdims=True)  # [C, U, 1]
     cap = float(np.median(norms[sent]))
+    values = values * np.where(norms > cap, cap / np.maximum(norms, 1e-300), 1.0)
     count = sent.sum(0)  # [U] clients per row
     for k in np.unique(count):
         cols = np.flatnonzero(count == k)
         who = np.argsort(~sent[:, cols], axis=0, kind="stable")[:k]  # [k, R_k]: each row's senders first
-        picked = values[who, cols[None, :]]  # [k, R_k, D]
-        if not outvotes_one(rule, int(k), trim_fraction):
-            n = norms[who, cols[None, :]][..., None]
-            picked = picked * np.where(n > cap, cap / np.maximum(n, 1e-300), 1.0)
-        out[cols] = coordinatewise(list(picked), rule, trim_fraction)
+        out[cols] = coordinatewise(list(values[who, cols[None, :]]), rule, trim_fraction)  # k x [R_k, D]
     return union, out
 
 

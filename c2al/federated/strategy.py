@@ -39,13 +39,16 @@ class Aggregation:
     Dense parameters are combined whole; shared tables row by row over the
     clients that sent each row; private user rows never reach the server.
     Every rule first caps the example counts clients report
-    (`aggregate.cap_counts`), so a client lying about its data cannot take
-    over the weighting.
+    (`aggregate.cap_counts`): a client lying about its data weighs at most
+    `count_cap` typical clients (the mean and the clipped mean weigh by the
+    capped counts; median, trimmed mean and Krum's choice ignore counts).
 
     Attributes:
         rule: mean (FedAvg's weighted mean); median or trimmed-mean (per coordinate,
-            unweighted, by Flower's functions); norm-clip (each client's whole update,
-            dense and rows together, clipped to `clip_norm`, then the weighted mean);
+            unweighted, by Flower's functions; each client's table rows are first
+            clipped to the round's median row norm, see `aggregate.rowwise`);
+            norm-clip (each client's whole update, dense and rows together, clipped
+            to `clip_norm`, then the weighted mean);
             krum (Flower's Multi-Krum keeps the C - f updates closest to their
             neighbours, then their weighted mean).
         trim_fraction: share cut from each end of a coordinate's values (trimmed-mean).
