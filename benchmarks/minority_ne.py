@@ -543,8 +543,12 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         ax.set_title(f"{key.replace('_', ' ')} NE_diff %")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [f"{m}: {a}" for m, a in labels])
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="tab:green", label="95% CI below 0 (better)"), Patch(color="tab:red", label="95% CI above 0 (worse)"),
+                        Patch(color="tab:gray", label="95% CI spans 0")], loc="lower center", ncol=3, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the legend under the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
