@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from c2al.train.build import seeded_model
 from c2al.config import Config
 from c2al.data.sources import load_source
 from c2al.federated import aggregate as agg
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, model_layout, per_user_features
 from c2al.federated.heterogeneity import TierSpec, assign_tiers
 from c2al.federated.mining import federated_kmeans
-from c2al.jobs.federated import make_clients
 from c2al.federated.simulation import default_client_fn, run_rounds
 from c2al.federated.strategy import FedAdam, FedAvg, FedProx
+from c2al.jobs.federated import make_clients
+from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule
 
 warnings.filterwarnings("ignore")
@@ -102,10 +102,10 @@ def test_fedavg_and_fedprox_aggregate_fit_hand_computed(splits):
 
 # ----------------------------------------------------------------- equivalence with centralized training
 def test_one_client_with_all_data_full_participation_matches_centralized(splits):
-    from c2al.train.loop import fit
-    from c2al.dist.checkpoint import gather_full
     from c2al.data.schema import Splits
+    from c2al.dist.checkpoint import gather_full
     from c2al.dist.process import init_distributed
+    from c2al.train.loop import fit
 
     bs = 64
     n = len(splits.train) // bs * bs
@@ -173,14 +173,23 @@ def test_rounds_continue_when_sampled_clients_drop_out(splits):
                                   start.params["inter_arch.score.weight"].detach().numpy())
 
 
-def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path):
+def _valid_ne(splits):
+    from c2al.eval.metrics import summarize
+
+    return lambda fed: summarize(fed.predict("valid", splits, 512), splits.valid.labels)
+
+
+@pytest.mark.parametrize("parallel", [0, 8])
+def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path, parallel):
     cfg = Config(data=DATA, clients_per_round=5, server_optimizer="fedadam")
+    stop = dict(evaluate=_valid_ne(splits), eval_every=1, patience=2, parallel=parallel)  # early stopping by rounds
     kw = dict(strategy_kw={"server_lr": 0.01})
-    full, _ = run(cfg, splits, FedAdam, rounds=4, **kw)
+    full, _ = run(cfg, splits, FedAdam, rounds=6, **kw, **stop)
     path = tmp_path / "fed.pt"
-    run(cfg, splits, FedAdam, rounds=2, checkpoint=path, strategy_kw={"server_lr": 0.01})
-    resumed, strategy = run(cfg, splits, FedAdam, rounds=4, checkpoint=path, resume=True, strategy_kw={"server_lr": 0.01})
-    assert strategy.t == 4 and len(resumed.history) == 4
+    run(cfg, splits, FedAdam, rounds=3, checkpoint=path, strategy_kw={"server_lr": 0.01}, **stop)
+    resumed, strategy = run(cfg, splits, FedAdam, rounds=6, checkpoint=path, resume=True, strategy_kw={"server_lr": 0.01}, **stop)
+    assert strategy.t == len(full.history) == len(resumed.history) and resumed.history == full.history
+    assert resumed.best == full.best and resumed.bad == full.bad and full.best["valid_ne"] > 0
     for k in full.params:
         np.testing.assert_array_equal(resumed.params[k], full.params[k])
     for n, t in full.store.tables().items():
@@ -250,7 +259,7 @@ def test_clients_per_round_out_of_range_is_a_one_line_error(n, capsys, tmp_path)
 
     assert train.main(["--federated", "--data", DATA, "--clients-per-round", n, "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --clients-per-round must be in [1, ") and "\n" not in err
+    assert err.startswith("error: --clients-per-round must be ") and "\n" not in err  # >= 1 (flag check) or in [1, N]
 
 
 # ----------------------------------------------------------------- two-tower losses
@@ -304,3 +313,147 @@ def test_worker_pool_gives_the_sequential_result(splits):
         np.testing.assert_array_equal(par.params[k], seq.params[k])
     assert [h["failures"] for h in par.history] == [h["failures"] for h in seq.history]
     assert any("out of memory" in r for h in par.history for _, r in h["failures"])
+
+
+# ----------------------------------------------------------------- server optimizers
+def test_fedyogi_step_matches_hand_computed_two_steps():
+    p, d1, d2 = np.array([1.0, -1.0]), np.array([0.5, -0.2]), np.array([0.1, 0.4])
+    p1, m1, v1 = agg.fedyogi_step(p, d1, np.zeros(2), np.zeros(2), lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    np.testing.assert_allclose(m1, [0.05, -0.02])
+    np.testing.assert_allclose(v1, [0.0025, 0.0004])  # from 0: + (1 - b2) d^2
+    np.testing.assert_allclose(p1, p + 0.1 * m1 / (np.sqrt(v1) + 1e-3))
+    p2, m2, v2 = agg.fedyogi_step(p1, d2, m1, v1, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    # v = 0.0025 > d^2 = 0.01? no: 0.0025 < 0.01, so v grows by 0.01 * 0.01; 0.0004 < 0.16: grows by 0.01 * 0.16
+    np.testing.assert_allclose(v2, [0.0025 + 0.0001, 0.0004 + 0.0016])
+    np.testing.assert_allclose(m2, [0.9 * 0.05 + 0.01, 0.9 * -0.02 + 0.04])
+    np.testing.assert_allclose(p2, p1 + 0.1 * m2 / (np.sqrt(v2) + 1e-3))
+
+
+def test_fedyogi_second_moment_shrinks_additively_when_updates_get_small():
+    _, _, v = agg.fedyogi_step(np.zeros(1), np.array([0.1]), np.zeros(1), np.array([1.0]), lr=0.1, beta2=0.9)
+    np.testing.assert_allclose(v, [1.0 - 0.1 * 0.01])  # Adam would give 0.9 * 1 + 0.1 * 0.01
+
+
+# ----------------------------------------------------------------- vectorized clients
+def _jobs(trainer, splits, n_clients, mu=0.0, rnd=0):
+    from c2al.federated.simulation import ClientStore, initial_params
+
+    clients = make_clients(splits)
+    params, private = initial_params(trainer)
+    store = ClientStore({k: v + 0.01 for k, v in private.items()})  # private rows unlike the global init
+    strategy = FedProx(trainer.layout, n_clients, spec=TierSpec(steps=(2, 5, 0)), seed=3, proximal_mu=mu)
+    tiers = np.arange(len(clients)) % 3  # 2, 5 and uncapped steps: clients stop at different steps
+    plan = strategy.configure_fit(rnd, tiers, np.random.default_rng(rnd))
+    jobs = [(cid, clients[cid], store.get(cid, lambda n, c=clients[cid]: trainer.touched(c, trainer.layout.private[n])), conf)
+            for cid, conf in plan]
+    return jobs, params
+
+
+def _assert_same_fits(one_by_one, vectorized, atol=1e-4):  # adagrad-like first steps amplify round-off
+    assert [c for c, _ in one_by_one] == [c for c, _ in vectorized]
+    for (_, a), (_, b) in zip(one_by_one, vectorized):
+        assert a.num_examples == b.num_examples
+        assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], abs=1e-5)
+        for n in a.dense:
+            np.testing.assert_allclose(b.dense[n], a.dense[n], atol=atol, err_msg=n)
+        for got, want in ((b.rows, a.rows), (b.private, a.private)):
+            for n, (ids, rows) in want.items():
+                np.testing.assert_array_equal(got[n][0], ids)
+                np.testing.assert_allclose(got[n][1], rows, atol=atol, err_msg=n)
+
+
+# Adam and Adagrad turn a round-off-sized gradient (an attention unit at the edge of its ReLU) into a
+# full first step: the fused AFM kernel against its autograd reference differs by more than the vectorized
+# run does. The equalities below mostly run dense parameters with sgd for that reason.
+@pytest.mark.parametrize("dense_optimizer,table_optimizer,mu", [("adam", "rowwise_adagrad", 0.0), ("sgd", "adagrad", 0.5),
+                                                                ("sgd", "sgd", 0.0)])
+def test_vectorized_clients_train_as_they_would_one_after_another(splits, dense_optimizer, table_optimizer, mu):
+    from c2al.federated.simulation import fit_clients
+    from c2al.federated.vectorized import VectorizedRunner
+
+    # dropout is the one draw they do not share
+    cfg = Config(data=DATA, dropout=0.0, dense_optimizer=dense_optimizer, lr=0.05 if dense_optimizer == "sgd" else 3e-3,
+                 table_optimizer=table_optimizer)
+    jobs, params = _jobs(make_trainer(cfg, splits), splits, 12, mu)
+    assert len({len(c.train) for _, c, _, _ in jobs}) > 1 and mu == jobs[0][3]["proximal_mu"]
+    one_by_one = fit_clients(make_trainer(cfg, splits), jobs, params, default_client_fn)
+    _assert_same_fits(one_by_one, VectorizedRunner(make_trainer(cfg, splits)).fit(jobs, params))
+
+
+def test_vectorized_clients_run_c2al_heads_and_the_hinge_two_tower(splits):
+    import c2al
+    from c2al.federated.losses import HingeTrainModule
+    from c2al.federated.simulation import fit_clients
+    from c2al.federated.vectorized import VectorizedRunner
+
+    cfg = Config(data=DATA, dropout=0.0)
+    cohorts = splits.with_cohorts({s: np.arange(len(getattr(splits, s))) % 3 - 1 for s in ("train", "valid", "test")})
+    wrapped = lambda: c2al.attach(seeded_model(cfg, splits.schema), at="inter_arch", n_cohorts=2, aux_weight=0.3)  # noqa: E731
+    jobs, params = _jobs(make_trainer(cfg, cohorts, wrapped()), cohorts, 8)
+    _assert_same_fits(fit_clients(make_trainer(cfg, cohorts, wrapped()), jobs, params, default_client_fn),
+                      VectorizedRunner(make_trainer(cfg, cohorts, wrapped())).fit(jobs, params))
+    tt = Config(data=DATA, model="two-tower", two_tower_hinge=True)
+
+    def hinge() -> LocalTrainer:
+        module = HingeTrainModule(seeded_model(tt, splits.schema))
+        layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
+        return LocalTrainer(module, layout, splits.schema, splits.train, table_optimizer="sgd", table_lr=0.1)
+
+    jobs, params = _jobs(hinge(), splits, 8)
+    _assert_same_fits(fit_clients(hinge(), jobs, params, default_client_fn), VectorizedRunner(hinge()).fit(jobs, params))
+
+
+def test_vectorized_client_with_a_nonfinite_loss_fails_alone(splits):
+    from c2al.federated.vectorized import VectorizedRunner
+
+    cfg = Config(data=DATA, dropout=0.0, lr=1e30, table_lr=1e30, dense_optimizer="sgd", table_optimizer="sgd")
+    jobs, params = _jobs(make_trainer(cfg, splits), splits, 6)
+    out = VectorizedRunner(make_trainer(cfg, splits)).fit(jobs, params)
+    reasons = [r for _, r in out if isinstance(r, str)]
+    assert reasons and all("loss became" in r and "lower --lr" in r for r in reasons)
+
+
+def test_vectorized_rounds_match_sequential_rounds_without_dropout(splits):
+    cfg = Config(data=DATA, dropout=0.0, clients_per_round=10)
+    seq, _ = run(cfg, splits, rounds=2)
+    vec, _ = run(cfg, splits, rounds=2, parallel=4)  # chunks of 4: 4 + 4 + 2 clients
+    for k in seq.params:
+        np.testing.assert_allclose(vec.params[k], seq.params[k], atol=1e-5, err_msg=k)
+    assert [h["aggregated"] for h in vec.history] == [h["aggregated"] for h in seq.history]
+
+
+# ----------------------------------------------------------------- early stopping by rounds
+def _scripted(values):
+    """An evaluate function returning the given validation NEs in turn, recording the params it saw."""
+    seen = []
+
+    def evaluate(fed):
+        seen.append({k: v.copy() for k, v in fed.params.items()})
+        return {"ne": values[len(seen) - 1], "auc": 0.5}
+
+    return evaluate, seen
+
+
+def test_early_stopping_keeps_the_best_rounds_state_and_stops_after_patience(splits):
+    cfg = Config(data=DATA, clients_per_round=5)
+    evaluate, seen = _scripted([0.9, 0.8, 0.85, 0.82, 0.7])
+    fed, _ = run(cfg, splits, rounds=10, evaluate=evaluate, eval_every=2, patience=2)
+    assert len(fed.history) == 8 and len(seen) == 4  # evaluated after rounds 2, 4, 6, 8; two without gain
+    assert fed.best == {"round": 3, "rounds": 4, "valid_ne": 0.8, "valid_auc": 0.5}
+    assert [h.get("valid_ne") for h in fed.history] == [None, 0.9, None, 0.8, None, 0.85, None, 0.82]
+    for k in fed.params:
+        np.testing.assert_array_equal(fed.params[k], seen[1][k])
+    again, _ = run(cfg, splits, rounds=4)  # the same seed, stopped at round 4: the private rows kept are those
+    for n, t in again.store.tables().items():
+        np.testing.assert_array_equal(fed.store.tables()[n], t)
+
+
+def test_patience_zero_runs_every_round_and_keeps_the_last(splits):
+    cfg = Config(data=DATA, clients_per_round=5)
+    evaluate, seen = _scripted([0.9, 0.8, 0.85])
+    fed, _ = run(cfg, splits, rounds=5, evaluate=evaluate, eval_every=2, patience=0)
+    assert len(fed.history) == 5 and len(seen) == 3  # after rounds 2, 4 and the last
+    assert fed.best["rounds"] == 5 and fed.best["valid_ne"] == 0.85
+    plain, _ = run(cfg, splits, rounds=5)
+    for k in fed.params:
+        np.testing.assert_array_equal(fed.params[k], plain.params[k])

@@ -122,7 +122,17 @@ def iter_batches(
     """
     local = local_batch_size(batch_size, world_size)
     chosen = np.arange(len(table)) if rows is None else np.asarray(rows)
-    order = chosen[np.random.default_rng(seed).permutation(len(chosen))] if shuffle else chosen
+    for take, weights in batch_rows(chosen, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last):
+        mine = slice(rank * local, (rank + 1) * local)
+        yield make_batch(table, schema, take[mine], weights[mine])
+
+
+def batch_rows(rows: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+               drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The (row indices [batch_size], weights [batch_size]) of each global batch `iter_batches` cuts
+    from `rows`, without collating them: the federated vectorized runner collates many clients'
+    batches at once."""
+    order = rows[np.random.default_rng(seed).permutation(len(rows))] if shuffle else rows
     n = len(order)
     for b in range(num_batches(n, batch_size, drop_last)):
         take = order[b * batch_size : (b + 1) * batch_size]
@@ -131,5 +141,4 @@ def iter_batches(
             pad = batch_size - len(take)
             weights[len(take):] = 0.0
             take = np.concatenate([take, np.resize(order, pad)])
-        mine = slice(rank * local, (rank + 1) * local)
-        yield make_batch(table, schema, take[mine], weights[mine])
+        yield take, weights

@@ -331,6 +331,34 @@ def fedadam_step(param: np.ndarray, delta: np.ndarray, m: np.ndarray, v: np.ndar
     return param + eta * m / (np.sqrt(v) + tau), m, v
 
 
+def fedyogi_step(param: np.ndarray, delta: np.ndarray, m: np.ndarray, v: np.ndarray, *,
+                 lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FedYogi (Reddi et al. 2021, Algorithm 2), as Flower's FedYogi: Adam's m with Yogi's additive v.
+
+    m = b1 m + (1 - b1) delta; v = v - (1 - b2) delta^2 sign(v - delta^2);
+    param += lr * m / (sqrt(v) + tau). v moves toward delta^2 by a step that does not
+    grow with v, so a burst of large updates raises the denominator slowly and it
+    decays slowly after (Adam's v follows delta^2 multiplicatively).
+
+    Args:
+        param, delta, m, v: arrays of one shape (rows of a table, or a dense tensor).
+        lr: server learning rate eta; tau: adaptivity.
+
+    Returns:
+        (new param, new m, new v).
+
+    Example:
+        >>> p, m, v = fedyogi_step(np.zeros(1), np.array([0.5]), np.zeros(1), np.zeros(1), lr=0.1, tau=0.0)
+        >>> [round(float(x), 6) for x in (p[0], m[0], v[0])]  # m = 0.05, v = 0.0025: one step of lr
+        [0.1, 0.05, 0.0025]
+    """
+    sq = delta * delta
+    m = beta1 * m + (1.0 - beta1) * delta
+    v = v - (1.0 - beta2) * sq * np.sign(v - sq)
+    return param + lr * m / (np.sqrt(v) + tau), m, v
+
+
 def check_update(name: str, value: np.ndarray, shape: tuple[int, ...]) -> str | None:
     """Why a client's array must be rejected, or None when it is fine.
 

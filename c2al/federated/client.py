@@ -17,7 +17,6 @@ Letters: B batch, R touched rows, D embedding dim.
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from c2al.data.batch import Batch, iter_batches
+from c2al.data.batch import Batch, batch_rows, make_batch
 from c2al.data.schema import Schema, Table
-from c2al.dist.sharding import embedding_collections
+from c2al.dist.sharding import DENSE_OPTIMIZER_CLASSES, embedding_collections
 from c2al.errors import C2ALError
 from c2al.train.task import TrainModule, train_epoch
 
@@ -212,12 +211,18 @@ def group_by_user(table: Table) -> dict[int, np.ndarray]:
     return {int(u): rows for u, rows in zip(users, np.split(order, starts[1:]))}
 
 
+def client_steps(rows: np.ndarray, batch_size: int, seed: int, max_steps: int, epochs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(row indices [B], weights [B]) of each local step: `epochs` shuffled passes over the client's
+    rows (epoch e seeded seed + e, as the centralized loop seeds its epochs), cut as `iter_batches`
+    cuts them (the tail padded with weight-0 rows), stopped after `max_steps` (0: no cap)."""
+    passes = (batch_rows(np.asarray(rows), batch_size, shuffle=True, seed=seed + e) for e in range(epochs))
+    return list(itertools.islice(itertools.chain.from_iterable(passes), max_steps or None))
+
+
 def local_batches(table: Table, schema: Schema, rows: np.ndarray, batch_size: int, seed: int,
                   max_steps: int, epochs: int) -> Iterator[Batch]:
-    """`epochs` shuffled passes over the client's rows (epoch e seeded seed + e, as the
-    centralized loop seeds its epochs), cut by `iter_batches`, stopped after `max_steps` (0: no cap)."""
-    passes = (iter_batches(table, schema, batch_size, shuffle=True, seed=seed + e, rows=rows) for e in range(epochs))
-    return itertools.islice(itertools.chain.from_iterable(passes), max_steps or None)
+    """The batches of `client_steps`, collated."""
+    return (make_batch(table, schema, r, w) for r, w in client_steps(rows, batch_size, seed, max_steps, epochs))
 
 
 @dataclass
@@ -296,8 +301,7 @@ class LocalTrainer:
         if config.get("sam_rho", 0.0) > 0:
             sam = SAMModule(self.module, shared_p, float(config["sam_rho"]))
             module = sam
-        opts = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-        dense = opts[self.dense_optimizer]([p[n] for n in self.layout.dense], lr=self.lr, weight_decay=self.weight_decay)
+        dense = DENSE_OPTIMIZER_CLASSES[self.dense_optimizer]([p[n] for n in self.layout.dense], lr=self.lr, weight_decay=self.weight_decay)
         table_names = {**self.layout.tables, **self.layout.private}
         tables = SparseTableOptimizer([p[n] for n in table_names], [self.touched(client, f) for f in table_names.values()],
                                       self.table_optimizer, self.table_lr)

@@ -41,13 +41,28 @@ def squared_hinge_spreadout(query: torch.Tensor, candidate: torch.Tensor, labels
     cos = (u * v).sum(-1)  # [B]
     per_row = labels * F.relu(POS_MARGIN - cos) ** 2 + (1 - labels) * F.relu(cos - NEG_MARGIN) ** 2
     loss = (per_row * weights).sum() / weights.sum().clamp_min(1.0)
-    keep = weights > 0
-    vk = v[keep]
-    if len(vk) > 1:
-        gram = vk @ vk.T  # [B', B']
-        off = gram[~torch.eye(len(vk), dtype=torch.bool)]
-        loss = loss + SPREAD_WEIGHT * (off**2).mean()
-    return loss
+    return loss + SPREAD_WEIGHT * spread_out(v, weights)
+
+
+def spread_out(v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the distinct real rows of a batch (Zhang et al. 2017's spread-out).
+
+    Pairs weigh w_i w_j, so padding rows (weight 0) drop out without indexing by a mask: the
+    batch keeps its shape, which vectorized clients (vmap) need. 0 with fewer than two real rows.
+
+    Args:
+        v: unit rows [B, H]; weights: [B] in {0, 1}.
+
+    Returns:
+        Scalar.
+
+    Example:
+        >>> float(spread_out(torch.eye(2), torch.ones(2)))  # orthogonal rows: nothing to spread
+        0.0
+    """
+    gram = v @ v.T  # [B, B]
+    pair = weights.unsqueeze(0) * weights.unsqueeze(1) * (1 - torch.eye(len(v), dtype=v.dtype, device=v.device))  # [B, B]
+    return (pair * gram**2).sum() / pair.sum().clamp_min(1.0)
 
 
 class HingeTrainModule(TrainModule):

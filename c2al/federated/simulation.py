@@ -8,15 +8,25 @@ averages the rest. The server state (shared parameters, server optimizer
 state, round) and the clients' private rows checkpoint atomically after every
 round, and `resume` continues from the last one. All randomness of a round
 is drawn from (seed, round), so a resumed run equals an uninterrupted one.
+
+Early stopping by rounds: every `eval_every` rounds (and after the last) the
+global model with every client's private rows is scored on validation; the
+best evaluation's shared parameters and client store are kept (a deep copy),
+training stops after `patience` evaluations without a strictly lower NE, and
+the best state is put back before returning. The checkpoint carries the best
+state and the patience count, so a resumed run stops where an uninterrupted
+one would. With `parallel` > 1 a round's clients train side by side
+(`c2al.federated.vectorized`) instead of one after another.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +38,9 @@ from c2al.errors import C2ALError
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
 from c2al.federated.heterogeneity import TierSpec, drops_out, round_rng
 from c2al.federated.strategy import FedAvg, Params
+
+if TYPE_CHECKING:
+    from c2al.federated.vectorized import VectorizedRunner
 
 log = logging.getLogger("c2al.federated")
 CPU = LOCAL_CPU
@@ -53,6 +66,12 @@ class ClientStore:
 
     def put(self, cid: int, private: dict[str, Rows]) -> None:
         self.rows[cid] = {n: (np.asarray(i), np.asarray(r).copy()) for n, (i, r) in private.items()}
+
+    def copy(self) -> "ClientStore":
+        """A deep copy (the best round's rows, kept while later rounds go on)."""
+        out = ClientStore(self.init)
+        out.rows = {c: {n: (i.copy(), r.copy()) for n, (i, r) in p.items()} for c, p in self.rows.items()}
+        return out
 
     def tables(self) -> dict[str, np.ndarray]:
         out = {n: t.copy() for n, t in self.init.items()}
@@ -144,6 +163,9 @@ def default_client_fn(trainer: LocalTrainer, client: ClientData, params: Params,
     return trainer.fit(client, params, private, config)
 
 
+Evaluate = Callable[["FedTrained"], dict[str, Any]]  # the installed global model -> validation {"ne", "auc", ...}
+
+
 def run_rounds(
     trainer: LocalTrainer,
     strategy: FedAvg,
@@ -161,15 +183,19 @@ def run_rounds(
     show: bool = True,
     tag: str = "federated",
     workers: int = 0,
+    parallel: int = 0,
+    evaluate: Evaluate | None = None,
+    eval_every: int = 5,
+    patience: int = 0,
 ) -> FedTrained:
-    """Run `rounds` federated rounds from the working model's current (seeded) weights.
+    """Run at most `rounds` federated rounds from the working model's current (seeded) weights.
 
     Args:
         trainer: the clients' runtime around the working model.
         strategy: configure/aggregate hooks and server optimizer.
         clients: every client, indexed by cid.
         tiers: device tier per client [N].
-        rounds: total rounds (a resumed run does the remaining ones).
+        rounds: most rounds (a resumed run does the remaining ones).
         seed: seed of sampling and dropout.
         spec: tier behaviour (dropout).
         checkpoint: where the server state is saved after each round; None for no checkpoints.
@@ -177,11 +203,17 @@ def run_rounds(
         config: the run config, saved inside checkpoints and checked on resume on `shape_keys`.
         client_fn: how a client trains (tests inject failing clients here).
         workers: > 1 runs each round's clients over that many forked processes (same result).
+        parallel: > 1 trains up to that many of a round's clients side by side (`vectorized`;
+            the default client_fn only, else one after another).
+        evaluate: validation metrics of the global model; None never evaluates (and never stops early).
+        eval_every: rounds between evaluations (the last round is always evaluated).
+        patience: evaluations without a strictly lower validation NE before stopping; 0 runs every
+            round and keeps the last state.
         show: tqdm bar over rounds.
         tag: label of the bar and log lines.
 
     Returns:
-        FedTrained with the final global parameters and client store.
+        FedTrained with the kept (best, or last) global parameters and client store.
     """
     params, private_init = initial_params(trainer)
     store = ClientStore(private_init)
@@ -190,6 +222,7 @@ def run_rounds(
     if checkpoint is not None and resume and checkpoint.exists():
         start = _restore(trained, strategy, checkpoint, config, shape_keys)
         log.info(f"[{tag}] resumed from {checkpoint} after round {start}")
+    runner = _runner(trainer, parallel, client_fn, workers)
     began = time.perf_counter() - trained.seconds  # a resumed run counts the interrupted run's time too
     threads = torch.get_num_threads()
     # A client's ops are tiny: on a busy machine intra-op thread spin-waits made them ~10x slower.
@@ -197,10 +230,14 @@ def run_rounds(
     try:
         bar = tqdm(range(start, rounds), desc=f"[{tag}] rounds", disable=None if show else True, dynamic_ncols=True, leave=False)
         for rnd in bar:
-            metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn, workers)
+            if trained.stopped(patience):  # a resumed run that had already stopped
+                break
+            metrics = one_round(trained, strategy, clients, tiers, rnd, seed, spec, client_fn, workers, runner, parallel)
             trained.history.append(metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", ok=metrics["aggregated"], failed=len(metrics["failures"]))
-            if show and bar.disable:  # not a terminal (a log file): one line per round instead of a bar
+            if evaluate is not None and ((rnd + 1) % max(eval_every, 1) == 0 or rnd + 1 == rounds):
+                _evaluate(trained, evaluate, rnd, patience, tag, show)
+            elif show and bar.disable:  # not a terminal (a log file): one line per round instead of a bar
                 log.info(f"[{tag}] round {rnd + 1}/{rounds}  loss {metrics.get('loss', float('nan')):.4f}  "
                          f"aggregated {metrics['aggregated']}  failed {len(metrics['failures'])}")
             if checkpoint is not None:
@@ -208,12 +245,61 @@ def run_rounds(
                 save_state(trained, strategy, checkpoint, rnd + 1, config or {}, tag)
     finally:
         torch.set_num_threads(threads)
+    _keep_best(trained, patience, tag)
     trained.seconds = time.perf_counter() - began
     return trained
 
 
+def _runner(trainer: LocalTrainer, parallel: int, client_fn: ClientFn, workers: int) -> "VectorizedRunner | None":
+    """The vectorized runner when `parallel` asks for it and it applies, else None (one client after another)."""
+    if parallel <= 1 or workers > 1:
+        return None
+    from c2al.federated.vectorized import VectorizedRunner
+
+    why = VectorizedRunner.supports(trainer) or (None if client_fn is default_client_fn else "a custom client function")
+    if why:
+        log.info(f"clients train one after another: {why}")
+        return None
+    return VectorizedRunner(trainer)
+
+
+def _evaluate(trained: FedTrained, evaluate: Evaluate, rnd: int, patience: int, tag: str, show: bool) -> None:
+    """Validation of the global model after round `rnd`: into the round's history entry, the best and the patience count."""
+    valid = evaluate(trained)
+    if valid.get("ne") is None or not math.isfinite(valid["ne"]):
+        raise C2ALError(f"[{tag}] validation NE is {valid.get('ne')} after round {rnd + 1}: the validation split needs both labels")
+    entry = trained.history[-1]
+    entry.update(valid_ne=float(valid["ne"]), valid_auc=valid.get("auc"))
+    improved = not trained.best or valid["ne"] < trained.best["valid_ne"]
+    if improved:
+        trained.best, trained.bad = {"round": rnd, "rounds": rnd + 1, "valid_ne": entry["valid_ne"], "valid_auc": entry["valid_auc"]}, 0
+        if patience:
+            trained.best_state = ({n: v.copy() for n, v in trained.params.items()}, trained.store.copy())
+    else:
+        trained.bad += 1
+    if show:
+        mark = "  (best)" if improved else f"  (no gain {trained.bad}/{patience})" if patience else ""
+        log.info(f"[{tag}] round {rnd + 1}  loss {entry.get('loss', float('nan')):.4f}  valid NE {valid['ne']:.4f}  "
+                 f"AUC {valid.get('auc', float('nan')):.4f}{mark}")
+
+
+def _keep_best(trained: FedTrained, patience: int, tag: str) -> None:
+    """Put the best evaluation's state back (patience > 0), or record the last evaluation as the one kept."""
+    if patience and trained.best_state is not None:
+        params, store = trained.best_state
+        trained.params, trained.store = {n: v.copy() for n, v in params.items()}, store.copy()
+        done = len(trained.history)
+        why = "patience ran out" if trained.stopped(patience) else "last round reached"
+        log.info(f"[{tag}] kept round {trained.best['rounds']} of {done} (valid NE {trained.best['valid_ne']:.4f}); {why}")
+        return
+    last = next((h for h in reversed(trained.history) if "valid_ne" in h), None)
+    if last is not None:
+        trained.best = {"round": last["round"], "rounds": last["round"] + 1, "valid_ne": last["valid_ne"], "valid_auc": last["valid_auc"]}
+
+
 def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, rnd: int,
-              seed: int, spec: TierSpec, client_fn: ClientFn, workers: int = 0) -> dict[str, Any]:
+              seed: int, spec: TierSpec, client_fn: ClientFn, workers: int = 0, runner: "VectorizedRunner | None" = None,
+              parallel: int = 0) -> dict[str, Any]:
     """configure_fit -> clients (with dropout and failures) -> aggregate_fit; updates `trained` in place."""
     rng = round_rng(seed, rnd)
     plan = strategy.configure_fit(rnd, tiers, rng)
@@ -230,8 +316,13 @@ def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], 
     if not plan:
         log.warning("round %d: no client available", rnd)
     results: list[tuple[int, FitResult]] = []
-    for cid, res in (_in_pool(trainer, jobs, params, client_fn, workers) if workers > 1 and len(jobs) > 1
-                     else fit_clients(trainer, jobs, params, client_fn)):
+    if runner is not None and jobs:
+        fitted = [r for i in range(0, len(jobs), parallel) for r in runner.fit(jobs[i:i + parallel], params)]
+    elif workers > 1 and len(jobs) > 1:
+        fitted = _in_pool(trainer, jobs, params, client_fn, workers)
+    else:
+        fitted = fit_clients(trainer, jobs, params, client_fn)
+    for cid, res in fitted:
         if isinstance(res, str):
             log.warning("round %d: client %d dropped: %s", rnd, cid, res)
             failures.append((cid, res))
@@ -295,7 +386,11 @@ def save_state(trained: FedTrained, strategy: FedAvg, path: Path, rounds_done: i
         "format": FORMAT, "config": json.dumps(config, sort_keys=True), "step": int(rounds_done),
         "model": {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in trained.params.items()},
         "optimizer": {"strategy": strategy_state, "clients": trained.store.state_dict()},
-        "extra": json.dumps({"history": trained.history, "tag": tag, "federated": True, "seconds": trained.seconds}),
+        "extra": json.dumps({"history": trained.history, "tag": tag, "federated": True, "seconds": trained.seconds,
+                             "best": trained.best, "bad": trained.bad}),
+        "best": None if trained.best_state is None else {
+            "model": {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in trained.best_state[0].items()},
+            "clients": trained.best_state[1].state_dict()},
     }, path)
 
 
@@ -312,6 +407,11 @@ def _restore(trained: FedTrained, strategy: FedAvg, path: Path, config: dict[str
     trained.store.load_state_dict(payload["optimizer"]["clients"])
     trained.history = payload["extra"].get("history", [])
     trained.seconds = float(payload["extra"].get("seconds", 0.0))
+    trained.best, trained.bad = payload["extra"].get("best") or {}, int(payload["extra"].get("bad", 0))
+    if payload.get("best") is not None:
+        best_store = ClientStore(trained.store.init)
+        best_store.load_state_dict(payload["best"]["clients"])
+        trained.best_state = ({n: payload["best"]["model"][n].numpy().astype(v.dtype) for n, v in trained.params.items()}, best_store)
     return int(payload["step"])
 
 

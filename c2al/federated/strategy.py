@@ -276,8 +276,28 @@ class FedAdam(FedAvg):
         self.v = {k: np.asarray(v, dtype=np.float64) for k, v in state.get("v", {}).items()}
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01}
+class FedYogi(FedAdam):
+    """FedYogi (Reddi et al. 2021): FedAdam with Yogi's additive second moment (no bias correction,
+    as Reddi's Algorithm 2 and Flower's FedYogi); lazy on table rows."""
+
+    name = "fedyogi"
+
+    def server_step(self, rnd: int, params: Params, deltas: dict[str, tuple[np.ndarray | None, np.ndarray]]) -> Params:
+        self.t += 1
+        out = dict(params)
+        for n, (ids, delta) in deltas.items():
+            m = self.m.setdefault(n, np.zeros(params[n].shape))
+            v = self.v.setdefault(n, np.zeros(params[n].shape))
+            sel = slice(None) if ids is None else ids
+            new = params[n].astype(np.float64)
+            new[sel], m[sel], v[sel] = agg.fedyogi_step(new[sel], delta, m[sel], v[sel], lr=self.server_lr,
+                                                        beta1=self.beta1, beta2=self.beta2, tau=self.tau)
+            out[n] = new.astype(params[n].dtype)
+        return out
+
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 
 
 def make_strategy(name: str, layout: Layout, clients_per_round: int, *, server_lr: float = 0.0,

@@ -42,7 +42,7 @@ from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
 
 log = logging.getLogger(__name__)
-
+EVAL_EVERY = 5  # rounds between validation evaluations when --eval-every is 0
 
 
 def tier_spec(cfg: Config) -> TierSpec:
@@ -127,8 +127,15 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
     attackers = choose_attackers(len(clients), cfg.attack_share, cfg.seed) if cfg.attack != "none" else np.zeros(0, np.int64)
     if len(attackers):
         log.info(f"[{tag}] attack {cfg.attack} by {len(attackers)} of {len(clients)} clients (--attack-scale {cfg.attack_scale:g})")
-    return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers,
-                      client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale), **kw)
+    return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers, parallel=cfg.parallel_clients,
+                      client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale),
+                      evaluate=lambda fed: summarize(fed.predict("valid", splits, cfg.batch_size), splits.valid.labels),
+                      eval_every=cfg.eval_every or EVAL_EVERY, patience=cfg.patience, **kw)
+
+
+def kept_round(best: dict[str, Any]) -> str:
+    """'round 40 kept' for a federated training's best (or last) evaluation, as printed above tables."""
+    return f"round {best['rounds']} kept" if best else "last round"
 
 
 def row_tiers(table: Table, clients: list[ClientData], tiers: np.ndarray) -> np.ndarray:
@@ -158,7 +165,8 @@ def federated_summary(cfg: Config, clients: list[ClientData], tiers: np.ndarray,
         "sam_rho": cfg.sam_rho, "proximal_mu": cfg.proximal_mu if cfg.server_optimizer == "fedprox" else None,
         "tiers": {"mode": cfg.tiers, "names": list(TIERS), "clients": np.bincount(tiers, minlength=len(TIERS)).tolist(),
                   "availability": list(spec.availability), "dropout": list(spec.dropout), "steps": list(spec.steps)},
-        "history": {k: v.history for k, v in phases.items()},
+        "history": {k: v.history for k, v in phases.items()},  # per round; evaluated rounds carry valid_ne / valid_auc
+        "best": {k: v.best for k, v in phases.items()},  # the evaluation whose state was kept (rounds: rounds done then)
         "train_seconds": {k: v.seconds for k, v in phases.items()},
     }
     if tier_table and "ne_c2al" in tier_table[0]:
@@ -183,8 +191,9 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
     if test.true_cohorts is not None and (test.true_cohorts >= 0).any():
         segments = per_segment(probs, test.labels, test.true_cohorts, int(test.true_cohorts.max()) + 1)
     report = {"config": cfg.to_dict(), "overall": summarize(probs, test.labels), "segments": segments, "tiers": tier_table,
-              "federated": federated_summary(cfg, clients, tiers, {"train": trained}, tier_table)}
-    log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, federated)"))
+              "best": trained.best, "federated": federated_summary(cfg, clients, tiers, {"train": trained}, tier_table)}
+    log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"],
+                          title=f"test split ({cfg.model}, federated, {kept_round(trained.best)})"))
     log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "auc_base"], title="per device tier"))
     write_json(report, out / "report.json")
     log.info(f"wrote {out / 'report.json'}")

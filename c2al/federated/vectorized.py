@@ -1,0 +1,305 @@
+"""A round's clients trained side by side: one vectorized local step for all of them.
+
+The clients of a round train independently from the same global weights, so
+their local steps can run together. Each client gets its own copy of the dense
+parameters (stacked [C, ...]) and of every table row it can touch (a round
+table [sum_c R_c, D] holding each client's rows in its own block). Local step k
+of every client that still has a k-th batch is then one lookup, one forward and
+one backward instead of C small ones:
+
+- the EBC lookups run outside vmap on the round tables, each client's ids
+  remapped into its own block (multi-hot features pool as usual);
+- the model and its loss (the shared `TrainModule`) run under `torch.func.vmap`
+  over the clients, each with its own dense parameters; every EBC is replaced by
+  a stand-in that hands back the pooled rows of its client;
+- the table optimizer steps the round tables row by row (rows are per client,
+  so the per-row state is each client's own), the dense optimizer steps the
+  stacked parameters elementwise for the clients still training.
+
+Each client takes the batches `LocalTrainer.fit` would cut, the same number of
+steps, FedProx's pull, and returns the same `FitResult`; only the dropout masks
+are drawn differently (one draw for all clients of a step). Without dropout the
+result equals the one-by-one run up to float rounding (tested).
+
+Letters: C clients side by side (A of them still stepping at a step), B local
+batch, R rows a client can touch, D embedding dim.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedTensor
+
+from c2al.data.batch import Batch, make_batch
+from c2al.dist.sharding import embedding_collections
+from c2al.federated.client import ClientData, FitResult, LocalOptimizer, LocalTrainer, Rows, SparseTableOptimizer, client_steps
+
+Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
+
+
+class StackedDenseOptimizer:
+    """adam / adagrad / sgd on dense parameters stacked [C, ...], one independent optimizer per client.
+
+    Every update is elementwise, so client c's slice moves exactly as `torch.optim`
+    would move its own copy (torch's defaults: Adam betas (0.9, 0.999) and eps 1e-8,
+    Adagrad eps 1e-10, weight decay added to the gradient). Only the first `active`
+    clients step: the runner orders clients by their number of steps, longest first.
+    """
+
+    def __init__(self, params: list[torch.Tensor], kind: str, lr: float, weight_decay: float = 0.0) -> None:
+        self.params, self.kind, self.lr, self.weight_decay = params, kind, lr, weight_decay
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+        self.active = len(params[0]) if params else 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        a = self.active
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            w, g = p[:a], p.grad[:a]
+            if self.weight_decay:
+                g = g + self.weight_decay * w
+            if self.kind == "sgd":
+                w.add_(g, alpha=-self.lr)
+            elif self.kind == "adagrad":
+                v[:a].addcmul_(g, g)
+                w.addcdiv_(g, v[:a].sqrt().add_(1e-10), value=-self.lr)
+            else:  # adam, as torch's single-tensor path
+                beta1, beta2 = 0.9, 0.999
+                m[:a].lerp_(g, 1 - beta1)
+                v[:a].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v[:a].sqrt() / (1 - beta2**self.t) ** 0.5).add_(1e-8)
+                w.addcdiv_(m[:a], denom, value=-self.lr / (1 - beta1**self.t))
+
+
+class _Pooled(nn.Module):
+    """Stands in for an EmbeddingBagCollection under vmap: returns its client's pooled rows."""
+
+    def __init__(self, keys: list[str], dims: list[int]) -> None:
+        super().__init__()
+        self.keys, self.dims = keys, dims
+        self.values: torch.Tensor | None = None  # [B, sum D], set before each call
+
+    def forward(self, features: Any) -> KeyedTensor:
+        return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=self.values)
+
+
+@dataclass
+class _Table:
+    """One embedding table of the model, as the runner looks it up."""
+
+    param: str  # parameter name in LocalTrainer.params
+    feature: str
+    bag: nn.EmbeddingBag  # the model's own module: pooling mode, padding
+
+
+@dataclass
+class _RoundTable:
+    """Every client's rows of one table, client after client."""
+
+    weight: torch.Tensor  # [sum_c R_c, D], a leaf with sparse gradients
+    keys: np.ndarray  # [sum_c R_c] sorted: client position * n_rows + row id
+    start: np.ndarray  # [C + 1] where each client's block begins
+    ids: list[np.ndarray]  # per client, its row ids [R_c]
+
+
+class VectorizedRunner:
+    """Fits a round's clients side by side on `trainer`'s model (see the module docstring).
+
+    Args:
+        trainer: the clients' runtime; its optimizers, batch size and layout are used.
+
+    Example:
+        >>> runner = VectorizedRunner(trainer)  # doctest: +SKIP
+        >>> results = runner.fit(jobs, params)  # [(cid, FitResult or the reason it failed)], in job order
+    """
+
+    def __init__(self, trainer: LocalTrainer) -> None:
+        self.trainer = trainer
+        self.model = trainer.module.model if hasattr(trainer.module, "model") else trainer.module
+        self.prefix = "model." if hasattr(trainer.module, "model") else ""
+        self.ebcs: list[tuple[str, nn.Module, list[_Table]]] = []
+        for path, ebc in embedding_collections(self.model):
+            tables = []
+            for cfg in ebc.embedding_bag_configs():
+                name = f"{path}.embedding_bags.{cfg.name}.weight" if path else f"embedding_bags.{cfg.name}.weight"
+                tables.append(_Table(name, cfg.feature_names[0], ebc.embedding_bags[cfg.name]))
+            self.ebcs.append((path, ebc, tables))
+        self.stand_ins = [_Pooled([t.feature for t in tables], [int(t.bag.weight.shape[1]) for t in tables])
+                          for _, _, tables in self.ebcs]
+
+    @staticmethod
+    def supports(trainer: LocalTrainer) -> str | None:
+        """Why this model cannot run vectorized (the caller falls back to one client at a time), or None."""
+        model = trainer.module.model if hasattr(trainer.module, "model") else trainer.module
+        ebcs = list(embedding_collections(model))
+        if not ebcs:
+            return "the model has no EmbeddingBagCollection"
+        if any(not path or ebc.is_weighted() for path, ebc in ebcs):
+            return "a weighted or top-level EmbeddingBagCollection"
+        return None
+
+    def fit(self, jobs: list[Job], params: dict[str, np.ndarray]) -> list[tuple[int, FitResult | str]]:
+        """Train every job's client from the global `params`; results (or failure reasons) in job order."""
+        t = self.trainer
+        plans = [client_steps(c.train, t.batch_size, int(conf["seed"]), int(conf.get("max_steps", 0)), int(conf.get("epochs", 1)))
+                 for _, c, _, conf in jobs]
+        order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))  # longest first: the stepping clients are a prefix
+        jobs, plans = [jobs[i] for i in order], [plans[i] for i in order]
+        dense = {n: torch.from_numpy(np.asarray(params[n])).expand(len(jobs), *params[n].shape).clone().requires_grad_()
+                 for n in t.layout.dense}
+        tables = {tab.param: self._round_table(tab, jobs, params) for _, _, tabs in self.ebcs for tab in tabs}
+        opt = self._optimizer(dense, tables, params, float(jobs[0][3].get("proximal_mu", 0.0)))
+        sums, failed = self._train(jobs, plans, dense, tables, opt)
+        out = [self._collect(i, job, plans[i], dense, tables, params, sums[i], failed.get(i)) for i, job in enumerate(jobs)]
+        back = np.argsort(order)
+        return [out[i] for i in back]
+
+    # ------------------------------------------------------------------ set-up
+    def _round_table(self, tab: _Table, jobs: list[Job], params: dict[str, np.ndarray]) -> _RoundTable:
+        t = self.trainer
+        if tab.param in t.layout.private:  # the client's own stored rows (ids sorted, as `touched` gives them)
+            ids = [np.asarray(private[tab.param][0]) for _, _, private, _ in jobs]
+            rows = [private[tab.param][1] for _, _, private, _ in jobs]
+        else:
+            ids = [t.touched(client, tab.feature) for _, client, _, _ in jobs]
+            rows = [np.asarray(params[tab.param])[i] for i in ids]
+        n_rows = int(tab.bag.weight.shape[0])
+        keys = np.concatenate([c * n_rows + i for c, i in enumerate(ids)]).astype(np.int64)
+        start = np.concatenate([[0], np.cumsum([len(i) for i in ids])])
+        weight = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)).requires_grad_()
+        return _RoundTable(weight=weight, keys=keys, start=start, ids=ids)
+
+    def _optimizer(self, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], params: dict[str, np.ndarray],
+                   mu: float) -> LocalOptimizer:
+        t = self.trainer
+        stacked = StackedDenseOptimizer(list(dense.values()), t.dense_optimizer, t.lr, t.weight_decay)
+        rows = SparseTableOptimizer([r.weight for r in tables.values()], [np.arange(len(r.keys)) for r in tables.values()],
+                                    t.table_optimizer, t.table_lr)
+        prox: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if mu > 0:  # FedProx pulls toward the weights the round started from
+            prox = [(w, w.detach().clone()) for w in dense.values()]
+            prox += [(r.weight, r.weight.detach().clone()) for n, r in tables.items() if n in t.layout.shared]
+        return LocalOptimizer(stacked, rows, prox=prox, mu=mu)
+
+    # ------------------------------------------------------------------ steps
+    def _train(self, jobs: list[Job], plans: list[list[tuple[np.ndarray, np.ndarray]]], dense: dict[str, torch.Tensor],
+               tables: dict[str, _RoundTable], opt: LocalOptimizer) -> tuple[list[dict[str, float]], dict[int, str]]:
+        t, B = self.trainer, self.trainer.batch_size
+        sums: list[dict[str, float]] = [{} for _ in jobs]
+        failed: dict[int, str] = {}
+        base = int(jobs[0][3].get("step_seed", 0)) if jobs else 0
+        t.module.train()
+        with self._vectorizable():
+            for k in range(len(plans[0]) if plans else 0):
+                a = sum(len(p) > k for p in plans)
+                take = np.concatenate([plans[c][k][0] for c in range(a)])
+                weights = np.concatenate([plans[c][k][1] for c in range(a)])
+                batch = make_batch(t.train, t.schema, take, weights)
+                pooled = self._lookup(batch, tables, a)
+                torch.default_generator.manual_seed((base + k * 7919) % (2**63))  # dropout: the step's one draw
+                fn = torch.func.vmap(self._client_loss, randomness="different")
+                losses, parts = fn({n: w[:a] for n, w in dense.items()}, pooled, batch.dense.view(a, B, -1),
+                                   *(x.view(a, B) for x in (batch.labels, batch.user_ids, batch.cohort_ids, batch.weights)))
+                finite = torch.isfinite(losses)
+                for c in torch.nonzero(~finite).flatten().tolist():
+                    failed.setdefault(c, f"raised C2ALError: client {jobs[c][1].user}: loss became {losses[c].item()} "
+                                         f"at step {k}; lower --lr / --table-lr")
+                opt.zero_grad()
+                if bool(finite.any()):
+                    losses[finite].sum().backward()  # client c's loss reaches only client c's parameters and rows
+                    opt.dense.active = a
+                    opt.step()
+                self._add(sums, a, {"loss": losses.detach(), **parts})
+        return sums, failed
+
+    def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], *tensors: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One client's loss on its batch (called under vmap: every tensor is that client's slice)."""
+        for stand_in, values in zip(self.stand_ins, pooled):
+            stand_in.values = values
+        x, labels, users, cohorts, weights = tensors
+        batch = Batch(sparse=None, dense=x, labels=labels, user_ids=users, cohort_ids=cohorts, weights=weights)
+        named = {self.prefix + n: w for n, w in dense.items()}
+        loss, (_, _, parts) = torch.func.functional_call(self.trainer.module, named, (batch,), strict=False)
+        return loss, parts
+
+    def _lookup(self, batch: Batch, tables: dict[str, _RoundTable], a: int) -> list[torch.Tensor]:
+        """Per EBC, the pooled rows of every stepping client [A, B, sum D], each from its own block."""
+        features = batch.sparse.to_dict()
+        rows_per_client = len(batch) // a
+        out = []
+        for _, _, tabs in self.ebcs:
+            pooled = []
+            for tab in tabs:
+                jt, table = features[tab.feature], tables[tab.param]
+                lengths = jt.lengths().long()
+                client = torch.arange(a).repeat_interleave(rows_per_client).repeat_interleave(lengths)
+                keys = client.numpy() * int(tab.bag.weight.shape[0]) + jt.values().numpy()
+                pos = torch.from_numpy(np.searchsorted(table.keys, keys))
+                pooled.append(F.embedding_bag(pos, table.weight, jt.offsets().long(), mode=tab.bag.mode, sparse=True,
+                                              include_last_offset=True, padding_idx=tab.bag.padding_idx).float())
+            out.append(torch.cat(pooled, dim=1).view(a, rows_per_client, -1))
+        return out
+
+    @contextmanager
+    def _vectorizable(self) -> Iterator[None]:
+        """EBCs replaced by stand-ins; modules with a fused kernel (a `lean` flag: AFM's hand-written
+        backward, which vmap cannot batch) on their autograd reference path, which gives the same numbers."""
+        swapped, lean = [], []
+        for (path, ebc, _), stand_in in zip(self.ebcs, self.stand_ins):
+            parent, _, attr = path.rpartition(".")
+            owner = self.model.get_submodule(parent) if parent else self.model
+            setattr(owner, attr, stand_in)
+            swapped.append((owner, attr, ebc))
+        for m in self.model.modules():
+            if isinstance(getattr(m, "lean", None), bool) and m.lean:
+                m.lean = False
+                lean.append(m)
+        try:
+            yield
+        finally:
+            for owner, attr, ebc in swapped:
+                setattr(owner, attr, ebc)
+            for m in lean:
+                m.lean = True
+            for s in self.stand_ins:
+                s.values = None
+
+    @staticmethod
+    def _add(sums: list[dict[str, float]], a: int, parts: dict[str, torch.Tensor]) -> None:
+        """Running sums of each client's per-step loss parts (train_epoch reports their means)."""
+        values = {k: v.detach().reshape(a, -1)[:, 0].tolist() for k, v in parts.items()}
+        for c in range(a):
+            for k, v in values.items():
+                sums[c][k] = sums[c].get(k, 0.0) + v[c]
+
+    # ------------------------------------------------------------------ results
+    @torch.no_grad()
+    def _collect(self, c: int, job: Job, plan: list[tuple[np.ndarray, np.ndarray]], dense: dict[str, torch.Tensor],
+                 tables: dict[str, _RoundTable], params: dict[str, np.ndarray], sums: dict[str, float],
+                 failure: str | None) -> tuple[int, FitResult | str]:
+        cid, layout = job[0], self.trainer.layout
+        if failure is not None:
+            return cid, failure
+        rows_of = {n: (r.ids[c], r.weight.detach()[int(r.start[c]):int(r.start[c + 1])].numpy()) for n, r in tables.items()}
+        deltas = {n: (rows_of[n][0], rows_of[n][1] - np.asarray(params[n])[rows_of[n][0]]) for n in layout.tables}
+        private = {n: (rows_of[n][0], rows_of[n][1].copy()) for n in layout.private}
+        steps = max(len(plan), 1)
+        return cid, FitResult(num_examples=int(sum(float(w.sum()) for _, w in plan)),
+                              dense={n: dense[n].detach()[c].numpy() - params[n] for n in layout.dense}, rows=deltas,
+                              private=private, metrics={k: v / steps for k, v in sums.items()})
