@@ -45,13 +45,18 @@ def machine(m: dict[str, Any] | str) -> str:
     return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}{load}"
 
 
+def kept_epoch(report: dict[str, Any], which: str) -> str:
+    best = (report.get("best") or {}).get(which)
+    return f"early-stopped, epoch {best['epoch']} kept" if best else "4 epochs"
+
+
 def afm_vs_linear() -> str:
     lin = load("linear_baseline_movielens-100k.json")
     run = load("c2al_movielens-100k_afm_1proc.json")
     o = run["report"]["overall"]
     rows = [
         [f"one-hot logistic regression (C={lin['C']:g}, picked on valid)", lin["test"]["ne"], lin["test"]["auc"]],
-        ["AFM baseline (c2al, TorchRec, 4 epochs)", o["ne_base"], o["auc_base"]],
+        [f"AFM baseline (c2al, TorchRec, {kept_epoch(run['report'], 'baseline')})", o["ne_base"], o["auc_base"]],
         ["AFM + C2AL, heads stripped", o["ne_c2al"], o["auc_c2al"]],
     ]
     return md(["MovieLens-100k test split", "NE", "AUC"], rows) + (
@@ -74,6 +79,12 @@ def c2al_cohorts(name: str) -> Callable[[], str]:
         o = rep["overall"]
         rows.append(["overall", "1.000", f"{o['plr']:.3f}", "", o["ne_base"], o["ne_c2al"], pct(o["ne_diff_pct"]), *auc(o)])
         traits = "".join(f"\n- cohort {c['id']}: " + "; ".join(c["traits"]) for c in rep["cohorts"] if c.get("traits"))
+        best, decision = rep.get("best") or {}, rep.get("decision")
+        if best.get("baseline") and best.get("c2al"):
+            traits += (f"\n\nEarly stopping kept the baseline's epoch {best['baseline']['epoch']} and C2AL's epoch {best['c2al']['epoch']} "
+                       f"(validation NE {best['baseline']['valid_ne']:.4f} and {best['c2al']['valid_ne']:.4f}).")
+        if decision:
+            traits += f" The validation gate shipped **{decision['shipped']}** as `c2al.pt`: {decision['reason']}."
         return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff", "AUC baseline", "AUC C2AL"], rows) + (
             f"\n\nWhat sets the mined cohorts apart (test split, mean or most over-represented value vs the rest):{traits}" if traits else "") + (
             f"\n\n`{run['command']}`: {run['report']['world_size']} process(es), {run['wall_seconds']:.0f} s wall, {machine(run['machine'])}.")
@@ -215,7 +226,7 @@ def baselines(name: str) -> Callable[[], str]:
                      "products, which the softmax trains to rank, not to be probabilities.")
         minutes = sum(r["seconds"] for r in res["runs"].values()) / 60
         return text + (f"\n\n`python benchmarks/baselines.py --data {res['data']}` ({minutes:.0f} min of training summed over the runs, "
-                       f"in {res['machine']['workers']} processes of one torch thread, {machine(res['machine'])}); the floor: "
+                       f"in {res['machine'].get('processes', res['machine'].get('workers'))} processes of one torch thread, {machine(res['machine'])}); the floor: "
                        f"`{lin['command'] if lin else 'python benchmarks/linear_baseline.py'}`. Seconds per epoch include the "
                        "validation pass; the TwoTower's recall@10 is over the full catalog with seen items filtered.")
     return render
