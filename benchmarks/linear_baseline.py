@@ -21,8 +21,8 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
 from c2al.config import Config
-from c2al.data.sources import load_splits
 from c2al.data.schema import Schema, Table
+from c2al.data.sources import load_splits
 from c2al.eval.metrics import summarize
 from c2al.eval.report import format_table, machine_info, write_json
 

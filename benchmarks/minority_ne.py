@@ -79,20 +79,20 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this module by name
 
 import c2al  # noqa: E402
+from c2al.config import Config, add_config_flags, config_from  # noqa: E402
+from c2al.data.schema import Splits  # noqa: E402
 from c2al.data.sources import load_splits  # noqa: E402
+from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
+from c2al.errors import C2ALError  # noqa: E402
+from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores  # noqa: E402
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
+from c2al.eval.report import format_table, machine_info, write_json  # noqa: E402
+from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
+from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
+from c2al.logs import quiet_libraries  # noqa: E402
 from c2al.train.build import seeded_model  # noqa: E402
 from c2al.train.loop import fit  # noqa: E402
 from c2al.train.task import predict  # noqa: E402
-from c2al.config import Config, add_config_flags, config_from  # noqa: E402
-from c2al.data.schema import Splits  # noqa: E402
-from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
-from c2al.errors import C2ALError  # noqa: E402
-from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
-from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
-from c2al.logs import quiet_libraries  # noqa: E402
-from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores  # noqa: E402
-from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
-from c2al.eval.report import machine_info, format_table, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("afm", "attention-fm", "two-tower")
@@ -356,7 +356,8 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
     trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
     tick()
     with tempfile.TemporaryDirectory() as tmp:
-        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
+        p_valid = predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info)
+        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, p_valid, Path(tmp), info)
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
     base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)}
     base["valid"] = valid_of(cfg, splits, trained.module, ids, info)

@@ -136,7 +136,8 @@ def throughput_models() -> str:
     res = load("throughput.json")
     # result files since the step and the input pipeline are timed apart (throughput.py COLUMN_NOTES)
     split_columns = all("input_eps" in r for r in res["rows"].values() if "train_eps" in r)
-    names = {"tables_only": "TorchRec tables alone (lookup, backward, fused update" + ("; no model, so no NE)" if split_columns else ")"), "afm_reference": "c2al AFM, straightforward interaction",
+    names = {"tables_only": "TorchRec tables alone (lookup, backward, fused update" + ("; no model, so no NE)" if split_columns else ")"),
+             "afm_reference": "c2al AFM, straightforward interaction",
              "afm_lean": "c2al AFM (lean interaction, default)", "afm_lean_heads": "c2al AFM + 2 aux heads (infer: stripped)",
              "afm_lean_embeddingbag": "same AFM on plain nn.EmbeddingBag + dense Adagrad", "attention_fm": "c2al AttentionFM",
              "attention_fm_heads": "c2al AttentionFM + 2 aux heads (infer: stripped)", "deepctr_afm": "deepctr-torch AFM",
@@ -226,7 +227,8 @@ def baselines(name: str) -> Callable[[], str]:
                      "products, which the softmax trains to rank, not to be probabilities.")
         minutes = sum(r["seconds"] for r in res["runs"].values()) / 60
         return text + (f"\n\n`python benchmarks/baselines.py --data {res['data']}` ({minutes:.0f} min of training summed over the runs, "
-                       f"in {res['machine'].get('processes', res['machine'].get('workers'))} processes of one torch thread, {machine(res['machine'])}); the floor: "
+                       f"in {res['machine'].get('processes', res['machine'].get('workers'))} processes of one torch thread, "
+                       f"{machine(res['machine'])}); the floor: "
                        f"`{lin['command'] if lin else 'python benchmarks/linear_baseline.py'}`. Seconds per epoch include the "
                        "validation pass; the TwoTower's recall@10 is over the full catalog with seen items filtered.")
     return render

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput_variants as tv  # noqa: E402
+import throughput_variants as tv
 
-from c2al.eval.metrics import summarize  # noqa: E402
-from c2al.eval.report import format_table, machine_info, write_json  # noqa: E402
+from c2al.eval.metrics import summarize
+from c2al.eval.report import format_table, machine_info, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve()

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 import throughput_variants as tv
+import torch
 
 MINER_SIZES = (100_000, 1_000_000, 10_000_000)
 MINER_SIZES_QUICK = (10_000, 50_000)

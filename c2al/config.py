@@ -81,7 +81,8 @@ class Config:
     embedding_dim: int = _opt("embedding dimension D of every table", default=16)
     attention_dim: int = _opt("AFM attention MLP width / AttentionFM rank K'", default=16)
     dropout: float = _opt("AFM dropout on the pairwise products", default=0.2)
-    two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)", default="bce", choices=("bce", "softmax"))
+    two_tower_loss: str = _opt("two-tower training loss: bce (pointwise, for NE) or softmax (in-batch, for recall@K)",
+                               default="bce", choices=("bce", "softmax"))
     two_tower_logq: bool = _opt("--two-tower-loss softmax: logQ correction (Yi et al. 2019), each in-batch candidate's logits minus the "
                                 "log of its item's share of the training rows, so popular items are not over-penalised as negatives", default=True)
     # training
@@ -113,7 +114,8 @@ class Config:
         "lambda of the auxiliary losses: one float, K comma-separated floats, or auto: train C2AL once per lambda "
         "in 0.03, 0.1, 0.3 and keep the one whose validation NE over the exposed cohorts is lowest among those whose "
         "overall validation NE is no worse than the baseline's (the lowest overall if none is)", _aux_weight, (0.1,))
-    aux_head: str = _opt("auxiliary head: clone (the model's own output head, fresh weights), mlp or linear", default="clone", choices=("clone", "mlp", "linear"))
+    aux_head: str = _opt("auxiliary head: clone (the model's own output head, fresh weights), mlp or linear",
+                         default="clone", choices=("clone", "mlp", "linear"))
     aux_balance: str = _opt("how each auxiliary head's gradient reaches the shared representation: none (plain sum, the paper), "
                             "gate (only on samples where it agrees with the main gradient, Du et al. 2018), project (its part "
                             "opposing the main gradient removed, one-way PCGrad), magnitude (rescaled toward the main gradient's "
@@ -132,7 +134,8 @@ class Config:
     cohorts: str = _opt("reuse a saved cohort miner (directory or .json written by a previous run)", default="")
     # federated
     federated: bool = _opt("cross-device federated training: each user is a client (with --aux-cohorts: federated C2AL)", default=False)
-    engine: str = _opt("federated engine: simulation (in-process; sequential, or forked --workers) or flower (Flower ClientApp/ServerApp on Ray; pip install .[flower])", default="simulation", choices=("simulation", "flower"))
+    engine: str = _opt("federated engine: simulation (in-process; sequential, or forked --workers) or flower "
+                       "(Flower ClientApp/ServerApp on Ray; pip install .[flower])", default="simulation", choices=("simulation", "flower"))
     rounds: int = _opt("federated rounds (per phase with --aux-cohorts)", default=30)
     clients_per_round: int = _opt("clients sampled per round (among the available ones)", default=50)
     local_epochs: int = _opt("local passes over a client's rows per round (capped by its tier's step budget)", default=1)
@@ -141,8 +144,10 @@ class Config:
     server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi)", default=0.0)
     proximal_mu: float = _opt("FedProx proximal term mu", default=0.01)
     sam_rho: float = _opt("local sharpness-aware minimization radius (FedRecGEL); 0 disables", default=0.0)
-    two_tower_hinge: bool = _opt("federated two-tower: batch-insensitive squared hinge + spread-out loss (Ning et al. 2021) instead of --two-tower-loss", default=False)
-    tiers: str = _opt("device tiers: none, independent of the data, or correlated with --tier-feature (RF^2)", default="correlated", choices=("none", "independent", "correlated"))
+    two_tower_hinge: bool = _opt("federated two-tower: batch-insensitive squared hinge + spread-out loss (Ning et al. 2021) "
+                                 "instead of --two-tower-loss", default=False)
+    tiers: str = _opt("device tiers: none, independent of the data, or correlated with --tier-feature (RF^2)",
+                      default="correlated", choices=("none", "independent", "correlated"))
     tier_feature: str = _opt("user feature tiers correlate with (default: the first numeric cohort feature, else activity)", default="")
     tier_skew: float = _opt("correlated tiers: Dirichlet concentration toward the group's own tier", default=5.0)
     tier_shares: tuple[float, float, float] = _list("low,mid,high population shares (independent tiers)", _numbers(float, 3), (0.3, 0.4, 0.3))
@@ -157,10 +162,12 @@ class Config:
     num_actors: int = _opt("flower engine: Ray actors running ClientApps side by side, one CPU each (each imports torch and reads the data once)", default=1)
     aggregation: str = _opt("how the server combines client updates, dense parameters and shared table rows alike (a row over the clients that sent it; "
                             "private user rows never leave the client): mean (FedAvg); median or trimmed-mean (per coordinate, one client one vote, "
-                            "Flower's functions; table rows first clipped to the round's median row norm); norm-clip (each client's whole update clipped to --clip-norm, then the mean); krum (Flower's "
+                            "Flower's functions; table rows first clipped to the round's median row norm); norm-clip (each client's whole update "
+                            "clipped to --clip-norm, then the mean); krum (Flower's "
                             "Multi-Krum keeps the updates closest to their neighbours, then their mean). Every rule weighs a client's reported "
                             "example count at most --count-cap x the round's median count and, when every tier has a step budget, at most "
-                            "the largest budget's examples (max --tier-steps x --local-batch-size)", default="mean", choices=("mean", "median", "trimmed-mean", "norm-clip", "krum"))
+                            "the largest budget's examples (max --tier-steps x --local-batch-size)",
+                            default="mean", choices=("mean", "median", "trimmed-mean", "norm-clip", "krum"))
     trim_fraction: float = _opt("--aggregation trimmed-mean: share of each coordinate's values cut from each end", default=0.2)
     clip_norm: float = _opt("--aggregation norm-clip: largest L2 norm of a client's update (0: the round's median update norm)", default=0.0)
     krum_f: float = _opt("--aggregation krum: clients assumed Byzantine per round, a share of the round's updates when < 1, else a count; "

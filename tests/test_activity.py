@@ -7,9 +7,9 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from c2al.eval.activity import attention_activity, attention_entropy, dead_relu_share, effective_rank, near_zero_share
 from c2al.data.schema import Schema, SparseFeature
 from c2al.errors import C2ALError
+from c2al.eval.activity import attention_activity, attention_entropy, dead_relu_share, effective_rank, near_zero_share
 from c2al.models import AFM, AttentionFM, TwoTower, make_ebc
 
 

@@ -1,7 +1,6 @@
 """The lean AFM interaction (fused, chunked, hand-written backward) against the straightforward one."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn

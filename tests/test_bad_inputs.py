@@ -27,7 +27,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
 from c2al.config import parse_args  # noqa: E402
 from c2al.dist.checkpoint import FORMAT, save_checkpoint  # noqa: E402
 from c2al.dist.outdir import OutLock  # noqa: E402

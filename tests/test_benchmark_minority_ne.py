@@ -68,8 +68,8 @@ def test_describe_counts_only_finite_values():
 
 @pytest.fixture(scope="module")
 def tiny_splits():
-    from c2al.data.sources import load_splits
     from c2al.config import Config
+    from c2al.data.sources import load_splits
 
     return load_splits(Config(data=bench.QUICK_DATA))
 

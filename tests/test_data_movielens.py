@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_ml1m  # pytest puts tests/ (no __init__.py) on sys.path
 
-from c2al.data import iter_batches
-from c2al.data import sources
+from c2al.data import iter_batches, sources
 from c2al.data.movielens import default_movielens_dir, load_movielens
 from c2al.data.schema import Splits
 from c2al.errors import C2ALError
-from conftest import write_ml1m  # pytest puts tests/ (no __init__.py) on sys.path
 
 TABLES = ("train", "valid", "test")
 

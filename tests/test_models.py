@@ -14,8 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from c2al.data.schema import Schema, SparseFeature
 from c2al.errors import C2ALError
 from c2al.losses import bce_with_logits, in_batch_softmax_loss
-from c2al.models import AFM, AttentionFM, SparseArch, TwoTower, make_ebc
-from c2al.models import registry
+from c2al.models import AFM, AttentionFM, SparseArch, TwoTower, make_ebc, registry
 from c2al.models.afm import AFMInteractionArch
 from c2al.models.attention_fm import AttentionFMInteractionArch
 from c2al.models.fields import FieldArch

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from plugin_support import OUR_MODELS, TORCHREC_MODELS, B, K, build, make_batch
 from torch import nn
 
 import c2al
 from c2al.errors import C2ALError
 from c2al.plugin import AuxOutput, C2ALWrapper, aux_labels
-from plugin_support import B, K, OUR_MODELS, TORCHREC_MODELS, build, make_batch
 
 
 def run(model: nn.Module, seed: int = 0):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from plugin_support import B, K, build, make_batch, two_rank_worker
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.tracing import Tracer, _get_leaf_module_names
@@ -15,7 +16,6 @@ import c2al
 from c2al.dist.process import init_distributed
 from c2al.dist.sharding import dense_optimizer, shard
 from c2al.train.task import TrainModule
-from plugin_support import B, K, build, make_batch, two_rank_worker
 
 
 def sharded(name: str, aux_weight: float = 0.5, head: str = "default", table_device: str = "cpu", seed: int = 0,

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from plugin_support import K, build, make_batch
 
 import c2al
 from c2al.errors import C2ALError
 from c2al.plugin import AuxOutput
-from plugin_support import K, build, make_batch
 
 LOGITS = torch.tensor([0.0, 2.0, -1.0, 0.5], dtype=torch.float64)
 AUX = torch.tensor([[0.5, -0.5], [1.0, 0.0], [0.0, 3.0], [-2.0, 1.5]], dtype=torch.float64)

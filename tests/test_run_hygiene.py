@@ -16,7 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
 from c2al.config import Config, build_parser, parse_args  # noqa: E402
 from c2al.dist.outdir import LOCK_NAME, OutLock  # noqa: E402
 from c2al.errors import C2ALError  # noqa: E402
@@ -155,7 +154,7 @@ def test_attention_histograms_share_their_bin_edges(monkeypatch: pytest.MonkeyPa
             super().__init__()
             self.scale = scale
 
-        def attention_weights(self, dense, sparse):  # noqa: ANN001, ANN201
+        def attention_weights(self, dense, sparse):
             return torch.linspace(0, self.scale, 50).reshape(5, 10)
 
     import c2al.eval.activity as activity

@@ -8,8 +8,6 @@ sharding; gloo has no row-wise), CUDA uses NCCL.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import nn

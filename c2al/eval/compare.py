@@ -72,7 +72,8 @@ def print_comparison(report: dict[str, Any]) -> None:
     o = report["overall"]
     rows.append({"cohort": "overall", "share": 1.0, "plr": o["plr"], "ne_base": o["ne_base"], "ne_c2al": o["ne_c2al"], "ne_diff_pct": o["ne_diff_pct"],
                  "auc_base": o["auc_base"], "auc_c2al": o["auc_c2al"]})
-    log.info(format_table(rows, ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"], title="test split: baseline vs C2AL (NE_diff % < 0 is better)" + kept_both(report)))
+    cols = ["cohort", "share", "plr", "contrast", "ne_base", "ne_c2al", "ne_diff_pct", "auc_base", "auc_c2al"]
+    log.info(format_table(rows, cols, title="test split: baseline vs C2AL (NE_diff % < 0 is better)" + kept_both(report)))
     for r in report["cohorts"]:
         if r.get("traits"):
             log.info(f"  cohort {r['id']}: " + "; ".join(r["traits"]))
@@ -101,12 +102,14 @@ def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Split
     batch = next(iter_batches(splits.test, splits.schema, min(cfg.batch_size * 4, len(splits.test) // info.world_size * info.world_size),
                               shuffle=False, rank=info.rank, world_size=info.world_size, drop_last=True)).to(info.device)
     out: dict[str, Any] = {}
+    weights = {}
     for name, m in (("baseline", base_model), ("c2al", c2al_model)):
         m.eval()
         out[name] = attention_activity(m, batch.dense, batch.sparse)
-        weights = m.attention_weights(batch.dense, batch.sparse).float().flatten().cpu().numpy()
-        hist, edges = np.histogram(weights, bins=40)
-        out.setdefault("histograms", {})[name] = {"counts": hist.tolist(), "edges": edges.tolist()}
+        weights[name] = m.attention_weights(batch.dense, batch.sparse).float().flatten().cpu().numpy()
+    edges = np.histogram_bin_edges(np.concatenate(list(weights.values())), bins=40)  # one set of bins: comparable counts
+    out["histograms"] = {name: {"counts": np.histogram(w, bins=edges)[0].tolist(), "edges": edges.tolist()}
+                         for name, w in weights.items()}
     return out
 
 

@@ -60,7 +60,8 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
     if cfg.model == "two-tower":
         report["retrieval"] = retrieval_report({"model": trained.model}, splits, info, cfg)
     if info.is_main:
-        log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"test split ({cfg.model}, {kept(trained.best)})"))
+        log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"],
+                              title=f"test split ({cfg.model}, {kept(trained.best)})"))
         if segments:
             log.info(format_table(segments, ["id", "n", "share", "plr", "ne", "auc"], title="planted cohorts (ground truth)"))
         write_json(report, out / "report.json")
