@@ -335,13 +335,13 @@ def test_fedyogi_second_moment_shrinks_additively_when_updates_get_small():
 
 
 # ----------------------------------------------------------------- vectorized clients
-def _jobs(trainer, splits, n_clients, mu=0.0, rnd=0):
+def _jobs(trainer, splits, n_clients, mu=0.0, rnd=0, rho=0.0):
     from c2al.federated.simulation import ClientStore, initial_params
 
     clients = make_clients(splits)
     params, private = initial_params(trainer)
     store = ClientStore({k: v + 0.01 for k, v in private.items()})  # private rows unlike the global init
-    strategy = FedProx(trainer.layout, n_clients, spec=TierSpec(steps=(2, 5, 0)), seed=3, proximal_mu=mu)
+    strategy = FedProx(trainer.layout, n_clients, spec=TierSpec(steps=(2, 5, 0)), seed=3, proximal_mu=mu, sam_rho=rho)
     tiers = np.arange(len(clients)) % 3  # 2, 5 and uncapped steps: clients stop at different steps
     plan = strategy.configure_fit(rnd, tiers, np.random.default_rng(rnd))
     jobs = [(cid, clients[cid], store.get(cid, lambda n, c=clients[cid]: trainer.touched(c, trainer.layout.private[n])), conf)
@@ -365,17 +365,17 @@ def _assert_same_fits(one_by_one, vectorized, atol=1e-4):  # adagrad-like first 
 # Adam and Adagrad turn a round-off-sized gradient (an attention unit at the edge of its ReLU) into a
 # full first step: the fused AFM kernel against its autograd reference differs by more than the vectorized
 # run does. The equalities below mostly run dense parameters with sgd for that reason.
-@pytest.mark.parametrize("dense_optimizer,table_optimizer,mu", [("adam", "rowwise_adagrad", 0.0), ("sgd", "adagrad", 0.5),
-                                                                ("sgd", "sgd", 0.0)])
-def test_vectorized_clients_train_as_they_would_one_after_another(splits, dense_optimizer, table_optimizer, mu):
+@pytest.mark.parametrize("dense_optimizer,table_optimizer,mu,rho", [("adam", "rowwise_adagrad", 0.0, 0.0), ("sgd", "adagrad", 0.5, 0.0),
+                                                                    ("sgd", "sgd", 0.0, 0.0), ("sgd", "rowwise_adagrad", 0.0, 0.05)])
+def test_vectorized_clients_train_as_they_would_one_after_another(splits, dense_optimizer, table_optimizer, mu, rho):
     from c2al.federated.simulation import fit_clients
     from c2al.federated.vectorized import VectorizedRunner
 
     # dropout is the one draw they do not share
     cfg = Config(data=DATA, dropout=0.0, dense_optimizer=dense_optimizer, lr=0.05 if dense_optimizer == "sgd" else 3e-3,
                  table_optimizer=table_optimizer)
-    jobs, params = _jobs(make_trainer(cfg, splits), splits, 12, mu)
-    assert len({len(c.train) for _, c, _, _ in jobs}) > 1 and mu == jobs[0][3]["proximal_mu"]
+    jobs, params = _jobs(make_trainer(cfg, splits), splits, 12, mu, rho=rho)  # rho > 0: local SAM steps
+    assert len({len(c.train) for _, c, _, _ in jobs}) > 1 and mu == jobs[0][3]["proximal_mu"] and rho == jobs[0][3]["sam_rho"]
     one_by_one = fit_clients(make_trainer(cfg, splits), jobs, params, default_client_fn)
     _assert_same_fits(one_by_one, VectorizedRunner(make_trainer(cfg, splits)).fit(jobs, params))
 
@@ -457,3 +457,11 @@ def test_patience_zero_runs_every_round_and_keeps_the_last(splits):
     plain, _ = run(cfg, splits, rounds=5)
     for k in fed.params:
         np.testing.assert_array_equal(fed.params[k], plain.params[k])
+
+
+def test_a_retrieval_criterion_keeps_the_highest_recall(splits):
+    cfg = Config(data=DATA, clients_per_round=5)
+    recalls = iter([0.10, 0.30, 0.20, 0.25])
+    fed, _ = run(cfg, splits, rounds=4, evaluate=lambda _: {"ne": 1.0, "recall@10": next(recalls)}, eval_every=1,
+                 patience=3, criterion="recall@10")
+    assert fed.best["rounds"] == 2 and fed.best["valid_recall@10"] == 0.30 and fed.bad == 2

@@ -154,7 +154,8 @@ class LocalOptimizer:
                 if p.grad.is_sparse:  # lazy: only the rows of this batch feel the proximal pull
                     g = p.grad.coalesce()
                     idx = g.indices()[0]
-                    p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + self.mu * (p.data[idx] - ref[idx]), g.shape)
+                    p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + self.mu * (p.data[idx] - ref[idx]), g.shape,
+                                                     check_invariants=False)  # the indices are the coalesced gradient's
                 else:
                     p.grad = p.grad + self.mu * (p.data - ref)
         self.dense.step()

@@ -187,6 +187,7 @@ def run_rounds(
     evaluate: Evaluate | None = None,
     eval_every: int = 5,
     patience: int = 0,
+    criterion: str = "ne",
 ) -> FedTrained:
     """Run at most `rounds` federated rounds from the working model's current (seeded) weights.
 
@@ -207,8 +208,10 @@ def run_rounds(
             the default client_fn only, else one after another).
         evaluate: validation metrics of the global model; None never evaluates (and never stops early).
         eval_every: rounds between evaluations (the last round is always evaluated).
-        patience: evaluations without a strictly lower validation NE before stopping; 0 runs every
-            round and keeps the last state.
+        patience: evaluations without a strictly better validation `criterion` before stopping; 0 runs
+            every round and keeps the last state.
+        criterion: the key of `evaluate`'s result that decides: "ne" (lower is better), or a
+            retrieval metric such as "recall@10" (higher is better; see `MAXIMIZED`).
         show: tqdm bar over rounds.
         tag: label of the bar and log lines.
 
@@ -236,7 +239,7 @@ def run_rounds(
             trained.history.append(metrics)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", ok=metrics["aggregated"], failed=len(metrics["failures"]))
             if evaluate is not None and ((rnd + 1) % max(eval_every, 1) == 0 or rnd + 1 == rounds):
-                _evaluate(trained, evaluate, rnd, patience, tag, show)
+                _evaluate(trained, evaluate, rnd, patience, tag, show, criterion)
             elif show and bar.disable:  # not a terminal (a log file): one line per round instead of a bar
                 log.info(f"[{tag}] round {rnd + 1}/{rounds}  loss {metrics.get('loss', float('nan')):.4f}  "
                          f"aggregated {metrics['aggregated']}  failed {len(metrics['failures'])}")
@@ -263,24 +266,29 @@ def _runner(trainer: LocalTrainer, parallel: int, client_fn: ClientFn, workers: 
     return VectorizedRunner(trainer)
 
 
-def _evaluate(trained: FedTrained, evaluate: Evaluate, rnd: int, patience: int, tag: str, show: bool) -> None:
+MAXIMIZED = ("recall", "ndcg", "auc")  # criteria (by prefix) where higher is better
+
+
+def _evaluate(trained: FedTrained, evaluate: Evaluate, rnd: int, patience: int, tag: str, show: bool, criterion: str = "ne") -> None:
     """Validation of the global model after round `rnd`: into the round's history entry, the best and the patience count."""
     valid = evaluate(trained)
-    if valid.get("ne") is None or not math.isfinite(valid["ne"]):
-        raise C2ALError(f"[{tag}] validation NE is {valid.get('ne')} after round {rnd + 1}: the validation split needs both labels")
+    value = valid.get(criterion)
+    if value is None or not math.isfinite(value):
+        raise C2ALError(f"[{tag}] validation {criterion} is {value} after round {rnd + 1}: the validation split needs both labels")
     entry = trained.history[-1]
-    entry.update(valid_ne=float(valid["ne"]), valid_auc=valid.get("auc"))
-    improved = not trained.best or valid["ne"] < trained.best["valid_ne"]
+    entry.update({f"valid_{k}": float(valid[k]) if valid[k] is not None else None for k in dict.fromkeys(("ne", "auc", criterion)) if k in valid})
+    key, sign = f"valid_{criterion}", -1.0 if criterion.startswith(MAXIMIZED) else 1.0
+    improved = not trained.best or sign * entry[key] < sign * trained.best[key]
     if improved:
-        trained.best, trained.bad = {"round": rnd, "rounds": rnd + 1, "valid_ne": entry["valid_ne"], "valid_auc": entry["valid_auc"]}, 0
+        trained.best, trained.bad = {"round": rnd, "rounds": rnd + 1, **{k: v for k, v in entry.items() if k.startswith("valid_")}}, 0
         if patience:
             trained.best_state = ({n: v.copy() for n, v in trained.params.items()}, trained.store.copy())
     else:
         trained.bad += 1
     if show:
         mark = "  (best)" if improved else f"  (no gain {trained.bad}/{patience})" if patience else ""
-        log.info(f"[{tag}] round {rnd + 1}  loss {entry.get('loss', float('nan')):.4f}  valid NE {valid['ne']:.4f}  "
-                 f"AUC {valid.get('auc', float('nan')):.4f}{mark}")
+        shown = "".join(f"  {k.removeprefix('valid_')} {v:.4f}" for k, v in entry.items() if k.startswith("valid_") and v is not None)
+        log.info(f"[{tag}] round {rnd + 1}  loss {entry.get('loss', float('nan')):.4f}  valid{shown}{mark}")
 
 
 def _keep_best(trained: FedTrained, patience: int, tag: str) -> None:
@@ -290,11 +298,12 @@ def _keep_best(trained: FedTrained, patience: int, tag: str) -> None:
         trained.params, trained.store = {n: v.copy() for n, v in params.items()}, store.copy()
         done = len(trained.history)
         why = "patience ran out" if trained.stopped(patience) else "last round reached"
-        log.info(f"[{tag}] kept round {trained.best['rounds']} of {done} (valid NE {trained.best['valid_ne']:.4f}); {why}")
+        shown = ", ".join(f"valid {k.removeprefix('valid_')} {v:.4f}" for k, v in trained.best.items() if k.startswith("valid_") and v is not None)
+        log.info(f"[{tag}] kept round {trained.best['rounds']} of {done} ({shown}); {why}")
         return
-    last = next((h for h in reversed(trained.history) if "valid_ne" in h), None)
+    last = next((h for h in reversed(trained.history) if any(k.startswith("valid_") for k in h)), None)
     if last is not None:
-        trained.best = {"round": last["round"], "rounds": last["round"] + 1, "valid_ne": last["valid_ne"], "valid_auc": last["valid_auc"]}
+        trained.best = {"round": last["round"], "rounds": last["round"] + 1, **{k: v for k, v in last.items() if k.startswith("valid_")}}
 
 
 def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, rnd: int,

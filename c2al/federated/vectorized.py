@@ -17,7 +17,8 @@ one backward instead of C small ones:
   stacked parameters elementwise for the clients still training.
 
 Each client takes the batches `LocalTrainer.fit` would cut, the same number of
-steps, FedProx's pull, and returns the same `FitResult`; only the dropout masks
+steps, FedProx's pull and SAM's perturbation (rho g_c / |g_c| with its own
+gradient), and returns the same `FitResult`; only the dropout masks
 are drawn differently (one draw for all clients of a step). Without dropout the
 result equals the one-by-one run up to float rounding (tested).
 
@@ -96,6 +97,23 @@ class _Pooled(nn.Module):
 
     def forward(self, features: Any) -> KeyedTensor:
         return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=self.values)
+
+
+class _Perturbation:
+    """A SAM perturbation of the stacked parameters and round tables; `restore` takes it back
+    (called by `LocalOptimizer.step` before stepping, as for `SAMModule`)."""
+
+    def __init__(self, moves: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
+        self.moves = moves
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for w, where, e in self.moves:
+            if isinstance(where, slice):
+                w.sub_(e)
+            else:
+                w.index_add_(0, where, -e)
+        self.moves = []
 
 
 @dataclass
@@ -199,10 +217,11 @@ class VectorizedRunner:
     # ------------------------------------------------------------------ steps
     def _train(self, jobs: list[Job], plans: list[list[tuple[np.ndarray, np.ndarray]]], dense: dict[str, torch.Tensor],
                tables: dict[str, _RoundTable], opt: LocalOptimizer) -> tuple[list[dict[str, float]], dict[int, str]]:
-        t, B = self.trainer, self.trainer.batch_size
+        t = self.trainer
         sums: list[dict[str, float]] = [{} for _ in jobs]
         failed: dict[int, str] = {}
         base = int(jobs[0][3].get("step_seed", 0)) if jobs else 0
+        rho = float(jobs[0][3].get("sam_rho", 0.0)) if jobs else 0.0
         t.module.train()
         with self._vectorizable():
             for k in range(len(plans[0]) if plans else 0):
@@ -210,11 +229,11 @@ class VectorizedRunner:
                 take = np.concatenate([plans[c][k][0] for c in range(a)])
                 weights = np.concatenate([plans[c][k][1] for c in range(a)])
                 batch = make_batch(t.train, t.schema, take, weights)
-                pooled = self._lookup(batch, tables, a)
                 torch.default_generator.manual_seed((base + k * 7919) % (2**63))  # dropout: the step's one draw
-                fn = torch.func.vmap(self._client_loss, randomness="different")
-                losses, parts = fn({n: w[:a] for n, w in dense.items()}, pooled, batch.dense.view(a, B, -1),
-                                   *(x.view(a, B) for x in (batch.labels, batch.user_ids, batch.cohort_ids, batch.weights)))
+                losses, parts = self._losses(batch, dense, tables, a)
+                if rho > 0:  # SAM: the gradient is taken at w + rho g / |g|, each client with its own g
+                    opt.sam = self._perturb(losses, dense, tables, a, rho)
+                    losses, parts = self._losses(batch, dense, tables, a)
                 finite = torch.isfinite(losses)
                 for c in torch.nonzero(~finite).flatten().tolist():
                     failed.setdefault(c, f"raised C2ALError: client {jobs[c][1].user}: loss became {losses[c].item()} "
@@ -224,8 +243,55 @@ class VectorizedRunner:
                     losses[finite].sum().backward()  # client c's loss reaches only client c's parameters and rows
                     opt.dense.active = a
                     opt.step()
+                elif opt.sam is not None:
+                    opt.sam.restore()
+                opt.sam = None
                 self._add(sums, a, {"loss": losses.detach(), **parts})
         return sums, failed
+
+    def _losses(self, batch: Batch, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], a: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every stepping client's loss on its batch [A] (and its named parts [A])."""
+        B = self.trainer.batch_size
+        pooled = self._lookup(batch, tables, a)
+        fn = torch.func.vmap(self._client_loss, randomness="different")
+        return fn({n: w[:a] for n, w in dense.items()}, pooled, batch.dense.view(a, B, -1),
+                  *(x.view(a, B) for x in (batch.labels, batch.user_ids, batch.cohort_ids, batch.weights)))
+
+    @torch.no_grad()
+    def _perturb(self, losses: torch.Tensor, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], a: int,
+                 rho: float) -> "_Perturbation":
+        """Move each client's shared parameters by rho g_c / |g_c| (as `SAMModule`, per client)."""
+        layout = self.trainer.layout
+        shared = [dense[n] for n in layout.dense] + [tables[n].weight for n in layout.tables]
+        finite = torch.isfinite(losses)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(losses[finite].sum(), shared, allow_unused=True) if bool(finite.any()) else [None] * len(shared)
+        clients = len(tables[next(iter(tables))].start) - 1
+        sq = torch.zeros(clients, dtype=torch.float64)  # [C] squared norm of each client's g
+        sparse = []
+        for g in grads[:len(layout.dense)]:
+            if g is not None:
+                sq += g.double().pow(2).flatten(1).sum(1)
+        for n, g in zip(layout.tables, grads[len(layout.dense):]):
+            if g is not None:
+                g = g.coalesce()
+                idx, vals = g.indices()[0], g.values()  # [R], [R, D]
+                owner = torch.from_numpy(np.searchsorted(tables[n].start, idx.numpy(), side="right") - 1)  # [R] client of each row
+                sq.index_add_(0, owner, vals.double().pow(2).sum(1))
+                sparse.append((tables[n].weight, idx, vals, owner))
+        scale = (rho / (sq.sqrt() + 1e-12)).float()  # [C]
+        moves: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
+        for n, g in zip(layout.dense, grads[:len(layout.dense)]):
+            if g is not None:
+                moves.append((dense[n], slice(None), g * scale.view(-1, *([1] * (g.dim() - 1)))))
+        moves += [(w, idx, vals * scale[owner].unsqueeze(1)) for w, idx, vals, owner in sparse]
+        for w, where, e in moves:
+            if isinstance(where, slice):
+                w.add_(e)
+            else:
+                w.index_add_(0, where, e)
+        return _Perturbation(moves)
 
     def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], *tensors: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

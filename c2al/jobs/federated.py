@@ -35,7 +35,7 @@ from c2al.federated.client import (
 )
 from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.mining import FederatedCohortMiner
-from c2al.federated.simulation import CPU, FedTrained, run_rounds
+from c2al.federated.simulation import CPU, Evaluate, FedTrained, run_rounds
 from c2al.federated.strategy import Aggregation, make_strategy
 from c2al.jobs.common import cohort_frame, make_head
 from c2al.train.build import seeded_model
@@ -105,8 +105,9 @@ def aggregation(cfg: Config, spec: TierSpec) -> Aggregation:
 
 
 def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[ClientData], tiers: np.ndarray,
-                  checkpoint: Path | None, tag: str) -> FedTrained:
-    """Rounds of the configured engine over `clients`, from `model`'s (seeded) weights."""
+                  checkpoint: Path | None, tag: str, *, evaluate: Evaluate | None = None) -> FedTrained:
+    """Rounds of the configured engine over `clients`, from `model`'s (seeded) weights, early-stopped on
+    validation (`validation`; `evaluate` replaces it, e.g. to also record what a benchmark measures)."""
     module = train_module(cfg, model)
     layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
     trainer = LocalTrainer(module, layout, splits.schema, splits.train, dense_optimizer=cfg.dense_optimizer, lr=cfg.lr,
@@ -127,10 +128,28 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
     attackers = choose_attackers(len(clients), cfg.attack_share, cfg.seed) if cfg.attack != "none" else np.zeros(0, np.int64)
     if len(attackers):
         log.info(f"[{tag}] attack {cfg.attack} by {len(attackers)} of {len(clients)} clients (--attack-scale {cfg.attack_scale:g})")
+    criterion = "recall@10" if retrieval_loss(cfg) else "ne"
     return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers, parallel=cfg.parallel_clients,
                       client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale),
-                      evaluate=lambda fed: summarize(fed.predict("valid", splits, cfg.batch_size), splits.valid.labels),
+                      evaluate=evaluate or (lambda fed: validation(cfg, splits, fed, criterion)), criterion=criterion,
                       eval_every=cfg.eval_every or EVAL_EVERY, patience=cfg.patience, **kw)
+
+
+def retrieval_loss(cfg: Config) -> bool:
+    """A two-tower trained for retrieval (in-batch softmax or the hinge): its dot products rank items but are
+    no calibrated logits, so it is judged, like the centralized loop judges it, by validation recall@10."""
+    return cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge)
+
+
+def validation(cfg: Config, splits: Splits, fed: FedTrained, criterion: str = "ne") -> dict[str, Any]:
+    """Validation metrics of the global model with every client's private rows: NE and AUC, and for
+    criterion "recall@10" the recall over the full catalog (train items filtered)."""
+    out = summarize(fed.predict("valid", splits, cfg.batch_size), splits.valid.labels)
+    if criterion != "ne":
+        from c2al.eval.retrieval import retrieval_metrics
+
+        out[criterion] = retrieval_metrics(fed.model, splits, CPU, batch_size=max(cfg.batch_size, 1024), ks=(10,), split="valid")[criterion]
+    return out
 
 
 def kept_round(best: dict[str, Any]) -> str:
@@ -200,10 +219,13 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
     return report
 
 
-def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path) -> dict[str, Any]:
+def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path,
+                       base: FedTrained | None = None) -> dict[str, Any]:
+    """Baseline rounds (or the given `base`, trained with this cfg and seed), federated mining, C2AL rounds, report."""
     import c2al
 
-    base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
+    if base is None:
+        base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
     p_valid = base.predict("valid", splits, cfg.batch_size)
     frame = cohort_frame(cfg, splits, "valid")
     # each client mines from its own validation rows: features, the baseline's scores, labels
