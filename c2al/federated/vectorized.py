@@ -143,7 +143,7 @@ class VectorizedRunner:
 
     Example:
         >>> runner = VectorizedRunner(trainer)  # doctest: +SKIP
-        >>> results = runner.fit(jobs, params)  # [(cid, FitResult or the reason it failed)], in job order
+        >>> results = runner.fit(jobs, params)  # doctest: +SKIP
     """
 
     def __init__(self, trainer: LocalTrainer) -> None:
