@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from c2al.data.sources import load_splits
 from c2al.config import Config
+from c2al.data.sources import load_splits
 from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 from c2al.eval.retrieval import retrieval_metrics
