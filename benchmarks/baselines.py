@@ -10,8 +10,9 @@ with the best validation epoch's weights):
                      test recall@10 / NDCG@10 over the full catalog (seen items filtered) next
                      to the most-popular reference
   two-tower-no-logq  the same without the logQ correction (--no-two-tower-logq)
-  afm:0 FIELD=VALUE  with --afm-grid: AFM seed 0 with one training flag changed, compared with
-                     afm:0 on validation NE only (what would make the AFM better, without test)
+  afm:0 FIELD=VALUE  --afm-grid: AFM seed 0 with one training flag changed, compared with afm:0
+                     on validation NE only; the best, when better than the defaults, is then
+                     trained on every AFM seed (afm:S FIELD=VALUE) and summarized like the defaults
 
 The floor is the committed benchmarks/results/linear_baseline_<data>.json (one-hot logistic
 regression, C picked on valid; `python benchmarks/linear_baseline.py --data <data>`).
@@ -19,7 +20,7 @@ regression, C picked on valid; `python benchmarks/linear_baseline.py --data <dat
   python benchmarks/baselines.py                            # MovieLens-1M (about 1 h on 2 idle cores)
   python benchmarks/baselines.py --data movielens-100k      # a few minutes
   python benchmarks/baselines.py --runs afm:1,two-tower     # only these runs, merged into the result file
-  python benchmarks/baselines.py --afm-grid table_lr=0.15,dropout=0   # + AFM what-ifs, judged on validation
+  python benchmarks/baselines.py --afm-grid table_lr=0.15,dropout=0   # other AFM what-ifs (default: AFM_GRID)
   python benchmarks/baselines.py --lr 0.001 --out /tmp/b.json   # any train.py training flag, for a what-if
 
 Runs go side by side in --processes spawned processes of one torch thread each (on a busy
@@ -67,6 +68,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "epochs", "patience", "batch_size",
                "lr", "table_lr", "weight_decay", "embedding_dim", "attention_dim", "dropout")
 RETRIEVAL_KS = (10, 50)
+# What might hold the AFM back (issue 10: learning rates, dropout, embedding dim), one flag at a time
+AFM_GRID = "dropout=0,lr=0.01,embedding_dim=32,table_lr=0.15,table_lr=0.3,table_lr=0.6"
 
 
 def plan(afm_seeds: Sequence[int], afm_grid: Sequence[tuple[str, Any]] = ()) -> dict[str, dict[str, Any]]:
@@ -182,13 +185,11 @@ def afm_summary(rows: list[dict[str, Any]], lr_floor: dict[str, Any] | None) -> 
     return out
 
 
-def afm_grid(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The AFM what-ifs next to the same seed's defaults, by best validation NE (test is not looked at)."""
-    grid = {n: r for n, r in rows.items() if r["model"] == "afm" and " " in n}
-    seeds = {n.split(" ")[0] for n in grid}
-    out = [{"run": n, "setting": n.split(" ", 1)[1] if " " in n else "train.py defaults", "valid_ne": r["best"]["valid_ne"],
-            "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"]}
-           for n, r in rows.items() if n in grid or n in seeds]
+def afm_grid(rows: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The AFM what-ifs of `seed` and its defaults, best validation NE first (test is not looked at)."""
+    mine = [n for n in rows if n == f"afm:{seed}" or n.startswith(f"afm:{seed} ")]
+    out = [{"run": n, "setting": n.split(" ", 1)[1] if " " in n else "train.py defaults", "valid_ne": rows[n]["best"]["valid_ne"],
+            "best_epoch": rows[n]["best_epoch"], "epochs_run": rows[n]["epochs_run"]} for n in mine]
     return sorted(out, key=lambda g: g["valid_ne"])
 
 
@@ -210,9 +211,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default="movielens-1m", help="any train.py --data (default movielens-1m)")
     add_config_flags(ap, TRAIN_FLAGS)
     ap.add_argument("--afm-seeds", default="0,1,2", help="comma-separated seeds of the AFM runs")
-    ap.add_argument("--afm-grid", default=[], type=lambda v: [grid_setting(t) for t in v.split(",") if t.strip()],
+    ap.add_argument("--afm-grid", default=AFM_GRID, type=lambda v: [grid_setting(t) for t in v.split(",") if t.strip()],
                     help="comma-separated FIELD=VALUE what-ifs, each one AFM run (first seed) with that one train.py flag "
-                         "changed, compared on validation NE: table_lr=0.15,dropout=0")
+                         "changed, compared on validation NE; the best, if better than the defaults, is trained on every "
+                         "AFM seed ('' for none)")
     ap.add_argument("--runs", default="", help="comma-separated run names to train (default all: afm:S..., attention-fm, "
                                                "two-tower); the others are kept from the result file")
     ap.add_argument("--processes", type=int, default=2, help="processes training runs side by side")
@@ -236,21 +238,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else RESULTS / f"baselines_{data_name(args.data)}.json"
     old = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in TRAIN_FLAGS})  # not --out, a Config field too
-    cfgs = {n: config_from(flags, data=args.data, quiet=True, **fields).to_dict()
-            for n, fields in plan([int(s) for s in args.afm_seeds.split(",")], args.afm_grid).items()}
+    seeds = [int(s) for s in args.afm_seeds.split(",")]
+
+    def configs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {n: config_from(flags, data=args.data, quiet=True, **fields).to_dict() for n, fields in runs.items()}
+
+    cfgs = configs(plan(seeds, args.afm_grid))
     names = [n.strip() for n in args.runs.split(",") if n.strip()] or list(cfgs)
     unknown = [n for n in names if n not in cfgs]
     if unknown:
         raise SystemExit(f"unknown --runs {unknown}; known: {list(cfgs)}")
     rows = {**old.get("runs", {}), **run_all({n: cfgs[n] for n in names}, Path(args.cache), args.processes, args.fresh)}
+    grid = afm_grid(rows, seeds[0]) if args.afm_grid else []
+    picked = grid[0]["setting"] if grid and " " in grid[0]["run"] else None
+    if picked:  # the grid's best on validation beats the defaults: train it on every AFM seed
+        k, v = grid_setting(picked)
+        more = configs({f"afm:{s} {picked}": {"model": "afm", "seed": s, k: v} for s in seeds})
+        cfgs.update(more)
+        rows.update(run_all(more, Path(args.cache), args.processes, args.fresh))
     rows = {n: rows[n] for n in [*cfgs, *rows] if n in rows}  # this plan's order, then earlier runs it does not name
     lr_floor = floor(args.data)
     afm = [r for n, r in rows.items() if r["model"] == "afm" and " " not in n]
+    afm_picked = [rows[f"afm:{s} {picked}"] for s in seeds] if picked else []
     result = {
         "benchmark": "baselines", "data": args.data, "args": {**vars(args), "afm_grid": [f"{k}={v}" for k, v in args.afm_grid]},
         "linear_floor": lr_floor,
         "afm": afm_summary(afm, lr_floor) if afm else None,
-        "afm_grid": afm_grid(rows),
+        "afm_grid": grid,
+        "afm_picked": {"setting": picked, **afm_summary(afm_picked, lr_floor)} if afm_picked else None,
         "runs": rows,
         "machine": {**machine_info(), "load_avg_1m_before": machine_before.get("load_avg_1m"), "torch_threads": 1,
                     "processes": args.processes},

@@ -199,38 +199,50 @@ def federated_tiers(name: str) -> Callable[[], str]:
 
 
 def baselines(name: str) -> Callable[[], str]:
-    """benchmarks/baselines.py: the early-stopped AFM (per seed, then mean and range), AttentionFM and
-    TwoTower (with recall@10 next to most popular) against the logistic-regression floor."""
+    """benchmarks/baselines.py: the early-stopped AFM per seed (train.py's defaults, and the AFM what-if that
+    validation picked), AttentionFM and TwoTower (recall@10 next to most popular) against the LR floor."""
     def render() -> str:
         res = load(name)
-        lin, afm = res["linear_floor"], res["afm"]
-        rows = []
-        if lin:
-            rows.append([f"one-hot logistic regression (C={lin['C']:g}, picked on valid)", "", lin["test_ne"], lin["test_auc"], "", "", ""])
-        for r in res["runs"].values():
+        lin, runs = res["linear_floor"], res["runs"]
+        picked = (res.get("afm_picked") or {}).get("setting")
+
+        def row(label: str, r: dict[str, Any]) -> list[Any]:
             ret = r.get("retrieval")
             rec = f"{ret['recall@10']:.4f} (most popular {ret['popularity_recall@10']:.4f})" if ret else ""
-            label = {"afm": "AFM", "attention-fm": "AttentionFM", "two-tower": "TwoTower, in-batch softmax"}.get(r["model"], r["model"])
-            if r["model"] == "two-tower":
-                label += " + logQ" if r["config"].get("two_tower_logq") else " without logQ"
-            rows.append([label, r["seed"], r["test"]["ne"], r["test"]["auc"], f"{r['best_epoch']} of {r['epochs_run']}",
-                         f"{r['epoch_seconds']:.0f}", rec])
-        if afm and len(afm["seeds"]) > 1:
-            ne, auc = afm["test_ne"], afm["test_auc"]
-            rows.append([f"AFM, mean over {len(afm['seeds'])} seeds [min, max]", "", f"{ne['mean']:.4f} [{ne['min']:.4f}, {ne['max']:.4f}]",
-                         f"{auc['mean']:.4f} [{auc['min']:.4f}, {auc['max']:.4f}]", "", "", ""])
+            return [label, r["seed"], r["test"]["ne"], r["test"]["auc"], f"{r['best_epoch']} of {r['epochs_run']}", f"{r['epoch_seconds']:.0f}", rec]
+
+        def mean(label: str, summary: dict[str, Any]) -> list[Any]:
+            ne, auc = summary["test_ne"], summary["test_auc"]
+            return [f"{label}, mean over {len(summary['seeds'])} seeds [min, max]", "", f"{ne['mean']:.4f} [{ne['min']:.4f}, {ne['max']:.4f}]",
+                    f"{auc['mean']:.4f} [{auc['min']:.4f}, {auc['max']:.4f}]", "", "", ""]
+
+        rows = [[f"one-hot logistic regression (C={lin['C']:g}, picked on valid)", "", lin["test_ne"], lin["test_auc"], "", "", ""]] if lin else []
+        rows += [row("AFM, train.py defaults", r) for n, r in runs.items() if r["model"] == "afm" and " " not in n]
+        rows += [mean("AFM, train.py defaults", res["afm"])] if res.get("afm") else []
+        if picked:
+            rows += [row(f"AFM, --{picked.replace('_', '-').replace('=', ' ')}", runs[f"afm:{s} {picked}"]) for s in res["afm_picked"]["seeds"]]
+            rows.append(mean(f"AFM, --{picked.replace('_', '-').replace('=', ' ')}", res["afm_picked"]))
+        for r in runs.values():
+            if r["model"] == "attention-fm":
+                rows.append(row("AttentionFM, train.py defaults", r))
+            elif r["model"] == "two-tower":
+                rows.append(row("TwoTower, in-batch softmax" + (" + logQ" if r["config"].get("two_tower_logq") else " without logQ"), r))
         text = md([f"{res['data']} test split", "seed", "NE", "AUC", "best epoch", "s / epoch", "recall@10"], rows)
-        if lin and afm:
-            below, worst = afm["ne_below_floor"], afm["test_ne"]["max"]
-            text += (f"\n\nAFM minus floor, test NE: {-below['mean']:+.4f} on average ({-afm['ne_below_floor_pct']:+.1f}%), "
-                     f"{-below['worst_seed']:+.4f} for the worst seed (NE {worst:.4f}). The TwoTower's NE/AUC score its dot "
-                     "products, which the softmax trains to rank, not to be probabilities.")
-        minutes = sum(r["seconds"] for r in res["runs"].values()) / 60
+        for label, summary in (("train.py defaults", res.get("afm")), (picked, res.get("afm_picked"))):
+            if lin and summary:
+                below = summary["ne_below_floor"]
+                text += (f"\n\nAFM ({label}) minus the floor, test NE: {-below['mean']:+.4f} on average "
+                         f"({-summary['ne_below_floor_pct']:+.1f}%), {-below['worst_seed']:+.4f} for the worst seed (NE {summary['test_ne']['max']:.4f}).")
+        if res.get("afm_grid"):
+            grid = [[g["setting"], g["valid_ne"], f"{g['best_epoch']} of {g['epochs_run']}"] for g in res["afm_grid"]]
+            text += ("\n\nWhat holds the AFM back, on validation only (seed 0, one flag changed at a time; the best is then "
+                     "trained on every seed above):\n\n" + md(["AFM setting", "best valid NE", "best epoch"], grid))
+        minutes = sum(r["seconds"] for r in runs.values()) / 60
         return text + (f"\n\n`python benchmarks/baselines.py --data {res['data']}` ({minutes:.0f} min of training summed over the runs, "
                        f"in {res['machine'].get('processes', res['machine'].get('workers'))} processes of one torch thread, "
-                       f"{machine(res['machine'])}); the floor: "
-                       f"`{lin['command'] if lin else 'python benchmarks/linear_baseline.py'}`. Seconds per epoch include the "
-                       "validation pass; the TwoTower's recall@10 is over the full catalog with seen items filtered.")
+                       f"{machine(res['machine'])}); the floor: `{lin['command'] if lin else 'python benchmarks/linear_baseline.py'}`. "
+                       "Seconds per epoch include the validation pass. The TwoTower's recall@10 is over the full catalog with seen "
+                       "items filtered; its NE/AUC score dot products that the softmax trains to rank, not to be probabilities.")
     return render
 
 
