@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parts = [p for p in args.parts.split(",") if p]
     if "quality" in parts:
         data = getattr(args, "data", None) or DEFAULTS["data"]
-        extra = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a not in ("--parts", args.parts, "--data", data)]
+        given = {k: getattr(args, k) for k in TRAIN_FLAGS if k != "data" and getattr(args, k, None) is not None}
+        extra = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), str(v))]  # train.py flags given here
         doc, table = quality(data, extra)
         path = Path(args.out_dir) / f"federated_quality_{data}.json"
         write_json({"benchmark": "federated_quality", **doc, "machine": machine_info(), "table": table}, path)

@@ -3,7 +3,8 @@
   python benchmarks/movielens_run.py                 # one process
   python benchmarks/movielens_run.py --nproc 2       # torchrun, 2 processes (gloo on CPU)
   python benchmarks/movielens_run.py --model attention-fm
-  python benchmarks/movielens_run.py --federated --rounds 20 --clients-per-round 50 --table-lr 0.02
+  python benchmarks/movielens_run.py --federated     # train.py's federated defaults (FedAdam, 200 clients a round,
+                                                     # normalized updates, early stopping by rounds)
 
 Runs the job in a subprocess exactly as on the command line (extra flags pass
 through), then writes benchmarks/results/c2al_<data>_<model>_<n>proc.json (or

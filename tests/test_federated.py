@@ -31,11 +31,12 @@ def splits():
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_trainer(cfg: Config, splits, model=None) -> LocalTrainer:
+def make_trainer(cfg: Config, splits, model=None, normalized: bool = False) -> LocalTrainer:
     module = TrainModule(model if model is not None else seeded_model(cfg, splits.schema))
     layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
     return LocalTrainer(module, layout, splits.schema, splits.train, dense_optimizer=cfg.dense_optimizer, lr=cfg.lr,
-                        table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, batch_size=cfg.local_batch_size)
+                        table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, batch_size=cfg.local_batch_size,
+                        normalized=normalized)
 
 
 def run(cfg: Config, splits, strategy_cls=FedAvg, rounds=3, spec=None, client_fn=default_client_fn, **kw):
@@ -181,7 +182,7 @@ def _valid_ne(splits):
 
 @pytest.mark.parametrize("parallel", [0, 8])
 def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path, parallel):
-    cfg = Config(data=DATA, clients_per_round=5, server_optimizer="fedadam")
+    cfg = Config(data=DATA, clients_per_round=5 if not parallel else 20, server_optimizer="fedadam")
     stop = dict(evaluate=_valid_ne(splits), eval_every=1, patience=2, parallel=parallel)  # early stopping by rounds
     kw = dict(strategy_kw={"server_lr": 0.01})
     full, _ = run(cfg, splits, FedAdam, rounds=6, **kw, **stop)
@@ -376,8 +377,9 @@ def test_vectorized_clients_train_as_they_would_one_after_another(splits, dense_
                  table_optimizer=table_optimizer)
     jobs, params = _jobs(make_trainer(cfg, splits), splits, 12, mu, rho=rho)  # rho > 0: local SAM steps
     assert len({len(c.train) for _, c, _, _ in jobs}) > 1 and mu == jobs[0][3]["proximal_mu"] and rho == jobs[0][3]["sam_rho"]
-    one_by_one = fit_clients(make_trainer(cfg, splits), jobs, params, default_client_fn)
-    _assert_same_fits(one_by_one, VectorizedRunner(make_trainer(cfg, splits)).fit(jobs, params))
+    norm = rho > 0  # one case also sends normalized updates
+    one_by_one = fit_clients(make_trainer(cfg, splits, normalized=norm), jobs, params, default_client_fn)
+    _assert_same_fits(one_by_one, VectorizedRunner(make_trainer(cfg, splits, normalized=norm)).fit(jobs, params))
 
 
 def test_vectorized_clients_run_c2al_heads_and_the_hinge_two_tower(splits):
@@ -414,9 +416,12 @@ def test_vectorized_client_with_a_nonfinite_loss_fails_alone(splits):
 
 
 def test_vectorized_rounds_match_sequential_rounds_without_dropout(splits):
-    cfg = Config(data=DATA, dropout=0.0, clients_per_round=10)
+    from c2al.federated.simulation import MIN_SIDE_BY_SIDE
+
+    cfg = Config(data=DATA, dropout=0.0, clients_per_round=20)
+    assert cfg.clients_per_round >= MIN_SIDE_BY_SIDE  # else the round runs one client after another anyway
     seq, _ = run(cfg, splits, rounds=2)
-    vec, _ = run(cfg, splits, rounds=2, parallel=4)  # chunks of 4: 4 + 4 + 2 clients
+    vec, _ = run(cfg, splits, rounds=2, parallel=8)  # chunks of 8: 8 + 8 + 4 clients
     for k in seq.params:
         np.testing.assert_allclose(vec.params[k], seq.params[k], atol=1e-5, err_msg=k)
     assert [h["aggregated"] for h in vec.history] == [h["aggregated"] for h in seq.history]
@@ -465,3 +470,23 @@ def test_a_retrieval_criterion_keeps_the_highest_recall(splits):
     fed, _ = run(cfg, splits, rounds=4, evaluate=lambda _: {"ne": 1.0, "recall@10": next(recalls)}, eval_every=1,
                  patience=3, criterion="recall@10")
     assert fed.best["rounds"] == 2 and fed.best["valid_recall@10"] == 0.30 and fed.bad == 2
+
+
+# ----------------------------------------------------------------- normalized updates (FedNova)
+def test_normalized_update_is_the_plain_update_per_step_weighted_by_training_rows(splits):
+    from c2al.federated.client import client_steps
+    from c2al.federated.simulation import fit_clients
+
+    cfg = Config(data=DATA, dropout=0.0)
+    jobs, params = _jobs(make_trainer(cfg, splits), splits, 6)
+    plain = fit_clients(make_trainer(cfg, splits), jobs, params, default_client_fn)
+    norm = fit_clients(make_trainer(cfg, splits, normalized=True), jobs, params, default_client_fn)
+    for (_, client, _, conf), (_, a), (_, b) in zip(jobs, plain, norm):
+        steps = len(client_steps(client.train, cfg.local_batch_size, conf["seed"], conf["max_steps"], conf["epochs"]))
+        assert b.num_examples == len(client.train) and a.num_examples <= steps * cfg.local_batch_size
+        for n in a.dense:
+            np.testing.assert_allclose(b.dense[n], a.dense[n] / steps, rtol=1e-6)
+        for n, (ids, rows) in a.rows.items():
+            np.testing.assert_allclose(b.rows[n][1], rows / steps, rtol=1e-6)
+        for n, (ids, rows) in a.private.items():
+            np.testing.assert_array_equal(b.private[n][1], rows)  # the client's own rows are not an update

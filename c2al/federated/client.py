@@ -237,6 +237,25 @@ class FitResult:
     metrics: dict[str, float]
 
 
+def normalized(res: FitResult, steps: int, train_rows: int) -> FitResult:
+    """FedNova's normalized update (Wang et al. 2020): the shared deltas divided by the local steps taken,
+    weighted by the client's training rows (McMahan's n_k) instead of the examples it processed.
+
+    Under FedAvg's weighting a client whose device affords 10 steps sends a ~5x larger update, and 5x
+    the examples, of one that affords 2: the global model drifts toward the users of fast devices
+    (objective inconsistency). Per-step updates weighted by data size remove that; the server's
+    learning rate sets the step (FedAdam normalizes it anyway). Private rows are untouched.
+
+    Example:
+        >>> r = normalized(FitResult(64, {"w": np.array([4.0])}, {}, {}, {}), steps=2, train_rows=85)
+        >>> r.num_examples, r.dense["w"].tolist()
+        (85, [2.0])
+    """
+    k = max(int(steps), 1)
+    return FitResult(num_examples=int(train_rows), dense={n: d / k for n, d in res.dense.items()},
+                     rows={n: (i, r / k) for n, (i, r) in res.rows.items()}, private=res.private, metrics=res.metrics)
+
+
 class LocalTrainer:
     """Runs clients one after another on one working copy of the model.
 
@@ -246,11 +265,12 @@ class LocalTrainer:
         schema, train: the schema and the split clients train on (clients index its rows).
         dense_optimizer, lr, table_optimizer, table_lr: the local optimizers (as the config's).
         batch_size: local batch size.
+        normalized: send `normalized` updates (per local step, weighted by training rows).
     """
 
     def __init__(self, module: TrainModule, layout: Layout, schema: Schema, train: Table, *, dense_optimizer: str = "adam",
                  lr: float = 3e-3, table_optimizer: str = "rowwise_adagrad", table_lr: float = 0.05, batch_size: int = 32,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, normalized: bool = False) -> None:
         self.module, self.layout, self.schema, self.train = module, layout, schema, train
         self.params = dict(module.model.named_parameters()) if hasattr(module, "model") else dict(module.named_parameters())
         missing = [n for n in [*layout.private, *layout.shared] if n not in self.params]
@@ -259,6 +279,7 @@ class LocalTrainer:
         use_sparse_gradients(module)
         self.dense_optimizer, self.lr, self.weight_decay = dense_optimizer, lr, weight_decay
         self.table_optimizer, self.table_lr, self.batch_size = table_optimizer, table_lr, batch_size
+        self.normalized = normalized
         self._touched: dict[tuple[int, str], np.ndarray] = {}
         self.initial_private: dict[str, np.ndarray] = {}  # seeded private tables, for clients seen first (Flower engine)
 
@@ -311,7 +332,8 @@ class LocalTrainer:
         batches = list(local_batches(self.train, self.schema, client.train, self.batch_size, int(config["seed"]),
                                      int(config.get("max_steps", 0)), int(config.get("epochs", 1))))
         stats = train_epoch(module, opt, batches, total=len(batches), show=False, desc=f"client {client.user}", step_seed=step_seed)
-        return self._collect(client, state, num_examples=int(sum(float(b.weights.sum()) for b in batches)), metrics=stats)
+        res = self._collect(client, state, num_examples=int(sum(float(b.weights.sum()) for b in batches)), metrics=stats)
+        return normalized(res, len(batches), len(client.train)) if self.normalized else res
 
     @torch.no_grad()
     def _collect(self, client: ClientData, state: dict[str, np.ndarray], num_examples: int, metrics: dict[str, float]) -> FitResult:

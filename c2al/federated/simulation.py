@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("c2al.federated")
 CPU = LOCAL_CPU
+# A round of fewer clients runs them one after another even with `parallel`: side by side gains little
+# there, and the one-by-one path is the one the Flower engine runs (small runs then match it exactly).
+MIN_SIDE_BY_SIDE = 16
 
 
 class ClientStore:
@@ -205,7 +208,7 @@ def run_rounds(
         client_fn: how a client trains (tests inject failing clients here).
         workers: > 1 runs each round's clients over that many forked processes (same result).
         parallel: > 1 trains up to that many of a round's clients side by side (`vectorized`;
-            the default client_fn only, else one after another).
+            the default client_fn only, and rounds of at least MIN_SIDE_BY_SIDE clients; else one after another).
         evaluate: validation metrics of the global model; None never evaluates (and never stops early).
         eval_every: rounds between evaluations (the last round is always evaluated).
         patience: evaluations without a strictly better validation `criterion` before stopping; 0 runs
@@ -325,7 +328,7 @@ def one_round(trained: FedTrained, strategy: FedAvg, clients: list[ClientData], 
     if not plan:
         log.warning("round %d: no client available", rnd)
     results: list[tuple[int, FitResult]] = []
-    if runner is not None and jobs:
+    if runner is not None and len(jobs) >= MIN_SIDE_BY_SIDE:
         fitted = [r for i in range(0, len(jobs), parallel) for r in runner.fit(jobs[i:i + parallel], params)]
     elif workers > 1 and len(jobs) > 1:
         fitted = _in_pool(trainer, jobs, params, client_fn, workers)

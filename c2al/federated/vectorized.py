@@ -39,7 +39,16 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from c2al.data.batch import Batch, make_batch
 from c2al.dist.sharding import embedding_collections
-from c2al.federated.client import ClientData, FitResult, LocalOptimizer, LocalTrainer, Rows, SparseTableOptimizer, client_steps
+from c2al.federated.client import (
+    ClientData,
+    FitResult,
+    LocalOptimizer,
+    LocalTrainer,
+    Rows,
+    SparseTableOptimizer,
+    client_steps,
+    normalized,
+)
 
 Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
 
@@ -366,6 +375,7 @@ class VectorizedRunner:
         deltas = {n: (rows_of[n][0], rows_of[n][1] - np.asarray(params[n])[rows_of[n][0]]) for n in layout.tables}
         private = {n: (rows_of[n][0], rows_of[n][1].copy()) for n in layout.private}
         steps = max(len(plan), 1)
-        return cid, FitResult(num_examples=int(sum(float(w.sum()) for _, w in plan)),
-                              dense={n: dense[n].detach()[c].numpy() - params[n] for n in layout.dense}, rows=deltas,
-                              private=private, metrics={k: v / steps for k, v in sums.items()})
+        res = FitResult(num_examples=int(sum(float(w.sum()) for _, w in plan)),
+                        dense={n: dense[n].detach()[c].numpy() - params[n] for n in layout.dense}, rows=deltas,
+                        private=private, metrics={k: v / steps for k, v in sums.items()})
+        return cid, normalized(res, len(plan), len(job[1].train)) if self.trainer.normalized else res

@@ -112,7 +112,7 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
     layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
     trainer = LocalTrainer(module, layout, splits.schema, splits.train, dense_optimizer=cfg.dense_optimizer, lr=cfg.lr,
                            table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, batch_size=cfg.local_batch_size,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, normalized=cfg.normalized_updates)
     spec = tier_spec(cfg)
     strategy = make_strategy(cfg.server_optimizer, layout, cfg.clients_per_round, server_lr=cfg.server_lr,
                              proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, spec=spec, seed=cfg.seed,
