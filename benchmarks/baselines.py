@@ -10,6 +10,8 @@ with the best validation epoch's weights):
                      test recall@10 / NDCG@10 over the full catalog (seen items filtered) next
                      to the most-popular reference
   two-tower-no-logq  the same without the logQ correction (--no-two-tower-logq)
+  two-tower F=V      --two-tower-grid: the TwoTower with one training flag changed (default: a 4x
+                     batch, i.e. 4x the in-batch negatives), compared on validation recall@10 only
   afm:0 FIELD=VALUE  --afm-grid: AFM seed 0 with one training flag changed, compared with afm:0
                      on validation NE only; the best, when better than the defaults, is then
                      trained on every AFM seed (afm:S FIELD=VALUE) and summarized like the defaults
@@ -39,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -70,19 +73,24 @@ TRAIN_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "
 RETRIEVAL_KS = (10, 50)
 # What might hold the AFM back (issue 10: learning rates, dropout, embedding dim), one flag at a time
 AFM_GRID = "dropout=0,lr=0.01,embedding_dim=32,table_lr=0.15,table_lr=0.3,table_lr=0.6"
+# More in-batch negatives for the softmax (issue 10): 4x the default batch of 512
+TWO_TOWER_GRID = "batch_size=2048"
 
 
-def plan(afm_seeds: Sequence[int], afm_grid: Sequence[tuple[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+def plan(afm_seeds: Sequence[int], afm_grid: Sequence[tuple[str, Any]] = (),
+         two_tower_grid: Sequence[tuple[str, Any]] = ()) -> dict[str, dict[str, Any]]:
     """Run name -> the Config fields that make it (on top of the shared flags).
 
     Each (field, value) of `afm_grid` adds the first AFM seed with that one field changed,
-    named "afm:S field=value": a what-if judged on validation NE only.
+    named "afm:S field=value": a what-if judged on validation NE only; likewise
+    `two_tower_grid` adds "two-tower field=value", judged on validation recall@10.
     """
     runs = {f"afm:{s}": {"model": "afm", "seed": s} for s in afm_seeds}
     runs.update({f"afm:{afm_seeds[0]} {k}={v}": {"model": "afm", "seed": afm_seeds[0], k: v} for k, v in afm_grid})
     runs["attention-fm"] = {"model": "attention-fm", "seed": 0}
     runs["two-tower"] = {"model": "two-tower", "seed": 0, "two_tower_loss": "softmax"}
     runs["two-tower-no-logq"] = {**runs["two-tower"], "two_tower_logq": False}  # what the logQ correction adds
+    runs.update({f"two-tower {k}={v}": {**runs["two-tower"], k: v} for k, v in two_tower_grid})
     return runs
 
 
@@ -116,6 +124,7 @@ def train_one(name: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     if cfg.model == "two-tower":
         row["retrieval"] = retrieval_metrics(trained.model, splits, info, ks=RETRIEVAL_KS)
     row["seconds"] = time.perf_counter() - start
+    row["load_avg_1m"] = os.getloadavg()[0]  # the machine is shared: its load when this run ended, next to its seconds
     return row
 
 
@@ -193,6 +202,15 @@ def afm_grid(rows: dict[str, dict[str, Any]], seed: int) -> list[dict[str, Any]]
     return sorted(out, key=lambda g: g["valid_ne"])
 
 
+def two_tower_grid(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The TwoTower what-ifs and its defaults, best validation recall@10 first (test is not looked at)."""
+    mine = [n for n in rows if n == "two-tower" or n.startswith("two-tower ")]
+    out = [{"run": n, "setting": n.split(" ", 1)[1] if " " in n else "train.py defaults",
+            "valid_recall@10": rows[n]["best"]["valid_recall@10"], "best_epoch": rows[n]["best_epoch"],
+            "epochs_run": rows[n]["epochs_run"]} for n in mine]
+    return sorted(out, key=lambda g: -g["valid_recall@10"])
+
+
 def grid_setting(text: str) -> tuple[str, Any]:
     """"table_lr=0.15" -> ("table_lr", 0.15), typed like Config's field; only train.py's training flags."""
     name, _, value = text.partition("=")
@@ -215,6 +233,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="comma-separated FIELD=VALUE what-ifs, each one AFM run (first seed) with that one train.py flag "
                          "changed, compared on validation NE; the best, if better than the defaults, is trained on every "
                          "AFM seed ('' for none)")
+    ap.add_argument("--two-tower-grid", default=TWO_TOWER_GRID, type=lambda v: [grid_setting(t) for t in v.split(",") if t.strip()],
+                    help="comma-separated FIELD=VALUE what-ifs of the TwoTower, each one run compared on validation recall@10 ('' for none)")
     ap.add_argument("--runs", default="", help="comma-separated run names to train (default all: afm:S..., attention-fm, "
                                                "two-tower); the others are kept from the result file")
     ap.add_argument("--processes", type=int, default=2, help="processes training runs side by side")
@@ -243,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def configs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return {n: config_from(flags, data=args.data, quiet=True, **fields).to_dict() for n, fields in runs.items()}
 
-    cfgs = configs(plan(seeds, args.afm_grid))
+    cfgs = configs(plan(seeds, args.afm_grid, args.two_tower_grid))
     names = [n.strip() for n in args.runs.split(",") if n.strip()] or list(cfgs)
     unknown = [n for n in names if n not in cfgs]
     if unknown:
@@ -261,10 +281,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     afm = [r for n, r in rows.items() if r["model"] == "afm" and " " not in n]
     afm_picked = [rows[f"afm:{s} {picked}"] for s in seeds] if picked else []
     result = {
-        "benchmark": "baselines", "data": args.data, "args": {**vars(args), "afm_grid": [f"{k}={v}" for k, v in args.afm_grid]},
+        "benchmark": "baselines", "data": args.data, "args": {**vars(args), "afm_grid": [f"{k}={v}" for k, v in args.afm_grid],
+                                                            "two_tower_grid": [f"{k}={v}" for k, v in args.two_tower_grid]},
         "linear_floor": lr_floor,
         "afm": afm_summary(afm, lr_floor) if afm else None,
         "afm_grid": grid,
+        "two_tower_grid": two_tower_grid(rows) if args.two_tower_grid else [],
         "afm_picked": {"setting": picked, **afm_summary(afm_picked, lr_floor)} if afm_picked else None,
         "runs": rows,
         "machine": {**machine_info(), "load_avg_1m_before": machine_before.get("load_avg_1m"), "torch_threads": 1,

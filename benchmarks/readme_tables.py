@@ -222,10 +222,10 @@ def baselines(name: str) -> Callable[[], str]:
         if picked:
             rows += [row(f"AFM, --{picked.replace('_', '-').replace('=', ' ')}", runs[f"afm:{s} {picked}"]) for s in res["afm_picked"]["seeds"]]
             rows.append(mean(f"AFM, --{picked.replace('_', '-').replace('=', ' ')}", res["afm_picked"]))
-        for r in runs.values():
+        for n, r in runs.items():
             if r["model"] == "attention-fm":
                 rows.append(row("AttentionFM, train.py defaults", r))
-            elif r["model"] == "two-tower":
+            elif r["model"] == "two-tower" and " " not in n:
                 rows.append(row("TwoTower, in-batch softmax" + (" + logQ" if r["config"].get("two_tower_logq") else " without logQ"), r))
         text = md([f"{res['data']} test split", "seed", "NE", "AUC", "best epoch", "s / epoch", "recall@10"], rows)
         for label, summary in (("train.py defaults", res.get("afm")), (picked, res.get("afm_picked"))):
@@ -237,6 +237,9 @@ def baselines(name: str) -> Callable[[], str]:
             grid = [[g["setting"], g["valid_ne"], f"{g['best_epoch']} of {g['epochs_run']}"] for g in res["afm_grid"]]
             text += ("\n\nWhat holds the AFM back, on validation only (seed 0, one flag changed at a time; the best is then "
                      "trained on every seed above):\n\n" + md(["AFM setting", "best valid NE", "best epoch"], grid))
+        if res.get("two_tower_grid"):
+            grid = [[g["setting"], g["valid_recall@10"], f"{g['best_epoch']} of {g['epochs_run']}"] for g in res["two_tower_grid"]]
+            text += "\n\nThe TwoTower on validation:\n\n" + md(["TwoTower setting", "best valid recall@10", "best epoch"], grid)
         minutes = sum(r["seconds"] for r in runs.values()) / 60
         return text + (f"\n\n`python benchmarks/baselines.py --data {res['data']}` ({minutes:.0f} min of training summed over the runs, "
                        f"in {res['machine'].get('processes', res['machine'].get('workers'))} processes of one torch thread, "

@@ -31,7 +31,7 @@ def test_afm_summary_is_mean_and_range_over_seeds_and_the_margin_to_the_floor() 
 
 def test_a_run_writes_every_row_and_a_rerun_reuses_them(tmp_path, capsys) -> None:
     argv = ["--data", TINY, "--epochs", "1", "--afm-seeds", "0,1", "--batch-size", "256", "--processes", "1",
-            "--afm-grid", "", "--out", str(tmp_path / "b.json"), "--cache", str(tmp_path / "cache")]
+            "--afm-grid", "", "--two-tower-grid", "", "--out", str(tmp_path / "b.json"), "--cache", str(tmp_path / "cache")]
     result = baselines.main(argv)
     assert list(result["runs"]) == ["afm:0", "afm:1", "attention-fm", "two-tower", "two-tower-no-logq"]
     assert result["afm"]["seeds"] == [0, 1] and result["linear_floor"] is None
@@ -73,9 +73,18 @@ def test_the_grid_setting_best_on_validation_is_trained_on_every_seed(tmp_path, 
                 "best": {"valid_ne": valid}, "best_epoch": 1, "epochs_run": 2, "epoch_seconds": 1.0, "seconds": 2.0}
 
     monkeypatch.setattr(baselines, "train_one", fake)
-    result = baselines.main(["--data", TINY, "--afm-grid", "table_lr=0.3,table_lr=0.6", "--processes", "1",
+    result = baselines.main(["--data", TINY, "--afm-grid", "table_lr=0.3,table_lr=0.6", "--two-tower-grid", "", "--processes", "1",
                              "--out", str(tmp_path / "b.json"), "--cache", str(tmp_path / "cache")])
     assert [g["setting"] for g in result["afm_grid"]] == ["table_lr=0.3", "table_lr=0.6", "train.py defaults"]
     assert result["afm_picked"]["setting"] == "table_lr=0.3" and result["afm_picked"]["seeds"] == [0, 1, 2]
     assert result["afm_picked"]["test_ne"]["mean"] == pytest.approx(0.71)
     assert result["afm"]["seeds"] == [0, 1, 2] and result["afm"]["test_ne"]["mean"] == pytest.approx(0.81)
+
+
+def test_two_tower_grid_is_ranked_on_validation_recall() -> None:
+    runs = baselines.plan([0], two_tower_grid=[("batch_size", 2048)])
+    assert runs["two-tower batch_size=2048"] == {"model": "two-tower", "seed": 0, "two_tower_loss": "softmax", "batch_size": 2048}
+    rows = {n: {"model": "two-tower", "best": {"valid_recall@10": rec}, "best_epoch": 2, "epochs_run": 4}
+            for n, rec in (("two-tower", 0.10), ("two-tower-no-logq", 0.20), ("two-tower batch_size=2048", 0.12))}
+    assert [(g["setting"], g["valid_recall@10"]) for g in baselines.two_tower_grid(rows)] == [
+        ("batch_size=2048", 0.12), ("train.py defaults", 0.10)]
