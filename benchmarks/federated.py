@@ -68,7 +68,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("ning", "fedrecgel", "rf2")  # the default --parts
 QUALITY_ROUNDS = 5  # rounds timed per engine in the quality part's round-cost comparison
 # The narrowed federated settings every arm starts from (train.py's federated defaults otherwise).
-DEFAULTS: dict[str, Any] = {"data": "movielens-100k", "rounds": 60, "clients_per_round": 100, "eval_every": 5, "patience": 3}
+DEFAULTS: dict[str, Any] = {"data": "movielens-100k", "rounds": 200, "clients_per_round": 100, "eval_every": 5, "patience": 3}
+# RF^2 and FedRecGEL start from FedAvg as the papers do (FedProx is FedAvg plus the clients' proximal term), unless
+# --server-optimizer is given; the two-tower losses keep train.py's server optimizer (FedAdam).
+AFM_DEFAULTS: dict[str, Any] = {"server_optimizer": "fedavg"}
 TRAIN_FLAGS = ["data", "rounds", "clients_per_round", "local_epochs", "local_batch_size", "server_optimizer", "server_lr",
                "lr", "table_lr", "eval_every", "patience", "parallel_clients", "tier_skew"]
 TWO_TOWER_LOSSES = {"in-batch softmax": {"two_tower_loss": "softmax"},
@@ -237,9 +240,10 @@ ARMS: dict[str, Callable[[Config], dict[str, Any]]] = {
 
 
 # ------------------------------------------------------------------------------------------ the grid
-def tasks(base: Config, parts: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """Every (part, arm, seed) run, each with its full config."""
+def tasks(base: Config, parts: Sequence[str], seeds: Sequence[int], afm: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every (part, arm, seed) run, each with its full config; `afm` overrides the base of the RF^2 / FedRecGEL arms."""
     out = []
+    afm = afm or {}
 
     def add(part: str, arm: str, seed: int, kind: str, **over: Any) -> None:
         cfg = replace(base, seed=seed, **over).check()
@@ -254,11 +258,11 @@ def tasks(base: Config, parts: Sequence[str], seeds: Sequence[int]) -> list[dict
                 federated=False)
         if "rf2" in parts or "fedrecgel" in parts:
             for mode in ("correlated", "independent") if "rf2" in parts else ("correlated",):
-                add("rf2", f"fedavg/{mode}", seed, "afm_with_c2al" if "rf2" in parts else "afm_federated", tiers=mode)
+                add("rf2", f"fedavg/{mode}", seed, "afm_with_c2al" if "rf2" in parts else "afm_federated", tiers=mode, **afm)
                 if "rf2" in parts:
-                    add("rf2", f"fedprox/{mode}", seed, "afm_federated", tiers=mode, server_optimizer="fedprox")
+                    add("rf2", f"fedprox/{mode}", seed, "afm_federated", tiers=mode, **{**afm, "server_optimizer": "fedprox"})
         if "fedrecgel" in parts:
-            add("fedrecgel", "local SAM", seed, "afm_federated", tiers="correlated", sam_rho=SAM_RHO)
+            add("fedrecgel", "local SAM", seed, "afm_federated", tiers="correlated", sam_rho=SAM_RHO, **afm)
     return out
 
 
@@ -453,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"unknown --parts {bad}; choose from {list(PARTS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = config_from(args, **{k: v for k, v in DEFAULTS.items() if getattr(args, k, None) is None}, federated=True, quiet=True)
-    grid = tasks(base, parts, seeds)
+    afm = {k: v for k, v in AFM_DEFAULTS.items() if getattr(args, k, None) is None}
+    grid = tasks(base, parts, seeds, afm)
     print(f"{len(grid)} runs on {args.workers} workers: {', '.join(parts)}; seeds {seeds}", flush=True)
     start = time.perf_counter()
     results = []
@@ -467,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for part in parts:
         summary, table = SUMMARIES[part](results)
         doc = {"benchmark": f"federated_{part}", "command": "python benchmarks/federated.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "config": base.to_dict(), "seeds": seeds, "wall_seconds_all_parts": wall, "machine": {**machine_info(), "torch_threads": 1,
+               "config": base.to_dict(), "afm_arms_override": afm if part != "ning" else {},
+               "seeds": seeds, "wall_seconds_all_parts": wall, "machine": {**machine_info(), "torch_threads": 1,
                "workers": args.workers}, "runs": [r for r in results if r["part"] == part or (part == "fedrecgel" and r["arm"] == "fedavg/correlated")],
                "summary": summary, "table": table}
         path = Path(args.out_dir) / f"federated_{part}.json"

@@ -44,6 +44,9 @@ depend on the number of workers (a test checks it).
 
   python benchmarks/minority_ne.py                          # MovieLens-100k, 5 seeds x 3 models x 11 trainings
   python benchmarks/minority_ne.py --data synthetic         # planted minority cohorts, same size
+  python benchmarks/minority_ne.py --data movielens-1m      # 5 seeds, AFM + AttentionFM, controls on AFM (~50 min)
+  python benchmarks/minority_ne.py --data movielens-1m --models afm,attention-fm --arms c2al,gate,project,magnitude,auto,\
+      random_cohorts,cohort_feature,cohort_bias,tuned_regularisation     # the full set there (many hours on 2 cores)
   python benchmarks/minority_ne.py --data my.csv --label click --sparse user,ad --user-col user --cohort-features age,country
   python benchmarks/minority_ne.py --quick --out /tmp/q.json   # CI: tiny synthetic, 1 epoch, 2 seeds
 
@@ -103,6 +106,14 @@ SYNTHETIC = "synthetic:n_rows=100000,n_users=10000"
 RECALL_K = 10
 DATA_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "cohort_features")
 MINER_FLAGS = ("cohort_candidates", "n_clusters", "divergence", "min_share", "max_share")
+TRAIN_FLAGS = ("lr", "table_lr", "patience")
+# Per data set defaults where the full grid does not fit a 2-core machine: MovieLens-1M (800k train rows,
+# ~35 s per AFM epoch) runs AFM and AttentionFM over 5 seeds, the controls on the AFM only, with the table
+# learning rate that benchmarks/baselines.py picked for the AFM on validation (0.3: test NE 0.7666 vs 0.7782 at
+# train.py's 0.05, and best by epoch 2-3 instead of 7-9); about 50 minutes on 2 idle cores. Any flag given wins.
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "movielens-1m": {"models": "afm,attention-fm", "control_models": "afm", "arms": "c2al,random_cohorts,cohort_feature", "table_lr": 0.3},
+}
 # seconds per training epoch on MovieLens-100k's 81k train rows, 1 thread, 2 workers on an idle 2-core
 # machine (the committed run's mean), for the printed estimate
 EPOCH_SECONDS = {"afm": 3.2, "attention-fm": 2.3, "two-tower": 1.6}
@@ -561,7 +572,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"movielens-100k (default), synthetic (here: {SYNTHETIC}), "
                                                   "synthetic:opts, or a CSV/Parquet PATH")
-    add_config_flags(ap, DATA_FLAGS + MINER_FLAGS)
+    add_config_flags(ap, DATA_FLAGS + MINER_FLAGS + TRAIN_FLAGS)
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
     ap.add_argument("--arms", default=None, help=f"arms run on the --control-models, from {list(ARMS)} (default all)")
@@ -581,6 +592,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.data = args.data or (QUICK_DATA if args.quick else "movielens-100k")
     if args.data == "synthetic":
         args.data = SYNTHETIC
+    narrowed = DATA_DEFAULTS.get(args.data, {})
+    for name, value in narrowed.items():
+        if getattr(args, name, None) is None:  # train.py flags are absent when not given, the tool's own are None
+            setattr(args, name, value)
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.models = [m.strip() for m in (args.models or ("afm,two-tower" if args.quick else ",".join(MODELS))).split(",")]
     args.arms = [a.strip() for a in (args.arms or (",".join(QUICK_ARMS) if args.quick else ",".join(ARMS))).split(",")]

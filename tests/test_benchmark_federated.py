@@ -58,3 +58,13 @@ def test_rf2_summary_takes_mdac_against_fedavg_and_the_correlated_over_independe
     assert summary["c2al"]["ratio_correlated_over_independent"] == pytest.approx(4.0)
     assert summary["fedprox"]["correlated"]["mdac"]["mean"] == pytest.approx(0.02)
     assert "4.00x" in table and "| C2AL | correlated |" in table
+
+
+def test_rf2_and_fedrecgel_arms_start_from_fedavg_and_the_two_tower_losses_keep_the_default():
+    from c2al.config import Config
+
+    grid = bench.tasks(Config(federated=True), ["ning", "fedrecgel", "rf2"], [0], {"server_optimizer": "fedavg"})
+    opt = {t["arm"]: t["cfg"]["server_optimizer"] for t in grid}
+    assert opt["fedavg/correlated"] == opt["fedavg/independent"] == opt["local SAM"] == "fedavg"
+    assert opt["fedprox/correlated"] == opt["fedprox/independent"] == "fedprox"
+    assert opt["in-batch softmax"] == opt["squared hinge + spread-out"] == Config().server_optimizer
