@@ -34,8 +34,9 @@ spawned processes of one torch thread each.
   python benchmarks/federated.py --parts ning --seeds 0,1,2,3,4
   python benchmarks/federated.py --rounds 200 --clients-per-round 200   # any train.py federated flag
   python benchmarks/federated.py --parts quality [--data movielens-1m]   # the default run, timed
+  python benchmarks/federated.py --parts quality --data movielens-1m --tiers none   # a what-if: no device tiers
 
-Writes benchmarks/results/federated_{ning,fedrecgel,rf2}.json (and federated_quality_<data>.json): per seed and arm the metrics, seconds and
+Writes benchmarks/results/federated_{ning,fedrecgel,rf2}.json (and federated_quality_<data>[_<flag>-<value>...].json): per seed and arm the metrics, seconds and
 rounds kept; the summary with 95% t-intervals over seeds; the config, machine_info() and the markdown table.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ DEFAULTS: dict[str, Any] = {"data": "movielens-100k", "rounds": 200, "clients_pe
 # --server-optimizer is given; the two-tower losses keep train.py's server optimizer (FedAdam).
 AFM_DEFAULTS: dict[str, Any] = {"server_optimizer": "fedavg"}
 TRAIN_FLAGS = ["data", "rounds", "clients_per_round", "local_epochs", "local_batch_size", "server_optimizer", "server_lr",
-               "lr", "table_lr", "eval_every", "patience", "parallel_clients", "tier_skew"]
+               "lr", "table_lr", "eval_every", "patience", "parallel_clients", "tier_skew", "tiers"]
 TWO_TOWER_LOSSES = {"in-batch softmax": {"two_tower_loss": "softmax"},
                     "squared hinge + spread-out": {"two_tower_hinge": True},
                     "pointwise logistic (labelled pairs)": {"two_tower_loss": "bce"}}
@@ -446,8 +447,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         given = {k: getattr(args, k) for k in TRAIN_FLAGS if k != "data" and getattr(args, k, None) is not None}
         extra = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), str(v))]  # train.py flags given here
         doc, table = quality(data, extra)
-        path = Path(args.out_dir) / f"federated_quality_{data}.json"
-        write_json({"benchmark": "federated_quality", **doc, "machine": machine_info(), "table": table}, path)
+        flags = "".join(f"_{k.replace('_', '-')}-{v}" for k, v in given.items())  # a what-if run does not overwrite the default one
+        path = Path(args.out_dir) / f"federated_quality_{data}{flags}.json"
+        write_json({"benchmark": "federated_quality", **doc, "flags": extra, "machine": machine_info(), "table": table}, path)
         print(f"{table}\n\nwrote {path}", flush=True)
         parts = [p for p in parts if p != "quality"]
         if not parts:

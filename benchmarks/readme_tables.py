@@ -261,6 +261,41 @@ def cohort_recovery() -> str:
         f"ARI of the exposed cohorts against the planted ones on the validation rows; {res['seconds'] / 60:.0f} min on {machine(res['machine'])}.")
 
 
+def federated_quality() -> str:
+    """`python train.py --federated` as a user runs it, per data set: quality, cost, and the curve."""
+    rows, curves = [], []
+    for path in sorted(RESULTS.glob("federated_quality_*.json")):  # each data set's default run, then its what-ifs
+        r = load(path.name)
+        data = r["config"]["data"] + "".join(f" {f}" for f in r.get("flags", []))
+        cost = r["round_cost"]
+        rows.append([data, f"{r['test']['ne']:.4f}", f"{r['test']['auc']:.4f}", f"{r['centralized_test_ne']:.4f}",
+                     pct(r["ne_over_centralized_pct"]), f"{r['kept']['rounds']} of {r['rounds_run']}", f"{r['wall_seconds']:.0f}",
+                     f"{r['rounds_per_second']:.2f}", f"{cost['sequential_cpu_s_per_round']:.2f} / {cost['vectorized_cpu_s_per_round']:.2f}",
+                     f"{r['machine'].get('load_avg_1m', float('nan')):.1f}"])
+        step = max(1, len(r["curve"]) // 12)  # about a dozen points of the validation curve
+        points = r["curve"][::step] + ([r["curve"][-1]] if (len(r["curve"]) - 1) % step else [])
+        curves.append(f"- {data}, validation NE after N rounds: " + ", ".join(f"{c['rounds']}: {c['valid_ne']:.3f}" for c in points))
+    return md(["data (and flags other than the defaults)", "test NE", "test AUC", "centralized AFM test NE", "vs centralized", "round kept of run", "wall s",
+               "rounds / s", "CPU s per round: one by one / side by side", "load average"], rows) + "\n\n" + "\n".join(curves) + (
+        "\n\n`python benchmarks/federated.py --parts quality [--data movielens-1m]` (`benchmarks/results/federated_quality_<data>.json`): "
+        "`python train.py --federated --data <data>` with every default, timed; the centralized reference is the early-stopped AFM at "
+        "train.py's defaults (3 seeds, `baselines_<data>.json`); rounds / s counts rounds over the training loop's seconds (validation every 5 rounds "
+        "included); the round cost is CPU seconds of 5 rounds of 200 clients.")
+
+
+def federated_part(part: str) -> Callable[[], str]:
+    def render() -> str:
+        r = load(f"federated_{part}.json")
+        cfg = r["config"]
+        over = r.get("afm_arms_override") or {}
+        setting = (f"{cfg['data']}, seeds {', '.join(map(str, r['seeds']))}, up to {cfg['rounds']} rounds of {cfg['clients_per_round']} clients "
+                   f"(early-stopped every {cfg['eval_every']}, patience {cfg['patience']}), server "
+                   f"{over.get('server_optimizer', cfg['server_optimizer'])}")
+        return r["table"] + (f"\n\n`{r['command'].strip()}` ({setting}); 95% t-intervals over seeds in brackets; all three parts "
+                             f"{r['wall_seconds_all_parts'] / 60:.0f} min with {r['machine']['workers']} workers on {machine(r['machine'])}.")
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
@@ -274,6 +309,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "federated_tiers": federated_tiers("c2al_movielens-100k_afm_federated.json"),
     "baselines_movielens-1m": baselines("baselines_movielens-1m.json"),
     "baselines_movielens-100k": baselines("baselines_movielens-100k.json"),
+    "federated_quality": federated_quality,
+    "federated_ning": federated_part("ning"),
+    "federated_fedrecgel": federated_part("fedrecgel"),
+    "federated_rf2": federated_part("rf2"),
+    "minority_ne_movielens-1m": minority_ne("minority_ne_movielens-1m.json"),
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
