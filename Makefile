@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_ARGS ?= --aux-cohorts
 
-.PHONY: install run test bench minority-ne flower-engine clean
+.PHONY: install run test bench minority-ne federated-bench flower-engine clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	@echo ">> creating $(VENV) and installing the pinned CPU dependency set"
@@ -38,6 +38,10 @@ bench: $(STAMP)
 minority-ne: $(STAMP)
 	@echo ">> benchmarks/minority_ne.py $(MINORITY_ARGS)   (baseline vs C2AL and its controls, 5 seeds; see README)"
 	$(BIN)/python benchmarks/minority_ne.py $(MINORITY_ARGS)
+
+federated-bench: $(STAMP)
+	@echo ">> benchmarks/federated.py $(FEDERATED_ARGS)   (Ning et al., FedRecGEL and RF^2 reproduced, 3 seeds; see README)"
+	$(BIN)/python benchmarks/federated.py $(FEDERATED_ARGS)
 
 flower-engine: $(STAMP)
 	@echo ">> benchmarks/flower_engine.py $(FLOWER_ARGS)   (Flower engine vs in-process engine wall time, 5 rounds; see README)"

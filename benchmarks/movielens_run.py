@@ -57,12 +57,28 @@ def main() -> None:
             sys.exit(f"the job failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
         report = json.loads((Path(tmp) / "report.json").read_text())
     report.get("attention", {}).pop("histograms", None)
+    compact_federated(report)
     name = Path(args.data).stem if "/" in args.data else args.data
     kind = "federated" if "--federated" in extra else f"{args.nproc}proc"
     path = Path(args.out) if args.out else RESULTS / f"c2al_{name}_{args.model}_{kind}.json"
     write_json({"benchmark": "movielens_run", "command": shlex.join(shown), "wall_seconds": wall,
                 "machine": machine_info(), "report": report}, path)
     print(f"wrote {path}  ({wall:.0f} s)")
+
+
+def compact_federated(report: dict) -> None:
+    """A federated report's round history kept once, each round's failed clients as counts per reason
+    (the job's report.json keeps the client ids; 850 KB of them are not a result file)."""
+    fed = report.get("federated")
+    if not fed:
+        return
+    fed.pop("history", None)  # the same rounds as report["history"]
+    for rounds in report.get("history", {}).values():
+        for r in rounds:
+            reasons: dict[str, int] = {}
+            for _, why in r.get("failures", []):
+                reasons[why] = reasons.get(why, 0) + 1
+            r["failures"] = reasons
 
 
 if __name__ == "__main__":

@@ -62,3 +62,19 @@ def test_federated_baseline_resumes_from_its_round_checkpoint(tmp_path, capsys):
     # the kept round, its validation NE and the test metrics of its state: bit-identical to the uninterrupted run
     assert report["best"] == want["best"] == report["federated"]["best"]["train"] and report["best"]["rounds"] >= 1
     assert report["overall"] == want["overall"]
+
+
+def test_federated_c2al_goes_through_the_validation_gate(tmp_path):
+    """A harmful lambda is gated on the clients' validation rows: c2al.pt holds the baseline; --no-gate ships C2AL."""
+    def run(out, *extra):
+        assert train.main(["--federated", "--aux-cohorts", "--rounds", "3", "--aux-weight", "30", "--out", str(out), *FAST, *extra]) == 0
+        return json.loads((out / "report.json").read_text()), torch.load(out / "c2al.pt", weights_only=True)
+
+    rep, ckpt = run(tmp_path / "gated")
+    d = rep["decision"]
+    assert d["shipped"] == "baseline" and d["valid_ne_c2al"] > d["valid_ne_base"]
+    assert rep["overall"]["ne_shipped"] == rep["overall"]["ne_base"]
+    assert '"shipped": "baseline"' in ckpt["extra"] and not any("heads" in k for k in ckpt["model"])
+    rep, ckpt = run(tmp_path / "open", "--no-gate")
+    assert rep["decision"]["shipped"] == "c2al" and rep["overall"]["ne_shipped"] == rep["overall"]["ne_c2al"]
+    assert '"shipped": "c2al"' in ckpt["extra"]

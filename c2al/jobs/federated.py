@@ -21,7 +21,7 @@ from c2al.config import RESUME_FIELDS, Config
 from c2al.data.schema import Splits, Table
 from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
-from c2al.eval.compare import add_traits, attention_report, compare, print_comparison
+from c2al.eval.compare import add_traits, attention_report, compare, gate, print_comparison, valid_scores
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.federated.aggregate import mdac
@@ -241,12 +241,22 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
     trained.install()
     served = c2al.detach(wrapper)
-    save_checkpoint(out / "c2al.pt", model_state=served.state_dict(), config=cfg.to_dict(), step=-1, extra={"stripped": True})
-
-    p_base = base.predict("test", splits, cfg.batch_size)
 
     # --engine flower: the clients scored their own rows with the wrapper's main output (= the stripped model's)
-    p_c2al = trained.scores["test"] if trained.scores else predict(served, splits.test, splits.schema, cfg.batch_size)
+    def scores(split: str) -> np.ndarray:
+        return trained.scores[split] if split in trained.scores else predict(served, getattr(splits, split), splits.schema, cfg.batch_size)
+
+    # the centralized job's validation gate, on the clients' validation rows
+    v_base = valid_scores(p_valid, splits.valid.labels, ids["valid"], cfg.aux_cohorts)
+    v_c2al = valid_scores(scores("valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
+    decision = gate(v_base, v_c2al, cfg.gate_tolerance) if cfg.gate else {
+        "shipped": "c2al", "reason": "--no-gate", "valid_ne_base": v_base["ne"], "valid_ne_c2al": v_c2al["ne"]}
+    shipped = served if decision["shipped"] == "c2al" else base.model
+    save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
+                    extra={"stripped": True, "shipped": decision["shipped"]})
+
+    p_base = base.predict("test", splits, cfg.batch_size)
+    p_c2al = scores("test")
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
     report["miner"]["federated"] = True
     add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])
@@ -258,6 +268,8 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     report["world_size"] = 1
     report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
     report["federated"]["mining"] = agreement
+    report["decision"] = decision
+    report["overall"]["ne_shipped"] = report["overall"]["ne_c2al" if decision["shipped"] == "c2al" else "ne_base"]
     print_comparison(report)
     log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
     log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
