@@ -30,7 +30,7 @@ validation: NE, or recall@10 for the two-tower losses) with train.py's federated
 fit the budget (DEFAULTS below: fewer clients per round and rounds). Arms run side by side in --workers
 spawned processes of one torch thread each.
 
-  python benchmarks/federated.py                          # all three, seeds 0,1,2: ~15 min on 2 idle cores
+  python benchmarks/federated.py                          # all three, seeds 0,1,2: about an hour on 2 cores
   python benchmarks/federated.py --parts ning --seeds 0,1,2,3,4
   python benchmarks/federated.py --rounds 200 --clients-per-round 200   # any train.py federated flag
   python benchmarks/federated.py --parts quality [--data movielens-1m]   # the default run, timed
@@ -69,7 +69,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("ning", "fedrecgel", "rf2")  # the default --parts
 QUALITY_ROUNDS = 5  # rounds timed per engine in the quality part's round-cost comparison
 # The narrowed federated settings every arm starts from (train.py's federated defaults otherwise).
-DEFAULTS: dict[str, Any] = {"data": "movielens-100k", "rounds": 200, "clients_per_round": 100, "eval_every": 5, "patience": 3}
+# 27 runs (9 a seed, 2 of them two federated phases with mining between) fit about an hour on 2 cores only this narrow;
+# train.py's defaults (up to 500 rounds of 200 clients) are ~4x the CPU per run.
+DEFAULTS: dict[str, Any] = {"data": "movielens-100k", "rounds": 120, "clients_per_round": 50, "eval_every": 5, "patience": 3}
 # RF^2 and FedRecGEL start from FedAvg as the papers do (FedProx is FedAvg plus the clients' proximal term), unless
 # --server-optimizer is given; the two-tower losses keep train.py's server optimizer (FedAdam).
 AFM_DEFAULTS: dict[str, Any] = {"server_optimizer": "fedavg"}
@@ -255,8 +257,9 @@ def tasks(base: Config, parts: Sequence[str], seeds: Sequence[int], afm: dict[st
             tt = dict(model="two-tower", two_tower_loss="bce", two_tower_hinge=False)
             for arm, over in TWO_TOWER_LOSSES.items():
                 add("ning", arm, seed, "two_tower_federated", **{**tt, **over})
+            # centralized --eval-every counts steps, not rounds: 0 evaluates at each epoch's end as train.py does
             add("ning", "centralized in-batch softmax", seed, "two_tower_centralized", model="two-tower", two_tower_loss="softmax",
-                federated=False)
+                federated=False, eval_every=0)
         if "rf2" in parts or "fedrecgel" in parts:
             for mode in ("correlated", "independent") if "rf2" in parts else ("correlated",):
                 add("rf2", f"fedavg/{mode}", seed, "afm_with_c2al" if "rf2" in parts else "afm_federated", tiers=mode, **afm)

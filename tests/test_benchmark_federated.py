@@ -68,3 +68,12 @@ def test_rf2_and_fedrecgel_arms_start_from_fedavg_and_the_two_tower_losses_keep_
     assert opt["fedavg/correlated"] == opt["fedavg/independent"] == opt["local SAM"] == "fedavg"
     assert opt["fedprox/correlated"] == opt["fedprox/independent"] == "fedprox"
     assert opt["in-batch softmax"] == opt["squared hinge + spread-out"] == Config().server_optimizer
+
+
+def test_the_centralized_two_tower_is_evaluated_per_epoch_not_every_few_steps():
+    from c2al.config import Config
+
+    grid = bench.tasks(Config(federated=True, eval_every=5), ["ning"], [0])
+    central = next(t for t in grid if t["arm"] == "centralized in-batch softmax")
+    assert central["cfg"]["eval_every"] == 0 and central["cfg"]["federated"] is False
+    assert all(t["cfg"]["eval_every"] == 5 for t in grid if t is not central)
