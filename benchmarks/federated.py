@@ -204,8 +204,8 @@ def _afm_metrics(cfg: Config, splits: Any, clients: Any, trained: Any, tiers: np
             "stability": embedding_stability(snapshots, seen), "kept": trained.best, "rounds_run": len(trained.history)}
 
 
-def afm_federated(cfg: Config) -> dict[str, Any]:
-    """FedAvg / FedProx / SAM arm: test NE, per-tier NE, item-embedding stability."""
+def _tracked(cfg: Config) -> tuple[Any, Any, Any, np.ndarray, list[np.ndarray]]:
+    """`_federated` with `_tracking`'s validation: (splits, clients, trained, tiers, item-table snapshots)."""
     holder: dict[str, Any] = {}
 
     def evaluate(c: Config, s: Any) -> Callable[[Any], dict[str, Any]]:
@@ -213,22 +213,21 @@ def afm_federated(cfg: Config) -> dict[str, Any]:
         return holder["fn"]
 
     splits, clients, trained, tiers = _federated(cfg, evaluate)
-    return _afm_metrics(cfg, splits, clients, trained, tiers, holder["fn"].snapshots)
+    return splits, clients, trained, tiers, holder["fn"].snapshots
+
+
+def afm_federated(cfg: Config) -> dict[str, Any]:
+    """FedAvg / FedProx / SAM arm: test NE, per-tier NE, item-embedding stability."""
+    return _afm_metrics(cfg, *_tracked(cfg))
 
 
 def afm_with_c2al(cfg: Config) -> dict[str, Any]:
     """The FedAvg arm, then federated C2AL on top of it (its own mining, C2AL rounds from the same seed)."""
     from c2al.jobs.federated import run_federated_c2al
 
-    holder: dict[str, Any] = {}
-
-    def evaluate(c: Config, s: Any) -> Callable[[Any], dict[str, Any]]:
-        holder["fn"] = _tracking(c, s)
-        return holder["fn"]
-
     c2 = replace(cfg, aux_cohorts=cfg.aux_cohorts or 2)
-    splits, clients, base, tiers = _federated(c2, evaluate)
-    out = _afm_metrics(c2, splits, clients, base, tiers, holder["fn"].snapshots)
+    splits, clients, base, tiers, snapshots = _tracked(c2)
+    out = _afm_metrics(c2, splits, clients, base, tiers, snapshots)
     with tempfile.TemporaryDirectory() as tmp:
         report = run_federated_c2al(c2, splits, clients, tiers, Path(tmp), base=base)
     out["c2al"] = {"ne": report["overall"]["ne_c2al"], "auc": report["overall"]["auc_c2al"],

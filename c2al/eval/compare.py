@@ -193,3 +193,16 @@ def gate(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[s
                 f"the baseline's {base['cohort_ne']}", **out}
     return {"shipped": "c2al", "reason": f"overall validation NE {c2al['ne']:.5f} <= {base['ne']:.5f} and exposed-cohort "
             f"{c2al['cohort_ne']:.5f} < {base['cohort_ne']:.5f}", **out}
+
+
+def ship_decision(base: dict[str, Any], c2al: dict[str, Any], use_gate: bool, tolerance: float) -> dict[str, Any]:
+    """What the job ships: `gate`'s decision, or C2AL unconditionally with --no-gate."""
+    if use_gate:
+        return gate(base, c2al, tolerance)
+    return {"shipped": "c2al", "reason": "--no-gate", "valid_ne_base": base["ne"], "valid_ne_c2al": c2al["ne"]}
+
+
+def record_decision(report: dict[str, Any], decision: dict[str, Any]) -> None:
+    """The report's `decision` and the overall test NE of the model that ships (`ne_shipped`)."""
+    report["decision"] = decision
+    report["overall"]["ne_shipped"] = report["overall"]["ne_c2al" if decision["shipped"] == "c2al" else "ne_base"]

@@ -109,19 +109,23 @@ class _Pooled(nn.Module):
 
 
 class _Perturbation:
-    """A SAM perturbation of the stacked parameters and round tables; `restore` takes it back
+    """A SAM perturbation of the stacked parameters and round tables, applied when made; `restore` takes it back
     (called by `LocalOptimizer.step` before stepping, as for `SAMModule`)."""
 
     def __init__(self, moves: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
-        self.moves = moves
+        self.moves = moves  # (weight, slice(None) or row indices, the move)
+        self._shift(1.0)
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def _shift(self, sign: float) -> None:
         for w, where, e in self.moves:
             if isinstance(where, slice):
-                w.sub_(e)
+                w.add_(e, alpha=sign)
             else:
-                w.index_add_(0, where, -e)
+                w.index_add_(0, where, e, alpha=sign)
+
+    def restore(self) -> None:
+        self._shift(-1.0)
         self.moves = []
 
 
@@ -295,12 +299,7 @@ class VectorizedRunner:
             if g is not None:
                 moves.append((dense[n], slice(None), g * scale.view(-1, *([1] * (g.dim() - 1)))))
         moves += [(w, idx, vals * scale[owner].unsqueeze(1)) for w, idx, vals, owner in sparse]
-        for w, where, e in moves:
-            if isinstance(where, slice):
-                w.add_(e)
-            else:
-                w.index_add_(0, where, e)
-        return _Perturbation(moves)
+        return _Perturbation(moves)  # applies them
 
     def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], *tensors: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,10 +24,11 @@ from c2al.eval.compare import (
     attention_report,
     choose_aux_weight,
     compare,
-    gate,
     kept,
     print_comparison,
+    record_decision,
     retrieval_report,
+    ship_decision,
     valid_scores,
 )
 from c2al.eval.metrics import per_segment, summarize
@@ -86,8 +87,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     chosen = choose_aux_weight([c for _, c in runs], v_base, cfg.gate_tolerance) if len(runs) > 1 else runs[0][1]
     trained = next(t for t, c in runs if c is chosen)
     served = c2al.detach(trained.model)  # heads gone: the serving model is the plain model
-    decision = gate(v_base, chosen, cfg.gate_tolerance) if cfg.gate else {
-        "shipped": "c2al", "reason": "--no-gate", "valid_ne_base": v_base["ne"], "valid_ne_c2al": chosen["ne"]}
+    decision = ship_decision(v_base, chosen, cfg.gate, cfg.gate_tolerance)
     shipped = served if decision["shipped"] == "c2al" else base.model
     save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
                     extra={"stripped": True, "shipped": decision["shipped"]}, is_main=info.is_main)  # plain full tensors
@@ -103,8 +103,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     report["best"] = {"baseline": base.best, "c2al": trained.best}
     report["train_seconds"] = {"baseline": base.seconds, "c2al": trained.seconds}
     report["world_size"] = info.world_size
-    report["decision"] = decision
-    report["overall"]["ne_shipped"] = report["overall"]["ne_c2al" if decision["shipped"] == "c2al" else "ne_base"]
+    record_decision(report, decision)
     if len(runs) > 1:
         report["aux_weight_search"] = {"candidates": [c for _, c in runs], "chosen": chosen["aux_weight"], "baseline": v_base}
     if info.is_main:

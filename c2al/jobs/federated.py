@@ -21,7 +21,7 @@ from c2al.config import RESUME_FIELDS, Config
 from c2al.data.schema import Splits, Table
 from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
-from c2al.eval.compare import add_traits, attention_report, compare, gate, print_comparison, valid_scores
+from c2al.eval.compare import add_traits, attention_report, compare, print_comparison, record_decision, ship_decision, valid_scores
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.federated.aggregate import mdac
@@ -249,8 +249,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     # the centralized job's validation gate, on the clients' validation rows
     v_base = valid_scores(p_valid, splits.valid.labels, ids["valid"], cfg.aux_cohorts)
     v_c2al = valid_scores(scores("valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
-    decision = gate(v_base, v_c2al, cfg.gate_tolerance) if cfg.gate else {
-        "shipped": "c2al", "reason": "--no-gate", "valid_ne_base": v_base["ne"], "valid_ne_c2al": v_c2al["ne"]}
+    decision = ship_decision(v_base, v_c2al, cfg.gate, cfg.gate_tolerance)
     shipped = served if decision["shipped"] == "c2al" else base.model
     save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
                     extra={"stripped": True, "shipped": decision["shipped"]})
@@ -268,8 +267,7 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     report["world_size"] = 1
     report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
     report["federated"]["mining"] = agreement
-    report["decision"] = decision
-    report["overall"]["ne_shipped"] = report["overall"]["ne_c2al" if decision["shipped"] == "c2al" else "ne_base"]
+    record_decision(report, decision)
     print_comparison(report)
     log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
     log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
