@@ -156,8 +156,20 @@ def load_source(name_or_path: str, **roles: Any) -> Splits:
     )
 
 
-def load_splits(cfg: Config) -> Splits:
-    """The data source named by --data, with tabular roles from the flags."""
+def load_splits(cfg: Config, saved_vocab: Path | None = None) -> Any:
+    """The data source named by --data, with tabular roles from the flags: in-memory Splits, or for
+    `criteo:PATH` and `--stream` a `c2al.data.stream.StreamSplits` (train streamed, valid/test bounded).
+
+    Args:
+        saved_vocab: a streaming source's vocabulary directory written by an earlier run (OUT/vocab):
+            a resumed run maps raw values to the ids it trained with instead of building them again.
+    """
+    if cfg.data.startswith("criteo:") or getattr(cfg, "stream", False):
+        from c2al.data.stream import open_stream
+        from c2al.data.vocab import Vocabulary
+
+        vocab = Vocabulary.load(saved_vocab) if saved_vocab is not None and saved_vocab.exists() else None
+        return open_stream(cfg, vocab=vocab)
     roles = dict(
         label=cfg.label or None,
         sparse=list(cfg.sparse),

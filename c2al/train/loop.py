@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 
 from c2al.config import RESUME_FIELDS, Config
-from c2al.data.batch import iter_batches, local_batch_size, num_batches
+from c2al.data.batch import Batch, iter_batches, local_batch_size, num_batches
 from c2al.data.schema import Splits
 from c2al.dist.checkpoint import (
     copy_full_into,
@@ -86,6 +86,10 @@ def fit(
 ) -> Trained:
     """Train `model` on splits.train for at most cfg.epochs, early-stopped on validation NE.
 
+    splits.train is an in-memory Table (shuffled every epoch) or a streaming source (one pass in stream
+    order, validation every cfg.eval_every steps or STREAM_EVAL_EVERY, progressive validation beside it;
+    a resumed run's reader skips the rows already trained on).
+
     Validation NE is computed at the end of every epoch and, with
     cfg.eval_every = N, every N steps. The best weights so far are kept (in
     memory on every rank, and atomically in `<checkpoint>.best.pt` when a
@@ -101,9 +105,8 @@ def fit(
     next to the model (see TrainModule), a per-cohort baseline for C2AL.
     """
     local_batch_size(cfg.batch_size, info.world_size)
-    steps_per_epoch = num_batches(len(splits.train), cfg.batch_size, drop_last=True)
-    if steps_per_epoch == 0:
-        raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
+    source = TrainBatches(cfg, splits, info)
+    steps_per_epoch = source.steps_per_epoch
     dmp, optimizer = shard_train_module(cfg, model, info, cohort_bias, candidate_log_q(cfg, splits))
     trained = Trained(dmp=dmp, optimizer=optimizer)
     run = _RunState()
@@ -119,13 +122,10 @@ def fit(
                         step=run.step, extra={**run.extra(), "tag": tag}, is_main=info.is_main)
 
     start = time.perf_counter() - run.seconds
-    total_steps = steps_per_epoch * cfg.epochs
-    while run.step < total_steps and not run.stopped(cfg.patience):
-        epoch, skip = divmod(run.step, steps_per_epoch)
-        end = _next_evaluation(run.step, steps_per_epoch, cfg.eval_every)
-        batches = iter_batches(splits.train, splits.schema, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                               rank=info.rank, world_size=info.world_size, drop_last=True)
-        segment = (b.to(info.device) for b in itertools.islice(batches, skip, skip + end - run.step))
+    while run.step < source.total_steps and not run.stopped(cfg.patience) and not run.exhausted:
+        end = _next_evaluation(run.step, steps_per_epoch, source.eval_every)
+        segment = (b.to(info.device) for b in source.segment(run, end))
+        epoch = run.step // steps_per_epoch if steps_per_epoch else 0
 
         def on_step(n: int, _loss: float, base: int = run.step) -> None:
             run.step = base + n
@@ -136,10 +136,22 @@ def fit(
         def step_seed(n: int, base: int = run.step) -> int:
             return (cfg.seed * 1_000_003 + (base + n) * 7919 + info.rank) % (2**63)
 
-        stats = train_epoch(dmp, optimizer, segment, total=end - run.step,
-                            desc=f"[{tag}] epoch {epoch + 1}/{cfg.epochs}", show=info.is_main and not cfg.quiet,
-                            on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline, device=info.device, carry=run.carry)
-        run.step, run.carry = end, {"sums": {}, "n": 0}
+        began = run.step
+        stats = train_epoch(dmp, optimizer, segment, total=end - run.step, desc=source.describe(tag, epoch),
+                            show=info.is_main and not cfg.quiet, on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline,
+                            device=info.device, carry=run.carry)
+        if run.step < end and source.streaming:  # the stream ran out inside this segment: the pass is over
+            run.exhausted = True
+            if run.step == 0:
+                raise C2ALError(f"the train stream of {splits.schema.name!r} holds fewer rows than one --batch-size {cfg.batch_size} "
+                                f"batch per process")
+            if run.step == began:
+                break  # nothing trained since the last evaluation
+        else:
+            run.step = end
+        if source.streaming:  # the segment's mean main loss was taken before each update: progressive validation
+            run.progressive.add_losses(stats.get("main", stats.get("loss", 0.0)), run.carry["n"], cfg.batch_size // info.world_size)
+        run.carry = {"sums": {}, "n": 0}
         _evaluate(cfg, splits, dmp, info, run, stats, steps_per_epoch, tag)
         if run.bad == 0 and cfg.patience:
             run.best_weights = snapshot_local(dmp.state_dict())
@@ -170,6 +182,102 @@ def candidate_log_q(cfg: Config, splits: Splits) -> tuple[str, torch.Tensor] | N
     return name, torch.from_numpy(np.log(np.maximum(counts, 1) / len(splits.train))).float()
 
 
+# Steps between validations of a streaming source when --eval-every is 0 (a stream has no epoch end to wait for).
+STREAM_EVAL_EVERY = 1000
+
+
+class TrainBatches:
+    """Where the loop's training batches come from: an in-memory train Table (shuffled per epoch, `cfg.epochs`
+    epochs) or a streaming source (`c2al.data.stream.TrainStream`: one pass in stream order, this rank reading
+    its own units). The loop asks the same two questions of either: the batches from its step to the next
+    evaluation, and how many steps there are (math.inf for a stream: it trains until the stream ends)."""
+
+    def __init__(self, cfg: Config, splits: Any, info: DistInfo) -> None:
+        self.cfg, self.splits, self.info = cfg, splits, info
+        self.streaming = is_streaming(splits.train)
+        self._stream: Iterator[Batch] | None = None
+        if self.streaming:
+            self.steps_per_epoch: int | None = None
+            self.total_steps: float = math.inf
+            self.eval_every = cfg.eval_every or STREAM_EVAL_EVERY
+            return
+        self.steps_per_epoch = num_batches(len(splits.train), cfg.batch_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.eval_every = cfg.eval_every
+
+    def segment(self, run: "_RunState", end: int) -> Iterator[Batch]:
+        """This rank's batches of global steps run.step .. end-1 (fewer when a stream ends first)."""
+        cfg, info = self.cfg, self.info
+        if not self.streaming:
+            epoch, skip = divmod(run.step, self.steps_per_epoch)
+            batches = iter_batches(self.splits.train, self.splits.schema, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                   rank=info.rank, world_size=info.world_size, drop_last=True)
+            return itertools.islice(batches, skip, skip + end - run.step)
+        if self._stream is None:  # opened once, at the step a resumed run stopped at: the reader skips what was trained
+            from c2al.data.stream import iter_stream_batches
+
+            lane = iter_stream_batches(self.splits.train, cfg.batch_size, rank=info.rank, world_size=info.world_size,
+                                       skip_steps=run.step)
+            self._stream = lane if info.world_size == 1 else _in_lockstep(lane)
+        return run.progressive.watch(itertools.islice(self._stream, end - run.step))
+
+    def describe(self, tag: str, epoch: int) -> str:
+        return f"[{tag}] one pass" if self.streaming else f"[{tag}] epoch {epoch + 1}/{self.cfg.epochs}"
+
+
+def _in_lockstep(lane: Iterator[Batch]) -> Iterator[Batch]:
+    """A rank's batches for as long as every rank still has one: ranks read lanes of different lengths,
+    and a sharded step is a collective that every rank must take (one small all-reduce a step)."""
+    while True:
+        batch = next(lane, None)
+        have = torch.tensor([0 if batch is None else 1])
+        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+        if int(have) == 0:
+            return
+        yield batch
+
+
+def is_streaming(train: Any) -> bool:
+    """A train split that is a stream (has `chunks`), not an in-memory Table."""
+    return hasattr(train, "chunks")
+
+
+@dataclass
+class Progressive:
+    """Progressive validation (as production pipelines report it): every training batch is scored by the model
+    before it trains on that batch, so the training loss of a one-pass stream is an honest held-out loss.
+    Sums over this rank's rows; `report` adds the ranks up."""
+
+    loss_sum: float = 0.0  # sum over rows of the main task's log loss, taken in the forward before the update
+    rows: float = 0.0
+    positives: float = 0.0
+
+    def watch(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Pass batches through, counting their rows and positives (weights: padding counts nothing)."""
+        for b in batches:
+            self.rows += float(b.weights.sum())
+            self.positives += float((b.labels * b.weights).sum())
+            yield b
+
+    def add_losses(self, mean_main: float, steps: int, local_rows: int) -> None:
+        self.loss_sum += mean_main * steps * local_rows
+
+    def state(self) -> dict[str, float]:
+        return {"loss_sum": self.loss_sum, "rows": self.rows, "positives": self.positives}
+
+    def report(self, info: DistInfo) -> dict[str, float]:
+        """{"progressive_ne", "progressive_logloss", "rows_seen"} over every rank's rows."""
+        sums = torch.tensor([self.loss_sum, self.rows, self.positives], dtype=torch.float64)
+        if info.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        loss, rows, pos = (float(v) for v in sums)
+        p = min(max(pos / max(rows, 1.0), 1e-12), 1 - 1e-12)
+        entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+        return {"progressive_ne": loss / rows / entropy, "progressive_logloss": loss / rows, "rows_seen": int(rows)}
+
+
 @dataclass
 class _RunState:
     """Where a training stands; all of it (but the weights) travels in the checkpoint's extra."""
@@ -181,12 +289,15 @@ class _RunState:
     carry: dict[str, Any] = field(default_factory=lambda: {"sums": {}, "n": 0})  # running loss sums of the open segment
     seconds: float = 0.0
     best_weights: list[torch.Tensor] | None = None
+    exhausted: bool = False  # a streaming source's one pass is over
+    progressive: "Progressive" = field(default_factory=lambda: Progressive())
 
     def stopped(self, patience: int) -> bool:
         return patience > 0 and self.bad >= patience
 
     def extra(self) -> dict[str, Any]:
-        return {"history": self.history, "best": self.best, "bad": self.bad, "carry": self.carry, "seconds": self.seconds}
+        return {"history": self.history, "best": self.best, "bad": self.bad, "carry": self.carry, "seconds": self.seconds,
+                "progressive": self.progressive.state()}
 
     def kept(self, patience: int) -> dict[str, Any]:
         """The evaluation whose weights the model holds now: the best one, or with patience 0 the last."""
@@ -196,12 +307,13 @@ class _RunState:
         return {"epoch": last["epoch"], "step": last["step"], "valid_ne": last["valid_ne"]} if last else {}
 
 
-def _next_evaluation(step: int, steps_per_epoch: int, eval_every: int) -> int:
-    """The global step of the next validation after `step`: the epoch's end, or the next multiple of eval_every."""
-    end = (step // steps_per_epoch + 1) * steps_per_epoch
+def _next_evaluation(step: int, steps_per_epoch: int | None, eval_every: int) -> int:
+    """The global step of the next validation after `step`: the epoch's end, or the next multiple of eval_every
+    (a stream of unknown length has no epoch end: eval_every alone)."""
+    end = (step // steps_per_epoch + 1) * steps_per_epoch if steps_per_epoch else math.inf
     if eval_every:
         end = min(end, (step // eval_every + 1) * eval_every)
-    return end
+    return int(end)
 
 
 def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: DistInfo, run: _RunState,
@@ -214,9 +326,11 @@ def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: 
     valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
     if valid["ne"] is None or not math.isfinite(valid["ne"]):
         raise C2ALError(f"[{tag}] validation NE is {valid['ne']} at step {run.step}: the validation split needs both labels")
-    epoch = run.step / steps_per_epoch
+    epoch = run.step / steps_per_epoch if steps_per_epoch else 1.0 if run.exhausted else 0.0
     entry = {"epoch": int(epoch) if epoch == int(epoch) else round(epoch, 3), "step": run.step, **stats,
              "valid_ne": valid["ne"], "valid_auc": valid["auc"]}
+    if run.progressive.rows:
+        entry.update(run.progressive.report(info))
     key, sign = "valid_ne", 1.0
     if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax":
         towers = getattr(dmp.module.model, "model", dmp.module.model)  # the two-tower inside a C2AL wrapper
@@ -230,7 +344,9 @@ def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: 
         run.bad += 1
     if info.is_main:
         mark = "  (best)" if improved else f"  (no gain {run.bad}/{cfg.patience})" if cfg.patience else ""
-        log.info(f"[{tag}] epoch {entry['epoch']}/{cfg.epochs}  loss {stats.get('loss', float('nan')):.4f}  "
+        where = f"step {run.step}" if steps_per_epoch is None else f"epoch {entry['epoch']}/{cfg.epochs}"
+        seen = f"  progressive NE {entry['progressive_ne']:.4f}" if "progressive_ne" in entry else ""
+        log.info(f"[{tag}] {where}  loss {stats.get('loss', float('nan')):.4f}{seen}  "
                  f"valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}{f'  recall@10 {entry[key]:.4f}' if key != 'valid_ne' else ''}{mark}")
 
 
@@ -240,7 +356,7 @@ def _resume(cfg: Config, dmp: DistributedModelParallel, optimizer: Any, checkpoi
     extra = payload["extra"]
     run = _RunState(step=int(payload["step"]), history=list(extra.get("history", [])), best=extra.get("best"),
                     bad=int(extra.get("bad", 0)), carry=extra.get("carry") or {"sums": {}, "n": 0},
-                    seconds=float(extra.get("seconds", 0.0)))
+                    seconds=float(extra.get("seconds", 0.0)), progressive=Progressive(**extra.get("progressive", {})))
     if cfg.patience and run.best is not None:
         if best_path is None or not best_path.exists():
             raise C2ALError(f"{checkpoint} records a best step {run.best['step']} but {best_path} is missing; "
