@@ -1,11 +1,11 @@
-"""Render the README's tables from the committed result files, so the two always agree.
+"""Render the READMEs' tables from the committed result files, so the two always agree.
 
   python benchmarks/readme_tables.py            # print every table
-  python benchmarks/readme_tables.py --check    # exit 1 if README.md differs from the result files
-  python benchmarks/readme_tables.py --write    # rewrite the tables inside README.md
+  python benchmarks/readme_tables.py --check    # exit 1 if README.md or benchmarks/README.md differs from the result files
+  python benchmarks/readme_tables.py --write    # rewrite the tables inside both READMEs
 
-A table lives in README.md between `<!-- table:NAME -->` and `<!-- /table -->`;
-NAME is a key of TABLES below.
+A table lives in README.md (for users) or benchmarks/README.md (the evidence) between
+`<!-- table:NAME -->` and `<!-- /table -->`; NAME is a key of TABLES below.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+READMES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")  # the user README, then the evidence
 
 
 def load(name: str) -> dict[str, Any]:
@@ -296,6 +296,103 @@ def federated_part(part: str) -> Callable[[], str]:
     return render
 
 
+HEADLINE_ARMS = {"c2al": "C2AL", "random_cohorts": "heads on random cohorts (control)", "cohort_feature": "cohort id as a feature, no heads (control)"}
+
+
+def headline() -> str:
+    """The user README's answer to "does C2AL help?": C2AL and its two telling controls on every data set.
+
+    Returns:
+        a markdown table of test NE_diff % with 95% intervals over seeds, one row per (data, model, arm), and its source line.
+    """
+    rows, sources = [], []
+    for name in ("minority_ne_movielens-100k.json", "minority_ne_movielens-1m.json", "minority_ne_synthetic.json"):
+        res = load(name)
+        data = res["data"].split(":")[0]
+        for model, arms in res["summary"].items():
+            rows += [[data, model, label, ci(arms[arm]["overall"]), ci(arms[arm]["exposed"]), arms[arm]["gate_kept"]]
+                     for arm, label in HEADLINE_ARMS.items() if arm in arms]
+        sources.append(f"`{name}` ({len(res['seeds'])} seeds)")
+    return md(["data", "model", "arm", "overall NE_diff % [95% CI]", "exposed cohorts NE_diff %", "validation gate kept the baseline"], rows) + (
+        "\n\nNegative is better; every training early-stopped on validation NE. From `benchmarks/minority_ne.py`: "
+        + ", ".join(sources) + "; the other arms and the discussion are in [benchmarks/README.md](benchmarks/README.md).")
+
+
+def federated_headline() -> str:
+    """One line per data set of `python train.py --federated` with every default against the centralized AFM.
+
+    Returns:
+        a markdown list naming each run's test NE, the centralized reference, the gap and the wall time.
+    """
+    lines = []
+    for path in sorted(RESULTS.glob("federated_quality_*.json")):
+        r = load(path.name)
+        if r.get("flags"):  # what-if runs stay in benchmarks/README.md
+            continue
+        lines.append(f"- {r['config']['data']}: federated test NE {r['test']['ne']:.4f} against the centralized AFM's "
+                     f"{r['centralized_test_ne']:.4f} ({pct(r['ne_over_centralized_pct'])}), {r['kept']['rounds']} rounds kept, "
+                     f"{r['wall_seconds']:.0f} s wall on {machine(r['machine'])}")
+    return "\n".join(lines) + "\n\n(`benchmarks/results/federated_quality_<data>.json`)"
+
+
+def federated_robust() -> str:
+    """benchmarks/federated_robust.py: test NE of each --aggregation rule under each attack, against its own clean run.
+
+    Returns:
+        the rules x attacks table, the clean runs against plain mean, the rejected NaN updates and the run's setting.
+    """
+    res = load("federated_robust.json")
+    attacks, rules = list(res["grid"]["attacks"]), res["grid"]["rules"]
+    cell = {(r["aggregation"], r["setting"]): r for r in res["rows"]}
+
+    def text(r: dict[str, Any]) -> str:
+        return f"{r['ne']:.4f}" if r["setting"] == "none" else f"{r['ne']:.4f} ({r['vs_clean_rule_pct']:+.1f}%)"
+
+    rows = [[rule, *(text(cell[rule, a]) for a in attacks)] for rule in rules]
+    clean = "; ".join(f"{rule} {cell[rule, 'none']['vs_clean_mean_pct']:+.1f}%" for rule in rules if rule != "mean")
+    within = ", ".join(rule for rule in rules if all(cell[rule, a]["within_target"] for a in attacks))
+    nan = [r for r in res["rows"] if r["attack"] == "nan"]
+    cfg, cmd = res["config"], res["rows"][0]["command"]
+    return md(["--aggregation", *attacks], rows) + (
+        f"\n\nIn brackets the change against the same rule's clean run. Clean runs against plain mean: {clean}. "
+        f"Within {res['target_pct']:g}% of their clean run under every attack: {within or 'none'}. "
+        f"The NaN attack: {nan[0]['rejected_updates']} of {nan[0]['rejected_updates'] + nan[0]['aggregated_updates']} updates "
+        f"rejected by the server's update check, in every rule.\n\n`python benchmarks/federated_robust.py`: each cell "
+        f"`{cmd} --aggregation RULE [--attack ...]` under the federated defaults of its day, which the result file's config records "
+        f"({cfg['data']}, {cfg['rounds']} rounds of {cfg['clients_per_round']} clients, server {cfg['server_optimizer']}, tiers {cfg['tiers']}, "
+        f"seed {cfg['seed']}); {res['seconds'] / 60:.0f} min on {machine(res['machine'])}.")
+
+
+FLOWER_ROWS = {"simulation": "in-process", "flower_1_actor": "Flower, 1 actor", "flower_2_actors": "Flower, 2 actors"}
+
+
+def flower_engine() -> str:
+    """benchmarks/flower_engine.py: both engines on `train.py --federated --rounds 5`, per data set.
+
+    Returns:
+        a table of wall time, Flower's start-up, seconds per round, evaluation time and test NE, and a line per data set.
+    """
+    rows, notes = [], []
+    for path in sorted(RESULTS.glob("flower_engine_*.json")):
+        res = load(path.name)
+        for r in res["rows"]:
+            phases = r.get("phases") or {}
+            rows.append([res["config"]["data"], FLOWER_ROWS.get(r["row"], r["row"]), f"{r['wall_s']:.1f}",
+                         f"{phases['startup_s']:.1f}" if phases else "-", f"{r['per_round_s']:.1f}",
+                         f"{phases['eval_s']:.1f}" if phases else "(in the wall time)", r["ne"]])
+        first, loads = res["rows"][0], [r["load_avg_1m"]["during_mean"] for r in res["rows"]]
+        cpu = machine({k: v for k, v in res["machine"].items() if k != "load_avg_1m"})  # the rows' own loads say more
+        ratios = " / ".join(f"{s['ratio_to_simulation']:.1f}x" for s in res["summary"].values())
+        evals = " / ".join(f"{r['phases']['eval_s']:.0f} s" for r in res["rows"] if r.get("phases"))
+        notes.append(f"- {res['config']['data']} ({first['population']:,} clients, {first['clients_per_round']} a round): Flower's wall time "
+                     f"{ratios} the in-process one; Flower evaluating every client {evals}; "
+                     f"{cpu}, load average {min(loads):.1f}-{max(loads):.1f} during the runs")
+    return md(["data", "engine", "wall s", "start-up s", "s / round", "evaluation s", "test NE"], rows) + (
+        "\n\n" + "\n".join(notes) + "\n\n`python benchmarks/flower_engine.py [--data movielens-1m]` "
+        "(`benchmarks/results/flower_engine_<data>.json`), each row `python train.py --federated --data <data> --rounds 5` on one engine; "
+        "start-up runs from the engine's start to the first ClientApp's reply; s / round is the median of rounds 2-5 for Flower "
+        "(its first round waits for Ray and the actors), the mean for the in-process engine.")
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
@@ -314,16 +411,40 @@ TABLES: dict[str, Callable[[], str]] = {
     "federated_fedrecgel": federated_part("fedrecgel"),
     "federated_rf2": federated_part("rf2"),
     "minority_ne_movielens-1m": minority_ne("minority_ne_movielens-1m.json"),
+    "headline": headline,
+    "federated_headline": federated_headline,
+    "federated_robust": federated_robust,
+    "flower_engine": flower_engine,
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
+def table_names(text: str) -> list[str]:
+    """The names of the table blocks in a README's text, in order.
+
+    Args:
+        text: a README's markdown.
+
+    Returns:
+        each `<!-- table:NAME -->` block's NAME.
+    """
+    return [m.group("name") for m in BLOCK.finditer(text)]
+
+
 def rendered_readme(text: str) -> str:
+    """A README's text with every table block re-rendered from the result files.
+
+    Args:
+        text: a README's markdown.
+
+    Returns:
+        the same text, each block's body replaced by TABLES[NAME]().
+    """
     def sub(m: re.Match[str]) -> str:
         name = m.group("name")
         if name not in TABLES:
-            raise KeyError(f"README.md has a table {name!r} that benchmarks/readme_tables.py does not know")
+            raise KeyError(f"a README has a table {name!r} that benchmarks/readme_tables.py does not know")
         return m.group(1) + TABLES[name]() + "\n" + m.group(4)
 
     return BLOCK.sub(sub, text)
@@ -334,19 +455,24 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    text = README.read_text()
-    new = rendered_readme(text)
-    if args.write:
-        README.write_text(new)
-        print("README.md tables rewritten from benchmarks/results")
-    elif args.check:
-        if new != text:
-            print("README.md tables differ from benchmarks/results; run python benchmarks/readme_tables.py --write", file=sys.stderr)
-            return 1
-        print("README.md tables agree with benchmarks/results")
-    else:
+    if not (args.check or args.write):
         for name, fn in TABLES.items():
             print(f"## {name}\n{fn()}\n")
+        return 0
+    stale = []
+    for readme in READMES:
+        text = readme.read_text()
+        new = rendered_readme(text)
+        if new != text and args.write:
+            readme.write_text(new)
+        stale += [readme.relative_to(ROOT)] if new != text else []
+    if args.write:
+        print(f"rewrote the tables of {', '.join(map(str, stale)) or 'nothing (all agree)'} from benchmarks/results")
+    elif stale:
+        print(f"{', '.join(map(str, stale))}: tables differ from benchmarks/results; run python benchmarks/readme_tables.py --write", file=sys.stderr)
+        return 1
+    else:
+        print("README.md and benchmarks/README.md tables agree with benchmarks/results")
     return 0
 
 
