@@ -28,25 +28,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import resource
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+import harness
 
-from c2al.config import Config, add_config_flags, config_from  # noqa: E402
-from c2al.eval.report import machine_info, write_json  # noqa: E402
-from c2al.federated.strategy import AGGREGATIONS  # noqa: E402
+from c2al.config import Config, add_config_flags, config_from
+from c2al.federated.strategy import AGGREGATIONS
 
-RESULTS = ROOT / "benchmarks" / "results"
 ATTACKS: dict[str, dict[str, Any]] = {
     "none": {},
     "scale 1e6 @ 5%": {"attack": "scale", "attack_share": 0.05, "attack_scale": 1e6},
@@ -60,25 +52,14 @@ TRAIN_FLAGS = ["seed", "rounds", "clients_per_round", "local_epochs", "local_bat
 TARGET_PCT = 3.0  # the issue's target: a robust rule keeps test NE within 3% of the clean run
 
 
-def command(cfg: Config) -> str:
-    """The train.py command that makes this row (its flags that differ from train.py's defaults)."""
-    from train import changed_flags
-
-    return "python train.py " + changed_flags(replace(cfg, quiet=False))
-
-
 _SPLITS: dict[str, Any] = {}  # per worker: the data, loaded once
 
 
 def run_row(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """One train.py --federated run in this (worker) process: its test metrics, rejections, time and memory."""
-    import torch
-
     from c2al.data.sources import load_splits
     from c2al.jobs.federated import run_federated
 
-    torch.set_num_threads(1)
-    logging.getLogger("c2al").setLevel(logging.ERROR)  # every rejected NaN update would be a warning line
     cfg = Config.from_dict(cfg_dict)
     if cfg.data not in _SPLITS:
         _SPLITS[cfg.data] = load_splits(cfg)
@@ -92,12 +73,9 @@ def run_row(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def code_state() -> dict[str, Any]:
-    """The commit the rows ran at, and whether the working tree differed from it."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+def quiet_worker() -> None:
+    """Every rejected NaN update would be a warning line."""
+    logging.getLogger("c2al").setLevel(logging.ERROR)
 
 
 def pct(new: float, base: float) -> float:
@@ -126,13 +104,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--attacks", default=",".join(a.split()[0] for a in ATTACKS),
                     help="comma-separated attacks of the grid: " + ", ".join(a.split()[0] for a in ATTACKS))
     ap.add_argument("--workers", type=int, default=2, help="processes running rows side by side")
-    ap.add_argument("--out", dest="result", default=str(RESULTS / "federated_robust.json"), help="result JSON")
+    ap.add_argument("--out", dest="result", default=str(harness.RESULTS / "federated_robust.json"), help="result JSON")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
-    start, code = time.perf_counter(), code_state()  # workers import the code as it is now
     given = {k: v for k, v in vars(args).items() if v is not None}  # a train.py flag given here beats DEFAULTS
     base = config_from(args, **{**DEFAULTS, **{k: given[k] for k in DEFAULTS if k in given}, "federated": True, "quiet": True,
                                 "workers": 0})  # --workers here are processes of rows, not train.py's forked clients
@@ -142,17 +119,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     grid = [(rule, a) for rule in dict.fromkeys(["mean", *rules]) for a in attacks]
     cfgs = [Config.from_dict({**base.to_dict(), "aggregation": rule, **ATTACKS[a]}).check() for rule, a in grid]
     print(f"{len(cfgs)} runs ({len(rules)} rules x {len(attacks)} attacks) on {base.data}, {args.workers} workers", flush=True)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, args.workers), mp_context=ctx) as pool:
-        futures = {pool.submit(run_row, c.to_dict()): i for i, c in enumerate(cfgs)}
-        results: list[dict[str, Any]] = [{}] * len(cfgs)
-        for done, future in enumerate(as_completed(futures), 1):
-            i = futures[future]
-            results[i] = future.result()
-            print(f"[{done}/{len(cfgs)}] {grid[i][0]:12s} {grid[i][1]:20s} test NE {results[i]['ne']:.4f} "
-                  f"({results[i]['seconds']:.0f} s)", flush=True)
+    run = harness.start(__file__, argv, base.to_dict(), torch_threads=1, workers=args.workers)  # workers import the code as it is now
+    done: list[int] = []
+
+    def progress(i: int, res: dict[str, Any]) -> None:
+        done.append(i)
+        print(f"[{len(done)}/{len(cfgs)}] {grid[i][0]:12s} {grid[i][1]:20s} test NE {res['ne']:.4f} ({res['seconds']:.0f} s)", flush=True)
+
+    results = harness.run_pool(run_row, [(c.to_dict(),) for c in cfgs], args.workers, initializer=quiet_worker, on_result=progress)
     rows = [{"aggregation": rule, "setting": a, "attack": cfg.attack, "attack_share": cfg.attack_share,
-             "attack_scale": cfg.attack_scale, **res, "command": command(cfg)}
+             "attack_scale": cfg.attack_scale, **res, "command": harness.train_command(cfg)}
             for (rule, a), res, cfg in zip(grid, results, cfgs)]
     clean = {r["aggregation"]: r["ne"] for r in rows if r["setting"] == "none"}
     for r in rows:
@@ -160,13 +136,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         r["vs_clean_mean_pct"] = pct(r["ne"], clean["mean"])
         r["within_target"] = r["vs_clean_rule_pct"] <= TARGET_PCT
     markdown = table(rows, attacks)
-    result = {"benchmark": "federated_robust", "config": base.to_dict(), "grid": {"rules": rules, "attacks": ATTACKS},
-              "target_pct": TARGET_PCT, "rows": rows, "markdown": markdown,
-              "machine": {**machine_info(), "torch_threads": 1, "workers": args.workers}, "code": code,
-              "seconds": time.perf_counter() - start}
-    write_json(result, Path(args.result))
+    result = harness.write_result(args.result, run, {"grid": {"rules": rules, "attacks": ATTACKS}, "target_pct": TARGET_PCT,
+                                                    "rows": rows, "markdown": markdown})
     print(markdown)
-    print(f"wrote {args.result} ({result['seconds']:.0f} s)")
+    print(f"wrote {args.result} ({result['wall_s']:.0f} s)")
     return result
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
+import harness
 import numpy as np
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
@@ -24,9 +26,7 @@ from c2al.config import Config
 from c2al.data.schema import Schema, Table
 from c2al.data.sources import load_splits
 from c2al.eval.metrics import summarize
-from c2al.eval.report import format_table, machine_info, write_json
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from c2al.eval.report import format_table
 
 
 def one_hot(table: Table, schema: Schema) -> sp.csr_matrix:
@@ -46,12 +46,14 @@ def one_hot(table: Table, schema: Schema) -> sp.csr_matrix:
     return x
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="movielens-100k")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", default="0.01,0.03,0.1,0.3,1,3", help="values of C tried on the validation split")
-    args = ap.parse_args()
+    ap.add_argument("--out", default="", help="result file (default benchmarks/results/linear_baseline_<data>.json)")
+    args = ap.parse_args(argv)
+    run = harness.start(__file__, argv, {"data": args.data, "seed": args.seed, "grid": args.grid})
     start = time.perf_counter()
     splits = load_splits(Config(data=args.data, seed=args.seed))
     load_seconds = time.perf_counter() - start
@@ -69,10 +71,11 @@ def main() -> None:
     test = summarize(lr.predict_proba(xs["test"])[:, 1], splits.test.labels)
     print(format_table([test], ["n", "plr", "ne", "auc", "logloss", "calibration"], title=f"one-hot logistic regression, C={c}, test"))
     name = Path(args.data).stem if "/" in args.data else args.data
-    write_json({"benchmark": "linear_baseline", "data": args.data, "seed": args.seed, "grid": args.grid, "C": c,
-                "valid_by_C": by_c, "valid": valid, "test": test, "load_seconds": load_seconds,
-                "seconds": time.perf_counter() - start, "machine": machine_info()},
-               RESULTS / f"linear_baseline_{name}.json")
+    out = Path(args.out) if args.out else harness.RESULTS / f"linear_baseline_{name}.json"
+    # "seconds" is the fit over the grid (the header's wall_s counts loading too); readme_tables quotes it
+    harness.write_result(out, run, {"data": args.data, "seed": args.seed, "grid": args.grid, "C": c, "valid_by_C": by_c,
+                                    "valid": valid, "test": test, "load_seconds": load_seconds, "seconds": time.perf_counter() - start})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 Runs the job in a subprocess exactly as on the command line (extra flags pass
 through), then writes benchmarks/results/c2al_<data>_<model>_<n>proc.json (or
 c2al_<data>_<model>_federated.json with --federated): the
-command, wall time, machine, and the job's report (baseline and C2AL test NE
+harness header (this script's command, commit, machine, load, wall_s), the train.py
+command a user types (job_command) and its wall time (job_wall_s), and the job's report (baseline and C2AL test NE
 and AUC overall and per mined cohort), without the attention histograms.
 """
 from __future__ import annotations
@@ -22,22 +23,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
 
-from c2al.eval.report import machine_info, write_json  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = harness.ROOT
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun) ")
     ap.add_argument("--data", default="movielens-100k")
     ap.add_argument("--model", default="afm")
     ap.add_argument("--out", default="", help="result file (default benchmarks/results/c2al_<data>_<model>_<n>proc.json)")
-    args, extra = ap.parse_known_args()
+    args, extra = ap.parse_known_args(argv)
+    run = harness.start(__file__, argv, {"nproc": args.nproc, "data": args.data, "model": args.model, "train_flags": extra})
     with tempfile.TemporaryDirectory() as tmp:
         job = [str(ROOT / "train.py"), "--aux-cohorts", "--data", args.data, "--model", args.model, "--quiet", "--out", tmp, *extra]
         if args.nproc > 1:
@@ -60,13 +60,13 @@ def main() -> None:
     compact_federated(report)
     name = Path(args.data).stem if "/" in args.data else args.data
     kind = "federated" if "--federated" in extra else f"{args.nproc}proc"
-    path = Path(args.out) if args.out else RESULTS / f"c2al_{name}_{args.model}_{kind}.json"
-    write_json({"benchmark": "movielens_run", "command": shlex.join(shown), "wall_seconds": wall,
-                "machine": machine_info(), "report": report}, path)
+    path = Path(args.out) if args.out else harness.RESULTS / f"c2al_{name}_{args.model}_{kind}.json"
+    # job_command: what a user types (the header's command is this script's); job_wall_s: that job alone
+    harness.write_result(path, run, {"job_command": shlex.join(shown), "job_wall_s": wall, "report": report})
     print(f"wrote {path}  ({wall:.0f} s)")
 
 
-def compact_federated(report: dict) -> None:
+def compact_federated(report: dict[str, Any]) -> None:
     """A federated report's round history kept once, each round's failed clients as counts per reason
     (the job's report.json keeps the client ids; 850 KB of them are not a result file)."""
     fed = report.get("federated")
