@@ -66,7 +66,10 @@ class Config:
     """Everything that defines a run of train.py."""
 
     # data
-    data: str = _opt("movielens-100k (embedded default), movielens-1m, synthetic, a MovieLens directory, or a CSV/Parquet PATH", default="movielens-100k")
+    data: str = _opt("movielens-100k (embedded default), movielens-1m, synthetic, a MovieLens directory, a CSV/Parquet PATH (a folder of "
+                     "Parquet files with --stream), or criteo:PATH (streamed: a Criteo text file, .gz, or folder of day_N files, or TorchRec's "
+                     "day_N_{dense,sparse,labels}.npy folder; columns label, int_0..int_12, cat_0..cat_25; integers become log(1 + max(x, 0)), "
+                     "missing as 0, as in the DLRM reference)", default="movielens-100k")
     label: str = _opt("tabular data: the 0/1 label column", default="")
     sparse: tuple[str, ...] = _list("tabular data: comma-separated categorical columns", _names, ())
     dense: tuple[str, ...] = _list("tabular data: comma-separated numeric columns", _names, ())
@@ -76,6 +79,18 @@ class Config:
     cohort_features: tuple[str, ...] = _list("comma-separated columns the cohort miner clusters on (default: the source's user-side features)", _names, ())
     valid_frac: float = _opt("share of each user's (latest) rows held out for validation", default=0.1)
     test_frac: float = _opt("share of each user's latest rows held out for test", default=0.1)
+    stream: bool = _opt("read the --data table (a .parquet file or folder, or a .csv) chunk by chunk with the role flags, never whole "
+                        "in memory (always on for criteo:)", default=False)
+    split_by: str = _opt("streaming sources: file (every file but the last is train, the last halved into valid and test), hash (of "
+                         "--user-col, else of the row's position; shares --valid-frac / --test-frac), time (--time-col cut at the last "
+                         "--test-frac and the --valid-frac before it of the time span), or auto (file with >= 2 files, else hash)",
+                         default="auto", choices=("auto", "file", "hash", "time"))
+    eval_rows: int = _opt("streaming sources: most rows of validation and of test (the first rows of their part), so evaluation "
+                          "cost does not grow with the data", default=100_000)
+    hash_size: tuple[int, ...] = _list("streaming sources: hash each sparse field to this many embeddings (one size, or one per field "
+                                       "comma-separated; id 0 is missing; default 1000000 per field)", _numbers(int), ())
+    min_count: int = _opt("streaming sources: instead of hashing, a vocabulary built in one pass over the training rows; values seen "
+                          "fewer than N times share id 0 (0: hash)", default=0)
     # model
     model: str = _opt(f"model: {', '.join(MODELS)}", default="afm", choices=MODELS)
     embedding_dim: int = _opt("embedding dimension D of every table", default=16)
@@ -288,6 +303,9 @@ RANGES: dict[str, _Range] = {
     **dict.fromkeys(("lr", "table_lr", "tier_skew"), _POSITIVE),
     **dict.fromkeys(("min_share", "attack_share", "tier_shares"), _PROBABILITY),
     "max_share": _Range(0, 1, lo_open=True),
+    "eval_rows": _AT_LEAST_1,
+    "min_count": _AT_LEAST_0,
+    "hash_size": _Range(2),
     "valid_frac": _Range(0, 1, lo_open=True, hi_open=True),
     "test_frac": _Range(0, 1, lo_open=True, hi_open=True),
     "dropout": _Range(0, 1, hi_open=True),
