@@ -34,6 +34,18 @@ def md(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def wall(res: dict[str, Any]) -> float:
+    """A result file's wall seconds: `wall_s` in the harness header (benchmarks/harness.py), `wall_seconds` or
+    `seconds` in files written before it."""
+    return next(res[k] for k in ("wall_s", "wall_seconds", "seconds") if k in res)
+
+
+def job(run: dict[str, Any]) -> tuple[str, float]:
+    """A movielens_run.py file's train.py command and that job's wall seconds (`job_command` / `job_wall_s` since
+    the harness header, whose `command` is the benchmark script's own; `command` / `wall_seconds` before)."""
+    return run.get("job_command", run["command"]), run.get("job_wall_s", run.get("wall_seconds"))
+
+
 def pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.2f}%"
 
@@ -60,8 +72,8 @@ def afm_vs_linear() -> str:
         ["AFM + C2AL, heads stripped", o["ne_c2al"], o["auc_c2al"]],
     ]
     return md(["MovieLens-100k test split", "NE", "AUC"], rows) + (
-        f"\n\n`python benchmarks/linear_baseline.py` ({lin['seconds']:.0f} s) and `{run['command']}` "
-        f"({run['wall_seconds']:.0f} s wall, {machine(run['machine'])}).")
+        f"\n\n`python benchmarks/linear_baseline.py` ({lin['seconds']:.0f} s) and `{job(run)[0]}` "
+        f"({job(run)[1]:.0f} s wall, {machine(run['machine'])}).")
 
 
 def c2al_cohorts(name: str) -> Callable[[], str]:
@@ -87,7 +99,7 @@ def c2al_cohorts(name: str) -> Callable[[], str]:
             traits += f" The validation gate shipped **{decision['shipped']}** as `c2al.pt`: {decision['reason']}."
         return md(["cohort", "share", "PLR", "contrast (JS)", "NE baseline", "NE C2AL", "NE_diff", "AUC baseline", "AUC C2AL"], rows) + (
             f"\n\nWhat sets the mined cohorts apart (test split, mean or most over-represented value vs the rest):{traits}" if traits else "") + (
-            f"\n\n`{run['command']}`: {run['report']['world_size']} process(es), {run['wall_seconds']:.0f} s wall, {machine(run['machine'])}.")
+            f"\n\n`{job(run)[0]}`: {run['report']['world_size']} process(es), {job(run)[1]:.0f} s wall, {machine(run['machine'])}.")
     return render
 
 
@@ -127,7 +139,7 @@ def minority_ne(name: str) -> Callable[[], str]:
         header += ([] if gated else ["best-epoch valid NE_diff %"]) + ["attention entropy"] + (["recall@10 change"] if recall else [])
         args = res["config"]["args"]
         return md(header, rows) + (
-            f"\n\n{len(res['seeds'])} seeds, {res['seconds'] / 60:.0f} min wall with {args.get('workers', 1)} worker process(es) "
+            f"\n\n{len(res['seeds'])} seeds, {wall(res) / 60:.0f} min wall with {args.get('workers', 1)} worker process(es) "
             f"on {machine(res['machine'])}.")
     return render
 
@@ -165,7 +177,7 @@ def throughput_models() -> str:
         f"{ra['afm_lean_heads_train_overhead_pct']:+.1f}% (AFM), {ra['attention_fm_heads_train_overhead_pct']:+.1f}% (AttentionFM). "
         f"Stripped model's inference vs a baseline of the same architecture, same process, alternating passes: "
         f"{same(ra, 'afm_lean_heads')} (AFM), {same(ra, 'attention_fm_heads')} (AttentionFM). "
-        f"`python benchmarks/throughput.py`, {machine(m)}, {res['seconds'] / 60:.0f} min, "
+        f"`python benchmarks/throughput.py`, {machine(m)}, {wall(res) / 60:.0f} min, "
         f"load average {m['load_avg_at_end'][0]:.1f} at the end.")
 
 
@@ -258,7 +270,7 @@ def cohort_recovery() -> str:
              " / ".join(f"{d['conjunction'][f'ari_seed{s}']:.2f}" for s in res["seeds"])] for c, d in by.items()]
     return md(["--cohort-candidates", "planted clusters: ARI (mean)", "planted conjunctions: ARI (mean)", "conjunctions per seed"], rows) + (
         f"\n\n`{res['command'].strip()}`: {len(res['seeds'])} seeds of {res['rows_per_seed']:,} rows, baseline {res['baseline']}, "
-        f"ARI of the exposed cohorts against the planted ones on the validation rows; {res['seconds'] / 60:.0f} min on {machine(res['machine'])}.")
+        f"ARI of the exposed cohorts against the planted ones on the validation rows; {wall(res) / 60:.0f} min on {machine(res['machine'])}.")
 
 
 def federated_quality() -> str:
@@ -360,7 +372,7 @@ def federated_robust() -> str:
         f"rejected by the server's update check, in every rule.\n\n`python benchmarks/federated_robust.py`: each cell "
         f"`{cmd} --aggregation RULE [--attack ...]` under the federated defaults of its day, which the result file's config records "
         f"({cfg['data']}, {cfg['rounds']} rounds of {cfg['clients_per_round']} clients, server {cfg['server_optimizer']}, tiers {cfg['tiers']}, "
-        f"seed {cfg['seed']}); {res['seconds'] / 60:.0f} min on {machine(res['machine'])}.")
+        f"seed {cfg['seed']}); {wall(res) / 60:.0f} min on {machine(res['machine'])}.")
 
 
 FLOWER_ROWS = {"simulation": "in-process", "flower_1_actor": "Flower, 1 actor", "flower_2_actors": "Flower, 2 actors"}

@@ -7,15 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import readme_tables  # benchmarks/ is on pytest's pythonpath (pytest.ini)
+
+from c2al.config import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BENCH_README = ROOT / "benchmarks" / "README.md"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import readme_tables  # noqa: E402  (benchmarks/ is not a package)
-
-from c2al.config import parse_args  # noqa: E402
 
 USER_TABLES = {"c2al_movielens", "afm_vs_linear", "headline", "federated_headline"}  # the rest is evidence, in benchmarks/README.md
 NOT_TRAIN_FLAGS = {"--nproc_per_node", "--no-deps", "--doctest-modules", "--write"}  # torchrun's, pip's, pytest's, readme_tables.py's
@@ -73,9 +71,7 @@ def test_user_readme_stays_short():
 
 
 def test_every_flag_in_the_user_readme_is_a_train_py_flag():
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    known = set(re.findall(r"--[a-z][\w-]*", res.stdout)) | NOT_TRAIN_FLAGS
+    known = set(re.findall(r"--[a-z][\w-]*", build_parser().format_help())) | NOT_TRAIN_FLAGS  # what `train.py --help` lists
     quoted = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", README.read_text()))
     assert quoted - known == set()
 
@@ -88,8 +84,15 @@ def test_each_train_py_command_in_the_user_readme_is_accepted(argv):
 
 def test_make_run_table_comes_from_what_make_run_runs():
     run_args = re.search(r"^RUN_ARGS \?= (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
-    command = readme_tables.load("c2al_movielens-100k_afm_1proc.json")["command"]
+    command, _ = readme_tables.job(readme_tables.load("c2al_movielens-100k_afm_1proc.json"))
     recorded = shlex.split(command)
     assert recorded[:2] == ["python", "train.py"]
     assert parse_args(recorded[2:]) == parse_args(shlex.split(run_args))
     assert f"`python train.py {run_args}`" in README.read_text()
+
+
+def test_renderer_reads_result_files_before_and_after_the_harness_header():
+    before = {"command": "python train.py --aux-cohorts", "wall_seconds": 27.0}
+    after = {"command": "python benchmarks/movielens_run.py", "wall_s": 40.0, "job_command": "python train.py --aux-cohorts", "job_wall_s": 27.0}
+    assert readme_tables.job(before) == readme_tables.job(after) == ("python train.py --aux-cohorts", 27.0)
+    assert readme_tables.wall({"seconds": 5.0}) == 5.0 and readme_tables.wall({"wall_s": 6.0, "seconds": 5.0}) == 6.0
