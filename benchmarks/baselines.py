@@ -25,48 +25,42 @@ regression, C picked on valid; `python benchmarks/linear_baseline.py --data <dat
   python benchmarks/baselines.py --afm-grid table_lr=0.15,dropout=0   # other AFM what-ifs (default: AFM_GRID)
   python benchmarks/baselines.py --lr 0.001 --out /tmp/b.json   # any train.py training flag, for a what-if
 
-Runs go side by side in --processes spawned processes of one torch thread each (on a busy
-2-core machine a second torch thread in one process made an epoch many times slower).
+Runs go side by side in --processes spawned processes of one torch thread each (harness.run_pool;
+on a busy 2-core machine a second torch thread in one process made an epoch many times slower).
 Every finished run is also kept under runs/baselines/<data>/ (--cache) and reused by a later
 invocation with the same config, so an interrupted benchmark goes on where it stopped.
 Writes benchmarks/results/baselines_<data>.json: per run the test NE/AUC, best epoch,
 validation history, seconds per epoch (validation included), total seconds, the config and
 the command that reproduces it; the AFM's mean and range over seeds and its margin to the
-floor; machine_info() with the load average before and after.
+floor; the harness header (command, commit, machine with the load average at start and end, wall_s, config).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import re
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Sequence
 
+import harness
 import numpy as np
-import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from c2al.config import Config, add_config_flags, config_from
+from c2al.data.sources import load_splits
+from c2al.dist.process import init_distributed
+from c2al.eval.metrics import summarize
+from c2al.eval.report import format_table, write_json
+from c2al.eval.retrieval import retrieval_metrics
+from c2al.logs import quiet_libraries, setup_logging
+from c2al.train.build import seeded_model
+from c2al.train.loop import fit
+from c2al.train.task import predict
 
-from c2al.config import Config, add_config_flags, config_from  # noqa: E402
-from c2al.data.sources import load_splits  # noqa: E402
-from c2al.dist.process import init_distributed  # noqa: E402
-from c2al.eval.metrics import summarize  # noqa: E402
-from c2al.eval.report import format_table, machine_info, write_json  # noqa: E402
-from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
-from c2al.logs import quiet_libraries, setup_logging  # noqa: E402
-from c2al.train.build import seeded_model  # noqa: E402
-from c2al.train.loop import fit  # noqa: E402
-from c2al.train.task import predict  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = harness.ROOT
+RESULTS = harness.RESULTS
 # train.py flags a what-if run may change; the data roles let it run on a tabular file too
 TRAIN_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "epochs", "patience", "batch_size",
                "lr", "table_lr", "weight_decay", "embedding_dim", "attention_dim", "dropout")
@@ -94,17 +88,8 @@ def plan(afm_seeds: Sequence[int], afm_grid: Sequence[tuple[str, Any]] = (),
     return runs
 
 
-def command(cfg: Config) -> str:
-    """The train.py command line that trains this run (its flags that differ from the defaults)."""
-    from train import changed_flags
-
-    flags = changed_flags(dataclasses.replace(cfg, quiet=False))
-    return "python train.py" + ("" if flags == "(all defaults)" else " " + flags)
-
-
 def train_one(name: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """One run in this process (a worker or the main one): its row of the result file."""
-    torch.set_num_threads(1)
+    """One run in this process (a worker or the main one, one torch thread either way): its row of the result file."""
     setup_logging()  # the loop's line per epoch: these runs take long
     quiet_libraries()
     cfg = Config.from_dict(cfg_dict)
@@ -115,7 +100,7 @@ def train_one(name: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag=name)
     test = summarize(predict(trained.module, splits.test, splits.schema, cfg.batch_size, info), splits.test.labels)
     row: dict[str, Any] = {
-        "name": name, "model": cfg.model, "seed": cfg.seed, "command": command(cfg),
+        "name": name, "model": cfg.model, "seed": cfg.seed, "command": harness.train_command(cfg),
         "test": test, "best": trained.best, "best_epoch": trained.best.get("epoch"),
         "epochs_run": len(trained.history), "history": trained.history,
         "epoch_seconds": trained.seconds / max(len(trained.history), 1), "train_seconds": trained.seconds,
@@ -149,21 +134,16 @@ def run_all(todo: dict[str, dict[str, Any]], cache: Path, processes: int, fresh:
         return rows
     print(f"training {list(missing)} on {min(processes, len(missing))} process(es) of 1 torch thread", flush=True)
 
-    def keep(name: str, row: dict[str, Any]) -> None:
+    tasks = list(missing.items())
+
+    def keep(i: int, row: dict[str, Any]) -> None:  # as each run finishes, so an interrupted benchmark keeps it
+        name = tasks[i][0]
         write_json(row, cache_path(cache, row["config"]))
         rows[name] = row
         print(f"{name}: test NE {row['test']['ne']:.4f}  AUC {row['test']['auc']:.4f}  best epoch {row['best_epoch']} "
               f"of {row['epochs_run']}  {row['epoch_seconds']:.0f} s/epoch", flush=True)
 
-    if processes == 1 or len(missing) == 1:
-        for name, cfg in missing.items():
-            keep(name, train_one(name, cfg))
-        return rows
-    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and process group
-    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-        futures = {pool.submit(train_one, n, c): n for n, c in missing.items()}
-        for future in as_completed(futures):
-            keep(futures[future], future.result())
+    harness.run_pool(train_one, tasks, processes, threads=1, on_result=keep)
     return rows
 
 
@@ -228,7 +208,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="movielens-1m", help="any train.py --data (default movielens-1m)")
     add_config_flags(ap, TRAIN_FLAGS)
-    ap.add_argument("--afm-seeds", default="0,1,2", help="comma-separated seeds of the AFM runs")
+    harness.add_seeds_flag(ap, "0,1,2", flag="--afm-seeds", what="the AFM runs")
     ap.add_argument("--afm-grid", default=AFM_GRID, type=lambda v: [grid_setting(t) for t in v.split(",") if t.strip()],
                     help="comma-separated FIELD=VALUE what-ifs, each one AFM run (first seed) with that one train.py flag "
                          "changed, compared on validation NE; the best, if better than the defaults, is trained on every "
@@ -245,20 +225,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    try:
-        return run(parse(argv))
-    finally:
-        torch.set_num_threads(threads)  # runs in this process set 1; a caller (a test) keeps its own
+    return run(parse(argv), argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    start = time.perf_counter()
-    machine_before = machine_info()
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    grids = {"afm_grid": [f"{k}={v}" for k, v in args.afm_grid], "two_tower_grid": [f"{k}={v}" for k, v in args.two_tower_grid]}
+    bench = harness.start(__file__, argv, {**vars(args), **grids}, torch_threads=1, processes=args.processes)
     out = Path(args.out) if args.out else RESULTS / f"baselines_{data_name(args.data)}.json"
     old = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in TRAIN_FLAGS})  # not --out, a Config field too
-    seeds = [int(s) for s in args.afm_seeds.split(",")]
+    seeds = args.afm_seeds
 
     def configs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return {n: config_from(flags, data=args.data, quiet=True, **fields).to_dict() for n, fields in runs.items()}
@@ -280,20 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lr_floor = floor(args.data)
     afm = [r for n, r in rows.items() if r["model"] == "afm" and " " not in n]
     afm_picked = [rows[f"afm:{s} {picked}"] for s in seeds] if picked else []
-    result = {
-        "benchmark": "baselines", "data": args.data, "args": {**vars(args), "afm_grid": [f"{k}={v}" for k, v in args.afm_grid],
-                                                            "two_tower_grid": [f"{k}={v}" for k, v in args.two_tower_grid]},
+    result = harness.write_result(out, bench, {
+        "data": args.data,
         "linear_floor": lr_floor,
         "afm": afm_summary(afm, lr_floor) if afm else None,
         "afm_grid": grid,
         "two_tower_grid": two_tower_grid(rows) if args.two_tower_grid else [],
         "afm_picked": {"setting": picked, **afm_summary(afm_picked, lr_floor)} if afm_picked else None,
         "runs": rows,
-        "machine": {**machine_info(), "load_avg_1m_before": machine_before.get("load_avg_1m"), "torch_threads": 1,
-                    "processes": args.processes},
-        "seconds": time.perf_counter() - start,
-    }
-    write_json(result, out)
+    })
     table = [{"run": n, "ne": r["test"]["ne"], "auc": r["test"]["auc"], "best_epoch": r["best_epoch"],
               "s/epoch": r["epoch_seconds"], **{k: r.get("retrieval", {}).get(k, "") for k in ("recall@10", "popularity_recall@10")}}
              for n, r in rows.items()]

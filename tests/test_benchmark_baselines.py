@@ -3,14 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
+import baselines  # benchmarks/ is on the test path (pytest.ini)
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import baselines  # noqa: E402
 
 TINY = "synthetic:n_rows=1500,n_users=80,n_items=30"
 
@@ -29,6 +24,7 @@ def test_afm_summary_is_mean_and_range_over_seeds_and_the_margin_to_the_floor() 
     assert got["epoch_seconds_mean"] == pytest.approx(11.0)
 
 
+@pytest.mark.slow
 def test_a_run_writes_every_row_and_a_rerun_reuses_them(tmp_path, capsys) -> None:
     argv = ["--data", TINY, "--epochs", "1", "--afm-seeds", "0,1", "--batch-size", "256", "--processes", "1",
             "--afm-grid", "", "--two-tower-grid", "", "--out", str(tmp_path / "b.json"), "--cache", str(tmp_path / "cache")]
@@ -41,7 +37,9 @@ def test_a_run_writes_every_row_and_a_rerun_reuses_them(tmp_path, capsys) -> Non
     two_tower = result["runs"]["two-tower"]
     assert two_tower["config"]["two_tower_logq"] and not result["runs"]["two-tower-no-logq"]["config"]["two_tower_logq"]
     assert 0 <= two_tower["retrieval"]["recall@10"] <= 1 and "popularity_recall@10" in two_tower["retrieval"]
-    assert "machine" in result and json.loads((tmp_path / "b.json").read_text())["runs"].keys() == result["runs"].keys()
+    assert json.loads((tmp_path / "b.json").read_text())["runs"].keys() == result["runs"].keys()
+    assert result["command"].startswith("python benchmarks/baselines.py --data synthetic") and result["wall_s"] > 0
+    assert result["machine"]["processes"] == 1 and result["config"]["afm_seeds"] == [0, 1]
     capsys.readouterr()
     again = baselines.main(argv + ["--runs", "afm:1"])
     assert "afm:1: reused" in capsys.readouterr().out
