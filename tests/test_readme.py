@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BENCH_README = ROOT / "benchmarks" / "README.md"
 
-USER_TABLES = {"c2al_movielens", "afm_vs_linear", "headline", "federated_headline"}  # the rest is evidence, in benchmarks/README.md
+USER_TABLES = {"c2al_movielens", "afm_vs_linear", "headline", "federated_headline"}  # at least these; the evidence is in benchmarks/README.md
 NOT_TRAIN_FLAGS = {"--nproc_per_node", "--no-deps", "--doctest-modules", "--write"}  # torchrun's, pip's, pytest's, readme_tables.py's
 MOST_LINES = 280  # issue 18: the user README stays "under about 250 lines"; this guards against it growing back into lab notes
 
@@ -44,7 +44,7 @@ def test_readme_gives_the_two_commands():
 
 def test_each_table_is_rendered_in_exactly_one_readme():
     user, bench = readme_tables.table_names(README.read_text()), readme_tables.table_names(BENCH_README.read_text())
-    assert set(user) == USER_TABLES
+    assert USER_TABLES <= set(user)
     assert sorted(user + bench) == sorted(readme_tables.TABLES), "a renderer no README uses, or a table in two places"
 
 
