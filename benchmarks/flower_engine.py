@@ -20,7 +20,7 @@ after (the 2-core machines this runs on are shared). The summary checks issue
   python benchmarks/flower_engine.py --data movielens-1m
   python benchmarks/flower_engine.py --rows simulation,flower_1_actor --rounds 2 --out /tmp/f.json
 
-Writes benchmarks/results/flower_engine_<data>.json (config, machine, rows, summary).
+Writes benchmarks/results/flower_engine_<data>.json (the harness header, rows, summary).
 """
 from __future__ import annotations
 
@@ -39,12 +39,11 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import harness  # noqa: E402
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
-RESULTS = HERE.parent / "results"
-sys.path.insert(0, str(ROOT))
 
 GRID: dict[str, list[str]] = {
     "simulation": [],
@@ -74,8 +73,9 @@ class Stamps(logging.Handler):
 
 def run_row(name: str, data: str, rounds: int) -> dict[str, Any]:
     """One row in this process: train.main on the row's argv, timed from the process start."""
-    import train
     from c2al.logs import setup_logging
+
+    train = harness.train_py()
 
     stamps = Stamps()
     setup_logging().addHandler(stamps)
@@ -121,7 +121,7 @@ def run_in_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
     sampler = threading.Thread(target=load_sampler, args=(stop, seen), daemon=True)
     before = os.getloadavg()[0]
     sampler.start()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(cmd, cwd=harness.ROOT, capture_output=True, text=True, timeout=args.timeout)
     stop.set()
     if done.returncode != 0:
         raise SystemExit(f"row {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -157,7 +157,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         print(f"{r['row']:<16} {r['wall_s']:>7.1f} {shown} {r['ne']:>8.4f} {r['load_avg_1m']['during_mean']:>5.1f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="movielens-100k", help="train.py --data (movielens-100k, movielens-1m, ...)")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds of every row")
@@ -169,21 +169,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.row:
         print(MARK + json.dumps(run_row(args.row, args.data, args.rounds)), flush=True)
         return
-    from c2al.eval.report import machine_info, write_json
-
     names = [n for n in args.rows.split(",") if n]
     unknown = sorted(set(names) - set(GRID))
     if unknown:
         raise SystemExit(f"unknown --rows {unknown}; choose from {list(GRID)}")
+    run = harness.start(__file__, argv, {"data": args.data, "rounds": args.rounds, "grid": GRID})
     rows = []
     for name in names:
         print(f">> {name}: python train.py {' '.join(row_argv(name, args.data, args.rounds, Path('OUT')))}", flush=True)
         rows.append(run_in_process(name, args))
     print_rows(rows)
-    result = {"benchmark": "flower_engine", "config": {"data": args.data, "rounds": args.rounds, "grid": GRID},
-              "machine": machine_info(), "rows": rows, "summary": summarize(rows)}
-    out = Path(args.out) if args.out else RESULTS / f"flower_engine_{Path(args.data).stem}.json"
-    write_json(result, out)
+    out = Path(args.out) if args.out else harness.RESULTS / f"flower_engine_{Path(args.data).stem}.json"
+    result = harness.write_result(out, run, {"rows": rows, "summary": summarize(rows)})
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {out}")
 
