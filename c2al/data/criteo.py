@@ -185,7 +185,7 @@ class CriteoTextReader(Reader):
         for j, name in enumerate(CAT_NAMES):
             keys[name], missing[name], bad = hex_keys(batch.column(1 + N_INT + j))
             if bad >= 0:
-                raise self._at(i, start + bad, f"{name} is not a hex hash: {batch.column(1 + N_INT + j)[bad].as_py()!r}")
+                raise self._at(i, start + bad, f"{name} is not a hex hash: {batch.column(1 + N_INT + j)[bad].as_py().decode(errors='replace')!r}")
         dense = dense_transform(ints)
         return RawChunk(unit=i, start=start, labels=label.to_numpy().astype(np.float32), dense=dense, keys=keys, missing=missing,
                         user_keys=np.zeros(batch.num_rows, np.int64), frame=self._frame(batch, dense))

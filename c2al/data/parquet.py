@@ -187,7 +187,8 @@ def _labels(s: pd.Series, where: str, start: int) -> np.ndarray:
     bad = ~np.isin(v, (0.0, 1.0))
     if bad.any():
         r = int(np.argmax(bad))
-        raise C2ALError(f"{where}: label column {s.name!r} must hold only 0 and 1, got {s.iloc[r]!r} (row {start + r})")
+        value = s.iloc[r].item() if hasattr(s.iloc[r], "item") else s.iloc[r]
+        raise C2ALError(f"{where}: label column {s.name!r} must hold only 0 and 1, got {value!r} (row {start + r})")
     return v.astype(np.float32)
 
 
