@@ -174,3 +174,19 @@ def test_value_keys_hash_text_and_keep_integers():
     k_txt, m_txt = value_keys(pd.Series(["x", None, "x"]))
     assert k_int[0] == 3 and m_int.tolist() == [False, True, False]
     assert k_txt[0] == k_txt[2] and m_txt.tolist() == [False, True, False]
+
+
+# ---------------------------------------------------------------- the in-memory tabular loader's cohort frame
+
+
+def test_tabular_cohort_columns_that_are_sparse_fields_are_categories(tmp_path):
+    from c2al.data.tabular import load_tabular
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"y": rng.integers(0, 2, 400), "device": rng.integers(0, 5, 400), "age": rng.integers(18, 70, 400),
+                       "ad": rng.integers(0, 9, 400)})
+    df.to_parquet(tmp_path / "t.parquet")
+    s = load_tabular(tmp_path / "t.parquet", label="y", sparse=["device", "ad"], dense=["age"], cohort_features=["device", "age"])
+    frame = s.valid.cohort_frame
+    assert isinstance(frame["device"].dtype, pd.CategoricalDtype) and frame["age"].dtype == np.int64
+    assert sorted(frame["device"].cat.categories.tolist()) == sorted(set(df["device"]))

@@ -277,6 +277,18 @@ def _timestamps(df: pd.DataFrame, col: str, where: str) -> np.ndarray:
     return ((t - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
 
+def cohort_frame(df: pd.DataFrame, cohort: list[str], sparse: list[str]) -> pd.DataFrame | None:
+    """The miner's columns; those that are sparse fields become 'category' whatever their storage type
+    (an integer-coded device id is a category, not a number to split by its order)."""
+    if not cohort:
+        return None
+    frame = df[cohort].reset_index(drop=True)
+    for c in cohort:
+        if c in sparse:
+            frame[c] = frame[c].astype("category")
+    return frame
+
+
 def load_tabular(
     path: str | Path,
     *,
@@ -305,7 +317,7 @@ def load_tabular(
     `item_col` is "item", the rest "context". Vocabularies come from train rows;
     missing or unseen values map to 0. Dense columns are standardized with the
     train mean and std. `cohort_frame` holds the raw `cohort_features` columns,
-    or the user-side sparse columns when none are given. `Table.user_ids` is the
+    or the user-side sparse columns when none are given; the sparse ones as 'category' dtype. `Table.user_ids` is the
     index of the row's user among the file's sorted distinct users (-1 without
     `user_col`); `item_ids` likewise (None without `item_col`).
 
@@ -392,7 +404,7 @@ def load_tabular(
         labels=labels,
         user_ids=user_ids,
         item_ids=item_ids,
-        cohort_frame=df[cohort_l].reset_index(drop=True) if cohort_l else None,
+        cohort_frame=cohort_frame(df, cohort_l, model_sparse),
         timestamps=times,
     )
     return Splits(schema, *tables_from_split(full, split)).validate()
