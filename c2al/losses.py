@@ -138,3 +138,122 @@ def in_batch_softmax_loss(
     # Padding rows whose own candidate is masked hold a huge loss; zero them before weighting.
     per_row = torch.where(row_weights > 0, per_row, torch.zeros_like(per_row))
     return _weighted_mean(per_row, row_weights)
+
+
+# ------------------------------------------------------- next-item dual encoder (Ning et al. 2021)
+# Letters: B batch, V catalog size, H embedding size. Every function takes UNIT rows (cosine scores)
+# and row weights w in {0, 1}: a weight-0 row (the padding a client's last local batch carries) is
+# neither a positive nor a negative nor part of any spread-out pair.
+
+
+def _offdiag_gram_norm(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(sum_{i != j} (x_i . x_j)^2) without the [N, N] Gram matrix.
+
+    sum_{i, j} (x_i . x_j)^2 = ||x^T x||_F^2 (an [H, H] matrix), and the diagonal holds
+    sum_i |x_i|^4, so a whole-catalog term costs O(V H^2) instead of O(V^2 H). Zero rows
+    (padding) drop out of both sums.
+
+    Args:
+        x: [N, H] rows (unit rows, or zero rows for padding).
+
+    Returns:
+        Scalar, >= 0.
+    """
+    cov = x.T @ x  # [H, H]
+    total = (cov * cov).sum() - ((x * x).sum(-1) ** 2).sum()
+    # Cancellation can leave a tiny negative; the floor also keeps sqrt's gradient finite at 0.
+    return total.clamp_min(1e-12).sqrt()
+
+
+def _offdiag_cross_norm(query: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sqrt(sum_{i != j} w_i w_j (q_i . c_j)^2): the batch similarities off the positive diagonal.
+
+    Args:
+        query: [B, H] unit rows; candidate: [B, H] unit rows (row i is query i's positive).
+        weights: [B] in {0, 1}.
+
+    Returns:
+        Scalar, >= 0.
+    """
+    sim = query @ candidate.T  # [B, B]
+    pair = weights.unsqueeze(1) * weights.unsqueeze(0) * (1 - torch.eye(len(sim), dtype=sim.dtype, device=sim.device))
+    return (pair * sim * sim).sum().clamp_min(1e-12).sqrt()
+
+
+def spreadout_terms(query: torch.Tensor, candidate: torch.Tensor, catalog: torch.Tensor, weights: torch.Tensor,
+                    lambdas: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)) -> torch.Tensor:
+    """Spread-out regularisation (Zhang et al. 2017) as Ning et al.'s dual encoder applies it.
+
+    Each term is the Frobenius norm of a similarity matrix with its positive entries removed:
+    context (the batch's queries among themselves), label (the WHOLE catalog's item vectors among
+    themselves, so items no client touches are pushed apart too) and cross (each query against the
+    other rows' positives, the negative half of a batch softmax).
+
+    Args:
+        query: [B, H] unit context vectors.
+        candidate: [B, H] unit label vectors (row i: query i's next item).
+        catalog: [V, H] unit vectors of every item.
+        weights: [B] in {0, 1}.
+        lambdas: (context, label, cross) scales.
+
+    Returns:
+        Scalar lambda_c |Q Q^T|_off + lambda_l |C C^T|_off + lambda_x |Q V_b^T|_off.
+
+    Example:
+        >>> e = torch.eye(2)
+        >>> round(float(spreadout_terms(e, e, e, torch.ones(2))), 6)  # orthogonal everything: nothing to spread
+        0.0
+    """
+    lam_c, lam_l, lam_x = lambdas
+    w = weights.to(query.dtype)
+    out = lam_c * _offdiag_gram_norm(query * w.unsqueeze(1))
+    out = out + lam_l * _offdiag_gram_norm(catalog)
+    return out + lam_x * _offdiag_cross_norm(query, candidate, w)
+
+
+def global_softmax_loss(query: torch.Tensor, catalog: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Softmax of each query over the whole catalog (every other item a negative), weighted mean over rows.
+
+    Args:
+        query: [B, H] unit context vectors.
+        catalog: [V, H] unit item vectors.
+        targets: [B] int64 catalog row of each query's next item.
+        weights: [B] in {0, 1}.
+        temperature: logits are cosine / temperature (Ning et al.'s code: 1, raw cosine).
+
+    Returns:
+        Scalar; 0 with a gradient for an all-padding batch.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
+        >>> round(float(global_softmax_loss(q, items, torch.tensor([0]), torch.ones(1))), 4)  # -log(e / (e + 1))
+        0.3133
+    """
+    if temperature <= 0:
+        raise C2ALError(f"global_softmax_loss: temperature must be > 0, got {temperature}")
+    logits = query @ catalog.T / temperature  # [B, V]
+    per_row = F.cross_entropy(logits, targets, reduction="none")  # [B]
+    return _weighted_mean(per_row, weights.to(per_row.dtype))
+
+
+def positive_hinge_loss(query: torch.Tensor, candidate: torch.Tensor, weights: torch.Tensor, margin: float = 0.9) -> torch.Tensor:
+    """Squared hinge on each positive pair's cosine, relu(margin - cos)^2, weighted mean over rows.
+
+    Batch-insensitive: a row's value does not depend on the other rows of its batch.
+
+    Args:
+        query: [B, H] unit context vectors; candidate: [B, H] unit label vectors.
+        weights: [B] in {0, 1}.
+        margin: the cosine a positive is pulled up to (0.9 in Ning et al.'s code).
+
+    Returns:
+        Scalar.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]]); c = torch.tensor([[0.0, 1.0]])
+        >>> round(float(positive_hinge_loss(q, c, torch.ones(1))), 4)  # (0.9 - 0)^2
+        0.81
+    """
+    cos = (query * candidate).sum(-1)  # [B]
+    return _weighted_mean(F.relu(margin - cos) ** 2, weights.to(cos.dtype))

@@ -1,0 +1,197 @@
+"""Ning et al. 2021 (federated retrieval with limited negatives) on the paper's own protocol.
+
+Task, model and protocol are those of google-research/federated `dual_encoder/`: next-item
+prediction on MovieLens-1M (context = the previous up to 10 movies, label = the next one;
+timelines under 3 dropped; at most 300 examples per user; users split 80/10/10), a dual encoder
+over ONE item table of dimension 16 (context tower: mean of the context embeddings -> dense 16 +
+ReLU; label tower: the embedding; cosine), recall@1/5/10 over the full catalog. Centralized:
+Adam 0.01, batch 16, early-stopped on validation recall@10. Federated: 1 client = 1 user,
+100 clients a round, local batch 16, 1 local epoch, client SGD 0.01, server Adam 1.0, rounds
+while validation recall@10 improves. Most-popular is scored on the same test examples.
+
+Grid: LOSSES x {centralized, federated} x seeds. Every run writes its own file under
+`--runs-dir` (a rerun skips runs whose file is there with the same settings), and the merged
+summary goes to `--out`:
+
+    python benchmarks/ning_protocol.py                                   # the whole grid, 3 seeds
+    python benchmarks/ning_protocol.py --modes federated --losses batch_softmax --seeds 0 --rounds 20  # one timed run
+    python benchmarks/ning_protocol.py --quick --data movielens:/tmp/fake --out /tmp/n.json           # the test's
+
+summary = {"most_popular": {"recall@10": mean, ...}, LOSS: {"federated": {"recall@10": {"mean", "ci95"}, ...},
+"centralized": {...}, "gain_over_batch_softmax_pct": {...}, "gap_to_centralized_pct": {...}}}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import harness
+import numpy as np
+
+from c2al.data.sequences import NextItemSplits, movielens_dir, next_item_splits, read_timelines
+from c2al.eval.next_item import KS, label_ranks, popularity, recall_metrics
+from c2al.eval.report import write_json
+from c2al.jobs.next_item import LOSSES, FederatedSettings, NextItemLoss, fit_centralized, fit_federated
+
+MODES = ("centralized", "federated")
+METRICS = tuple(f"recall@{k}" for k in KS) + ("mean_rank",)
+QUICK = {"rounds": 3, "eval_every": 1, "patience": 2, "clients_per_round": 4, "centralized_eval_every": 20, "max_evals": 2}
+
+
+@functools.lru_cache(maxsize=4)
+def splits_for(data: str, seed: int) -> NextItemSplits:
+    """The next-item splits of `data` with the users split by `seed` (cached per process)."""
+    return next_item_splits(read_timelines(movielens_dir(data)), seed, name=data)
+
+
+def run_one(data: str, mode: str, loss: str, seed: int, settings: dict[str, Any], path: str) -> dict[str, Any]:
+    """Train one grid cell and write its result file (module level: the pool's workers import it).
+
+    Args:
+        data: the --data value.
+        mode: centralized or federated.
+        loss: one of LOSSES.
+        seed: model init, batch order and the user split.
+        settings: the run's knobs (args_settings).
+        path: its result file.
+
+    Returns:
+        The result written.
+    """
+    splits = splits_for(data, seed)
+    if mode == "centralized":
+        out = fit_centralized(splits, NextItemLoss(loss), seed, eval_every=settings["centralized_eval_every"],
+                              patience=settings["patience"], max_evals=settings["max_evals"])
+    else:
+        fed = FederatedSettings(clients_per_round=settings["clients_per_round"], server_lr=settings["server_lr"],
+                                rounds=settings["rounds"], eval_every=settings["eval_every"], patience=settings["patience"])
+        out = fit_federated(splits, NextItemLoss(loss), seed, fed)
+    result = {"data": data, "mode": mode, "loss": loss, "seed": seed, "settings": settings, **out}
+    write_json(result, path)
+    return result
+
+
+def most_popular(data: str, seed: int) -> dict[str, float]:
+    """The training labels' popularity list scored on the seed's test examples (the same ones the models face)."""
+    s = splits_for(data, seed)
+    return recall_metrics(label_ranks(popularity(s.train.item_ids, s.num_items), s.test.item_ids - 1))
+
+
+def _pct(new: float, base: float) -> float | None:
+    return None if not base else 100.0 * (new - base) / base
+
+
+def summarize(results: Sequence[dict[str, Any]], popular: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Per loss and mode the seeds' test metrics as intervals; the gain over in-batch softmax and the gap to centralized.
+
+    Args:
+        results: run results ({"mode", "loss", "seed", "test": metrics}).
+        popular: seed -> most-popular test metrics.
+
+    Returns:
+        The summary (module docstring).
+    """
+    test = {(r["mode"], r["loss"], r["seed"]): r["test"] for r in results}
+    seeds = sorted(popular)
+    summary: dict[str, Any] = {"most_popular": {m: float(np.mean([popular[s][m] for s in seeds])) for m in METRICS}}
+    summary["most_popular"]["recall@10_interval"] = harness.interval([popular[s]["recall@10"] for s in seeds])
+    for loss in LOSSES:
+        row: dict[str, Any] = {}
+        for mode in MODES:
+            cells = [test.get((mode, loss, s)) for s in seeds]
+            if any(c is not None for c in cells):
+                row[mode] = {m: harness.interval([c[m] if c else None for c in cells]) for m in METRICS}
+        fed = [test.get(("federated", loss, s), {}).get("recall@10") for s in seeds]
+        base = [test.get(("federated", "batch_softmax", s), {}).get("recall@10") for s in seeds]
+        cen = [test.get(("centralized", loss, s), {}).get("recall@10") for s in seeds]
+        row["gain_over_batch_softmax_pct"] = harness.interval([_pct(f, b) if f is not None and b is not None else None for f, b in zip(fed, base)])
+        row["gap_to_centralized_pct"] = harness.interval([_pct(c, f) if f is not None and c is not None else None for f, c in zip(fed, cen)])
+        if "federated" in row:
+            row["federated_above_most_popular"] = bool(row["federated"]["recall@10"]["mean"] > summary["most_popular"]["recall@10"])
+        summary[loss] = row
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The README's markdown table: test recall@10 per loss and mode, gain and gap."""
+    def cell(c: dict[str, Any] | None, fmt: str = "{:.4f}") -> str:
+        if not c or c.get("n", 0) == 0:
+            return "-"
+        lo, hi = c["ci95"]
+        return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c["n"] > 1 else "")
+
+    lines = [f"most-popular test recall@10: {summary['most_popular']['recall@10']:.4f}", "",
+             "| loss | centralized recall@10 | federated recall@10 | gain over batch softmax (%) | gap to centralized (%) |",
+             "|---|---|---|---|---|"]
+    for loss in LOSSES:
+        r = summary[loss]
+        lines.append(f"| {loss} | {cell(r.get('centralized', {}).get('recall@10'))} | {cell(r.get('federated', {}).get('recall@10'))} "
+                     f"| {cell(r['gain_over_batch_softmax_pct'], '{:.1f}')} | {cell(r['gap_to_centralized_pct'], '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The knobs that make a run's numbers (saved in every run file; a rerun reuses a file only if they match)."""
+    out = {k: getattr(args, k) for k in ("rounds", "eval_every", "patience", "clients_per_round", "server_lr",
+                                         "centralized_eval_every", "max_evals")}
+    return {**out, **QUICK} if args.quick else out
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    fed = FederatedSettings()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="movielens-1m", help="movielens-1m (the bundled copy), movielens:/dir or a MovieLens directory")
+    harness.add_seeds_flag(ap, "0,1,2")
+    ap.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated subset of {','.join(LOSSES)}")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of centralized,federated")
+    ap.add_argument("--rounds", type=int, default=fed.rounds, help="most federated rounds")
+    ap.add_argument("--eval-every", type=int, default=fed.eval_every, help="federated rounds between validations")
+    ap.add_argument("--patience", type=int, default=fed.patience, help="validations without a higher recall@10 before stopping")
+    ap.add_argument("--clients-per-round", type=int, default=fed.clients_per_round)
+    ap.add_argument("--server-lr", type=float, default=fed.server_lr, help="the server Adam's learning rate")
+    ap.add_argument("--centralized-eval-every", type=int, default=10_000, help="centralized steps between validations")
+    ap.add_argument("--max-evals", type=int, default=100, help="most centralized validations")
+    ap.add_argument("--workers", type=int, default=1, help="runs side by side (one torch thread each)")
+    ap.add_argument("--quick", action="store_true", help=f"tiny settings for the test: {QUICK}")
+    ap.add_argument("--out", default=str(harness.RESULTS / "ning_protocol.json"))
+    ap.add_argument("--runs-dir", default="", help="one file per run (default: <out without .json>/)")
+    args = ap.parse_args(argv)
+    for flag, chosen, known in (("--losses", args.losses, LOSSES), ("--modes", args.modes, MODES)):
+        bad = [x for x in chosen.split(",") if x not in known]
+        if bad:
+            ap.error(f"{flag}: unknown {bad}; choose from {','.join(known)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    settings = settings_of(args)
+    runs_dir = Path(args.runs_dir or Path(args.out).with_suffix(""))
+    run = harness.start(__file__, argv, config={"data": args.data, "seeds": args.seeds, **settings}, workers=args.workers)
+    grid = [(args.data, m, loss, s, settings, str(runs_dir / f"{m}_{loss}_seed{s}.json"))
+            for s in args.seeds for m in args.modes.split(",") for loss in args.losses.split(",")]
+    done, todo = [], []
+    for task in grid:
+        path = Path(task[-1])
+        old = json.loads(path.read_text()) if path.is_file() else None
+        (done if old is not None and old.get("settings") == settings else todo).append(old if old and old.get("settings") == settings else task)
+    done += harness.run_pool(run_one, todo, workers=args.workers)
+    popular = {s: most_popular(args.data, s) for s in args.seeds}
+    summary = summarize(done, popular)
+    keep = [{k: r[k] for k in ("mode", "loss", "seed", "valid", "test", "seconds") if k in r}
+            | {k: r[k] for k in ("rounds", "kept_round", "steps") if k in r} for r in done]
+    result = harness.write_result(args.out, run, {"summary": summary, "most_popular_per_seed": popular, "runs": keep,
+                                                  "table": table(summary), "loss_settings": dataclasses.asdict(NextItemLoss())})
+    print(result["table"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

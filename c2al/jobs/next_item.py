@@ -1,0 +1,233 @@
+"""Centralized and federated training of the next-item dual encoder (Ning et al. 2021's protocol).
+
+The loss, the step loop and the federated rounds are the project's own: a `TrainModule`
+subclass turns a batch into the chosen loss, `c2al.train.task.train_epoch` steps it, and
+`c2al.federated.simulation.run_rounds` runs the rounds with `FedAdam` on the server and
+`LocalTrainer`'s SGD on the clients. Two small adapters are needed, both here:
+
+- the item table serves two features (context bag and label), which `model_layout` refuses
+  (one feature per table), so the layout is written out (`next_item_layout`);
+- a client's update covers the table rows its examples touch, but the whole-catalog losses
+  (global softmax, spread-out over the vocabulary) move EVERY row, so `CatalogTrainer`
+  declares all rows touched for them (the client then sends the full table delta, as
+  the paper's TFF clients do).
+
+Losses (LOSSES): batch_softmax (in-batch negatives: the client's own batch), global_softmax
+(every catalog item a negative), hinge_spreadout (squared hinge on the positive, margin 0.9,
+plus spread-out over the whole vocabulary) and spreadout (the spread-out terms alone).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from c2al.data.batch import Batch, iter_batches
+from c2al.data.sequences import NextItemSplits
+from c2al.errors import C2ALError
+from c2al.eval.next_item import next_item_metrics
+from c2al.federated.client import ClientData, Layout, LocalTrainer, group_by_user
+from c2al.federated.heterogeneity import TierSpec
+from c2al.federated.simulation import run_rounds
+from c2al.federated.strategy import make_strategy
+from c2al.losses import global_softmax_loss, in_batch_softmax_loss, positive_hinge_loss, spreadout_terms
+from c2al.models.sequence_two_tower import SequenceTwoTower, build_sequence_two_tower
+from c2al.train.task import TrainModule, train_epoch
+
+log = logging.getLogger("c2al.next_item")
+LOSSES = ("batch_softmax", "global_softmax", "hinge_spreadout", "spreadout")
+WHOLE_CATALOG = ("global_softmax", "hinge_spreadout", "spreadout")  # losses whose gradient reaches every item row
+CRITERION = "recall@10"
+
+
+@dataclass(frozen=True)
+class NextItemLoss:
+    """Which loss and its constants (defaults: Ning et al.'s code).
+
+    Attributes:
+        kind: one of LOSSES.
+        temperature: softmax logits are cosine / temperature (their code: raw cosine, 1).
+        margin: the squared hinge's positive margin.
+        lambdas: spread-out scales (context, label, cross).
+    """
+
+    kind: str = "batch_softmax"
+    temperature: float = 1.0
+    margin: float = 0.9
+    lambdas: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSSES:
+            raise C2ALError(f"--loss must be one of {list(LOSSES)}, got {self.kind!r}")
+
+
+class NextItemTrainModule(TrainModule):
+    """Batch -> the chosen next-item loss for a SequenceTwoTower (the model never owns its loss).
+
+    Args:
+        model: the SequenceTwoTower.
+        loss: the NextItemLoss.
+    """
+
+    def __init__(self, model: SequenceTwoTower, loss: NextItemLoss) -> None:
+        super().__init__(model, loss="softmax")
+        self.spec = loss
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        query, candidate = self.model.towers(batch.dense, batch.sparse)  # [B, H] each, unit rows
+        w, kind = batch.weights, self.spec.kind
+        if kind == "batch_softmax":
+            loss = in_batch_softmax_loss(query, candidate, batch.labels, self.spec.temperature, normalize=False, weights=w)
+        else:
+            catalog = self.model.catalog()  # [V, H]
+            if kind == "global_softmax":
+                targets = batch.sparse[self.model.label_feature].values() - 1  # [B]: the label key is single-id
+                loss = global_softmax_loss(query, catalog, targets, w, self.spec.temperature)
+            else:
+                loss = spreadout_terms(query, candidate, catalog, w, self.spec.lambdas)
+                if kind == "hinge_spreadout":
+                    loss = loss + positive_hinge_loss(query, candidate, w, self.spec.margin)
+        logits = (query * candidate).sum(-1).detach()
+        return loss, (loss.detach(), logits, {"main": loss.detach()})
+
+
+def _seeded(num_items: int, seed: int, loss: NextItemLoss) -> NextItemTrainModule:
+    torch.manual_seed(seed)
+    return NextItemTrainModule(build_sequence_two_tower(num_items), loss)
+
+
+def _epochs(splits: NextItemSplits, batch_size: int, seed: int) -> Any:
+    """Shuffled training batches, epoch after epoch (epoch e shuffled with seed * 1000 + e)."""
+    for e in itertools.count():
+        yield from iter_batches(splits.train, splits.schema, batch_size, shuffle=True, seed=seed * 1000 + e, drop_last=True)
+
+
+def fit_centralized(splits: NextItemSplits, loss: NextItemLoss, seed: int, *, lr: float = 0.01, batch_size: int = 16,
+                    eval_every: int = 10_000, patience: int = 3, max_evals: int = 100) -> dict[str, Any]:
+    """Adam on the pooled training examples (their centralized launcher), early-stopped on validation recall@10.
+
+    Args:
+        splits: the next-item splits.
+        loss: the loss.
+        seed: model init and batch order.
+        lr, batch_size: Adam's learning rate and the batch.
+        eval_every: steps between validation evaluations (their launcher's "epoch" of steps).
+        patience: evaluations without a strictly higher recall@10 before stopping.
+        max_evals: the most evaluations (a cap on steps).
+
+    Returns:
+        {"valid": best validation metrics, "test": test metrics of the best state, "steps", "history", "seconds"}.
+    """
+    module = _seeded(splits.num_items, seed, loss)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    stream, began = _epochs(splits, batch_size, seed), time.perf_counter()
+    best: dict[str, Any] = {}
+    history, bad = [], 0
+    for i in range(max_evals):
+        stats = train_epoch(module, opt, itertools.islice(stream, eval_every), total=eval_every, show=False, desc="centralized")
+        valid = next_item_metrics(module.model, splits.valid, splits.schema)
+        history.append({"steps": (i + 1) * eval_every, "loss": stats.get("loss"), **{f"valid_{k}": v for k, v in valid.items()}})
+        log.info(f"[centralized {loss.kind}] step {(i + 1) * eval_every}  loss {stats.get('loss', float('nan')):.4f}  "
+                 f"valid recall@10 {valid[CRITERION]:.4f}")
+        if not best or valid[CRITERION] > best["valid"][CRITERION]:
+            best, bad = {"valid": valid, "steps": (i + 1) * eval_every, "state": {k: v.clone() for k, v in module.state_dict().items()}}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    module.load_state_dict(best.pop("state"))
+    test = next_item_metrics(module.model, splits.test, splits.schema)
+    return {**best, "test": test, "history": history, "seconds": time.perf_counter() - began}
+
+
+def next_item_layout(model: SequenceTwoTower) -> Layout:
+    """The one item table shared (aggregated row by row), the context tower dense; no private rows."""
+    table = f"embedding_bag_collection.embedding_bags.{model.table}.weight"
+    dense = [n for n, p in model.named_parameters() if p.requires_grad and n != table]
+    return Layout(private={}, tables={table: model.table}, dense=dense)
+
+
+class CatalogTrainer(LocalTrainer):
+    """LocalTrainer over the shared item table: a client's rows are the items of its examples
+    (context and label), or every item when its loss reaches the whole catalog."""
+
+    def __init__(self, *args: Any, whole_catalog: bool, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.whole_catalog = whole_catalog
+
+    def touched(self, client: ClientData, feature: str) -> np.ndarray:
+        key = (client.cid, feature)
+        if key not in self._touched:
+            if self.whole_catalog:
+                n = self.params[next(iter(self.layout.tables))].shape[0]
+                self._touched[key] = np.arange(1, n, dtype=np.int64)
+            else:
+                parts = [self.train.sparse[f].take(client.train).values for f in self.train.sparse]
+                self._touched[key] = np.unique(np.concatenate(parts))
+        return self._touched[key]
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """The paper's federated protocol (defaults), one field per knob.
+
+    Attributes:
+        clients_per_round: users sampled a round.
+        local_batch, local_epochs, client_lr: each client's SGD.
+        server_lr, beta1, beta2, tau: the server's Adam (tau: its epsilon; Keras' default 1e-7).
+        rounds: most rounds; eval_every: rounds between validations; patience: validations without gain.
+    """
+
+    clients_per_round: int = 100
+    local_batch: int = 16
+    local_epochs: int = 1
+    client_lr: float = 0.01
+    server_lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    tau: float = 1e-7
+    rounds: int = 2000
+    eval_every: int = 10
+    patience: int = 5
+
+
+def fit_federated(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: FederatedSettings = FederatedSettings(),
+                  *, show: bool = False) -> dict[str, Any]:
+    """1 client = 1 training user; FedAdam rounds through `run_rounds`, early-stopped on validation recall@10.
+
+    Args:
+        splits: the next-item splits (validation and test users never train).
+        loss: the loss.
+        seed: model init, client sampling and local shuffles.
+        fed: the protocol's settings.
+        show: a progress bar over rounds.
+
+    Returns:
+        {"valid": best validation metrics, "test": test metrics of the kept state, "rounds", "history", "seconds", "settings"}.
+    """
+    module = _seeded(splits.num_items, seed, loss)
+    layout = next_item_layout(module.model)
+    trainer = CatalogTrainer(module, layout, splits.schema, splits.train, dense_optimizer="sgd", lr=fed.client_lr,
+                             table_optimizer="sgd", table_lr=fed.client_lr, batch_size=fed.local_batch,
+                             whole_catalog=loss.kind in WHOLE_CATALOG)
+    clients = [ClientData(cid=i, user=u, train=rows) for i, (u, rows) in enumerate(group_by_user(splits.train).items())]
+    strategy = make_strategy("fedadam", layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
+                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
+
+    def evaluate(trained: Any) -> dict[str, Any]:  # the installed global model (a FedTrained) -> validation metrics
+        return next_item_metrics(trained.model, splits.valid, splits.schema)
+
+    trained = run_rounds(trainer, strategy, clients, np.zeros(len(clients), dtype=np.int64), rounds=fed.rounds, seed=seed,
+                         spec=TierSpec.uniform(), evaluate=evaluate, eval_every=fed.eval_every, patience=fed.patience,
+                         criterion=CRITERION, show=show, tag=f"federated {loss.kind}")
+    # run_rounds keeps recall@10 only; the kept state's other validation metrics are recomputed here.
+    valid = next_item_metrics(trained.model, splits.valid, splits.schema)
+    test = next_item_metrics(trained.model, splits.test, splits.schema)
+    history = [{k: h[k] for k in ("round", "loss", f"valid_{CRITERION}") if k in h} for h in trained.history]
+    return {"valid": valid, "test": test, "rounds": len(trained.history), "kept_round": trained.best.get("rounds"),
+            "history": history, "seconds": trained.seconds, "settings": asdict(fed)}

@@ -1,0 +1,237 @@
+"""Ning et al. 2021's protocol: next-item examples, the dual encoder, its four losses, full-catalog recall, the benchmark."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_ml1m
+
+from c2al.data.batch import make_batch
+from c2al.data.sequences import Timelines, next_item_examples, next_item_splits, read_timelines, split_users
+from c2al.errors import C2ALError
+from c2al.eval.next_item import label_ranks, next_item_metrics, popularity, recall_metrics
+from c2al.federated.client import ClientData
+from c2al.jobs.next_item import CatalogTrainer, NextItemLoss, NextItemTrainModule, next_item_layout
+from c2al.losses import global_softmax_loss, positive_hinge_loss, spreadout_terms
+from c2al.models.sequence_two_tower import SequenceTwoTower, build_sequence_two_tower, make_item_ebc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _timelines() -> Timelines:
+    # user 10: 1 2 3 4 5 (5 long), user 20: 6 7 (too short), user 30: 3 1 4
+    return Timelines(users=np.array([10, 20, 30]), items=np.array([1, 2, 3, 4, 5, 6, 7, 3, 1, 4]),
+                     lengths=np.array([5, 2, 3]), num_items=7)
+
+
+def _rows(context) -> list[list[int]]:
+    return [context.values[a:b].tolist() for a, b in zip(context.offsets[:-1], context.offsets[1:])]
+
+
+# ---------------------------------------------------------------- examples
+
+
+def test_every_position_is_an_example_with_the_latest_items_as_context():
+    context, labels, users = next_item_examples(_timelines(), max_context=2, min_timeline=3, max_per_user=0)
+    assert _rows(context) == [[1], [1, 2], [2, 3], [3, 4], [3], [3, 1]]
+    assert labels.tolist() == [2, 3, 4, 5, 1, 4]
+    assert users.tolist() == [10, 10, 10, 10, 30, 30]
+
+
+def test_timelines_shorter_than_the_minimum_give_no_example():
+    _, _, users = next_item_examples(_timelines(), max_context=10, min_timeline=3)
+    assert 20 not in users
+    _, _, users = next_item_examples(_timelines(), max_context=10, min_timeline=2)
+    assert users.tolist().count(20) == 1
+
+
+def test_a_user_keeps_only_its_earliest_examples_up_to_the_cap():
+    context, labels, users = next_item_examples(_timelines(), max_context=10, max_per_user=2)
+    assert labels[users == 10].tolist() == [2, 3] and _rows(context)[:2] == [[1], [1, 2]]
+    assert labels[users == 30].tolist() == [1, 4]
+
+
+def test_timelines_are_read_in_time_order_with_items_numbered_from_one(tmp_path, fake_movielens):
+    t = read_timelines(write_ml1m(tmp_path / "ml", fake_movielens))
+    ratings = fake_movielens["ratings"]
+    catalog = np.unique(ratings["item"])
+    assert t.num_items == len(catalog) and t.items.min() == 1 and t.items.max() == len(catalog)
+    first = ratings[ratings["user"] == t.users[0]].sort_values("timestamp")["item"].to_numpy()
+    assert t.items[: t.lengths[0]].tolist() == (np.searchsorted(catalog, first) + 1).tolist()
+
+
+def test_the_user_split_is_disjoint_and_covers_every_user():
+    parts = split_users(np.arange(100), seed=3)
+    assert [len(parts[s]) for s in ("train", "valid", "test")] == [80, 10, 10]
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(100))
+    assert set(parts["train"]) != set(split_users(np.arange(100), seed=4)["train"])  # the seed moves users
+
+
+def test_no_user_appears_in_two_splits(tmp_path, fake_movielens):
+    s = next_item_splits(read_timelines(write_ml1m(tmp_path / "ml", fake_movielens)), seed=0)
+    users = [set(t.user_ids.tolist()) for t in (s.train, s.valid, s.test)]
+    assert not (users[0] & users[1]) and not (users[0] & users[2]) and not (users[1] & users[2])
+    assert len(s.train) + len(s.valid) + len(s.test) == 12 * 9  # 12 users x (10 ratings - 1)
+
+
+def test_bad_split_fractions_are_refused():
+    with pytest.raises(C2ALError, match="fractions"):
+        split_users(np.arange(10), seed=0, fractions=(0.9, 0.2))
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_positive_hinge_is_the_squared_shortfall_below_the_margin_over_real_rows():
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[0.6, 0.8], [1.0, 0.0], [1.0, 0.0]])  # cosines 0.6, 1.0, 0.0 (the last row is padding)
+    got = positive_hinge_loss(q, c, torch.tensor([1.0, 1.0, 0.0]))
+    assert float(got) == pytest.approx(((0.9 - 0.6) ** 2 + 0.0) / 2)
+
+
+def test_global_softmax_is_cross_entropy_over_the_whole_catalog():
+    q = F.normalize(torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), dim=-1)
+    items = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    targets = torch.tensor([2, 0])
+    scores = q @ items.T
+    expected = -(scores[0, 2] - torch.logsumexp(scores[0], 0))
+    got = global_softmax_loss(q, items, targets, torch.tensor([1.0, 0.0]))  # the second row is padding
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+def _offdiag(sim: torch.Tensor) -> float:
+    """The paper's spread-out norm on an explicit matrix: sqrt(sum S^2 - sum diag(S)^2)."""
+    return float(torch.sqrt((sim**2).sum() - (torch.diagonal(sim) ** 2).sum()))
+
+
+def test_spreadout_terms_equal_the_frobenius_norms_of_the_off_positive_similarities():
+    torch.manual_seed(0)
+    q, c, cat = (F.normalize(torch.randn(n, 4), dim=-1) for n in (3, 3, 6))
+    expected = 0.1 * _offdiag(q @ q.T) + 0.2 * _offdiag(cat @ cat.T) + 0.3 * _offdiag(q @ c.T)
+    got = spreadout_terms(q, c, cat, torch.ones(3), lambdas=(0.1, 0.2, 0.3))
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_spreadout_ignores_padding_rows():
+    torch.manual_seed(1)
+    q, c, cat = (F.normalize(torch.randn(n, 4), dim=-1) for n in (3, 3, 5))
+    padded = spreadout_terms(q, c, cat, torch.tensor([1.0, 1.0, 0.0]))
+    assert float(padded) == pytest.approx(float(spreadout_terms(q[:2], c[:2], cat, torch.ones(2))), rel=1e-6)
+
+
+def test_orthogonal_items_and_contexts_have_no_label_or_context_spread():
+    e = torch.eye(3)
+    assert float(spreadout_terms(e, e, e, torch.ones(3), lambdas=(1.0, 1.0, 1.0))) == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- model
+
+
+def _batch(num_items: int = 6):
+    from c2al.data.schema import JaggedColumn, Table
+    from c2al.data.sequences import next_item_schema
+
+    context = JaggedColumn(values=np.array([1, 2, 3, 4, 5, 6]), lengths=np.array([2, 1, 3], dtype=np.int32))
+    labels = np.array([3, 5, 1])
+    table = Table(sparse={"context": context, "label": JaggedColumn.from_ids(labels)}, dense=np.zeros((3, 0), np.float32),
+                  labels=np.ones(3, np.float32), user_ids=np.array([7, 7, 8]), item_ids=labels)
+    schema = next_item_schema(num_items)
+    return table, schema, make_batch(table, schema, np.arange(3))
+
+
+def test_one_table_serves_both_towers_and_both_outputs_are_unit_vectors():
+    torch.manual_seed(0)
+    model = build_sequence_two_tower(num_items=6, embedding_dim=4, context_layers=(4,))
+    _, _, batch = _batch()
+    q, v = model.towers(batch.dense, batch.sparse)
+    assert q.shape == v.shape == (3, 4) and model.catalog().shape == (6, 4)
+    for x in (q, v, model.catalog()):
+        torch.testing.assert_close(x.norm(dim=-1), torch.ones(len(x)))
+    (config,) = model.embedding_bag_collection.embedding_bag_configs()
+    assert list(config.feature_names) == ["context", "label"] and config.num_embeddings == 7
+    weight = model.embedding_bag_collection.embedding_bags["item"].weight
+    torch.testing.assert_close(v[0], F.normalize(weight[3], dim=-1))  # label tower = the label's embedding
+    manual = model.context_arch(weight[[1, 2]].mean(0, keepdim=True))  # context tower = dense(mean of the bag)
+    torch.testing.assert_close(q[0], F.normalize(manual, dim=-1)[0])
+    torch.testing.assert_close(model(batch.dense, batch.sparse), (q * v).sum(-1))
+
+
+def test_the_model_refuses_a_context_tower_that_does_not_end_at_the_embedding_size():
+    with pytest.raises(C2ALError, match="context tower ends at 8"):
+        SequenceTwoTower(make_item_ebc(5, 4), layer_sizes=(8,))
+
+
+def test_in_batch_softmax_train_module_takes_the_other_rows_as_negatives():
+    torch.manual_seed(0)
+    module = NextItemTrainModule(build_sequence_two_tower(6, 4, (4,)), NextItemLoss("batch_softmax"))
+    _, _, batch = _batch()
+    loss, _ = module(batch)
+    q, v = module.model.towers(batch.dense, batch.sparse)
+    expected = F.cross_entropy(q @ v.T, torch.arange(3))  # temperature 1: raw cosines, as the paper's code
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_whole_catalog_clients_send_every_item_row_and_batch_clients_only_their_own():
+    torch.manual_seed(0)
+    table, schema, _ = _batch()
+    client = ClientData(cid=0, user=7, train=np.array([0, 1]))
+    for kind, expected in (("spreadout", list(range(1, 7))), ("batch_softmax", [1, 2, 3, 5])):
+        module = NextItemTrainModule(build_sequence_two_tower(6, 4, (4,)), NextItemLoss(kind))
+        layout = next_item_layout(module.model)
+        assert layout.private == {} and list(layout.tables) == ["embedding_bag_collection.embedding_bags.item.weight"]
+        trainer = CatalogTrainer(module, layout, schema, table, dense_optimizer="sgd", lr=0.01, table_optimizer="sgd",
+                                 table_lr=0.01, batch_size=2, whole_catalog=kind != "batch_softmax")
+        res = trainer.fit(client, {n: p.detach().numpy().copy() for n, p in trainer.params.items()}, {},
+                          {"seed": 0, "epochs": 1, "max_steps": 0, "dropout_seed": 0, "dropout_stream": 0})
+        ids, deltas = res.rows[next(iter(layout.tables))]
+        assert ids.tolist() == expected and np.abs(deltas).sum() > 0
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_recall_ranks_the_label_among_the_whole_catalog_with_ties_against_it():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    catalog = torch.tensor([[0.9, 0.1], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    ranks = label_ranks(query, np.array([0, 2]), catalog)  # query 0: item 1 beats item 0; query 1: items 2 and 3 tie
+    assert ranks.tolist() == [2, 2]
+    assert recall_metrics(ranks, ks=(1, 2)) == {"recall@1": 0.0, "recall@2": 1.0, "mean_rank": 2.0}
+
+
+def test_most_popular_scores_items_by_training_label_counts():
+    counts = popularity(np.array([2, 2, 3, 1, 2]), num_items=4)
+    assert counts.tolist() == [1.0, 3.0, 1.0, 0.0]
+    assert label_ranks(counts, np.array([1, 0, 3])).tolist() == [1, 3, 4]  # items 1 and 3 tie at 1: rank 3
+
+
+def test_next_item_metrics_score_every_example_of_a_table():
+    torch.manual_seed(0)
+    table, schema, _ = _batch()
+    got = next_item_metrics(build_sequence_two_tower(6, 4, (4,)), table, schema, ks=(6,))
+    assert got["recall@6"] == 1.0 and 1.0 <= got["mean_rank"] <= 6.0
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+@pytest.mark.slow
+def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, fake_movielens):
+    import ning_protocol
+
+    data = write_ml1m(tmp_path / "ml", fake_movielens)
+    out = tmp_path / "ning.json"
+    argv = ["--quick", "--data", f"movielens:{data}", "--seeds", "0,1", "--out", str(out)]
+    result = ning_protocol.main(argv)
+    summary = json.loads(out.read_text())["summary"]
+    assert 0.0 <= summary["most_popular"]["recall@10"] <= 1.0
+    for loss in ("batch_softmax", "global_softmax", "hinge_spreadout", "spreadout"):
+        for mode in ("federated", "centralized"):
+            cell = summary[loss][mode]["recall@10"]
+            assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0 and len(cell["ci95"]) == 2
+    assert len(list((tmp_path / "ning").glob("*.json"))) == 16 and len(result["runs"]) == 16
+    again = ning_protocol.main(argv)  # every run file is reused: the same test numbers
+    assert again["summary"]["spreadout"]["federated"] == result["summary"]["spreadout"]["federated"]
