@@ -10,7 +10,7 @@ a learnable label) and report held-out NE next to examples/s.
   python benchmarks/throughput.py --quick --out /tmp/t.json
   python benchmarks/throughput.py --row afm_lean      # one row, printed as JSON
 
-Writes benchmarks/results/throughput.json (config, machine, rows, ratios).
+Writes benchmarks/results/throughput.json (the harness header, rows, ratios, miner, scaling).
 Third-party AFMs come from benchmarks/requirements.txt
 (`pip install --no-deps -r benchmarks/requirements.txt`, which keeps torch as it is).
 """
@@ -27,18 +27,17 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import harness
 import numpy as np
+import throughput_variants as tv
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput_variants as tv
-
 from c2al.eval.metrics import summarize
-from c2al.eval.report import format_table, machine_info, write_json
+from c2al.eval.report import format_table, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = harness.RESULTS
 HERE = Path(__file__).resolve()
 
 # name -> (builder, what it stands for); one process each
@@ -170,11 +169,6 @@ def in_process(name: str, sizes: tv.Sizes) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}"}
 
 
-def machine() -> dict[str, Any]:
-    return {**machine_info(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "load_avg_at_start": list(os.getloadavg())}
-
-
 def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     def r(a: str, b: str, key: str = "train_eps", key_b: str | None = None) -> float | None:
         va, vb = rows.get(a, {}).get(key), rows.get(b, {}).get(key_b or key)
@@ -198,7 +192,7 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small vocabularies and few steps (CI); needs --out")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
@@ -212,7 +206,7 @@ def main() -> None:
     ap.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--sharding", default="table_wise", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = tv.QUICK if args.quick else tv.Sizes()
@@ -229,24 +223,22 @@ def main() -> None:
 
         row = run_row(args.row, sizes) if args.row else {"rows": miner_rows(args.quick)}
         if args.row_out:
-            args.row_out.write_text(json.dumps(row))
+            write_json(row, args.row_out)
         else:
             print(json.dumps(row, indent=2))
         return
     if args.quick and args.out == RESULTS / "throughput.json":
         ap.error("--quick must write elsewhere (--out PATH): the committed results are default-size")
-    run_all(args, sizes)
+    run_all(args, sizes, harness.start(__file__, argv, asdict(sizes), torch_threads=torch.get_num_threads(), platform=platform.platform()))
 
 
-def run_all(args: argparse.Namespace, sizes: tv.Sizes) -> None:
+def run_all(args: argparse.Namespace, sizes: tv.Sizes, run: harness.Run) -> None:
     from throughput_parts import scaling_rows
 
     base = [sys.executable, str(HERE), *(["--quick"] if args.quick else []),
             *(["--steps", str(args.steps)] if args.steps else []), *(["--threads", str(args.threads)] if args.threads else []),
             *(["--dropout", str(args.dropout)] if args.dropout is not None else [])]
-    report: dict[str, Any] = {"benchmark": "throughput", "command": " ".join(sys.argv), "config": asdict(sizes),
-                              "vocabs": sizes.vocabs, "quick": args.quick, "machine": machine(), "columns": COLUMN_NOTES,
-                              "rows": {}}
+    report: dict[str, Any] = {"vocabs": sizes.vocabs, "quick": args.quick, "columns": COLUMN_NOTES, "rows": {}}
     started = time.perf_counter()
     for name in [r for r in args.rows.split(",") if r]:
         row_started = time.perf_counter()
@@ -269,9 +261,7 @@ def run_all(args: argparse.Namespace, sizes: tv.Sizes) -> None:
         part_started = time.perf_counter()
         report["scaling"] = scaling_rows(HERE, base[2:], args.quick)
         report["part_seconds"]["scaling"] = time.perf_counter() - part_started
-    report["seconds"] = time.perf_counter() - started
-    report["machine"]["load_avg_at_end"] = list(os.getloadavg())
-    write_json(report, args.out)
+    report = harness.write_result(args.out, run, report)
     print(format_table(list(report["rows"].values()), COLUMNS, title=f"throughput (examples/s), batch {sizes.batch}"))
     print(json.dumps(report["ratios"], indent=2))
     print(f"wrote {args.out}")

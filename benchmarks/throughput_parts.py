@@ -17,6 +17,8 @@ import numpy as np
 import throughput_variants as tv
 import torch
 
+from c2al.eval.report import write_json
+
 MINER_SIZES = (100_000, 1_000_000, 10_000_000)
 MINER_SIZES_QUICK = (10_000, 50_000)
 # MiniBatchKMeans (batch 2048) fit 10^7 rows at 18k samples/s (543 s) in a run of 2026-11-22, a third of
@@ -90,7 +92,7 @@ def scaling_worker(sizes: tv.Sizes, shardings: list[str], out: Path | None) -> N
                      "threads_per_rank": torch.get_num_threads(),
                      "train_eps": (steps - sizes.warmup_steps) * sizes.batch / timed})
     if info.is_main and out is not None:
-        out.write_text(json.dumps(rows))
+        write_json(rows, out)
     dist.destroy_process_group()
 
 

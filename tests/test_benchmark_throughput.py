@@ -22,13 +22,17 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_report_records_config_and_machine(report: dict) -> None:
     assert report["quick"] is True
     assert report["config"]["fields"] == 26 and len(report["vocabs"]) == 26
-    for key in ("cpu", "cores", "torch", "load_avg_at_start", "load_avg_at_end"):
+    for key in ("cpu", "cores", "torch", "load_avg_at_start", "load_avg_at_end", "torch_threads"):
         assert key in report["machine"]
+    assert report["command"].startswith("python benchmarks/throughput.py --quick") and report["wall_s"] > 0
+    assert report["wall_s"] >= sum(report["part_seconds"].values())
 
 
+@pytest.mark.slow
 def test_every_grid_row_reports_speed_memory_and_ne_or_why_not(report: dict) -> None:
     assert set(report["rows"]) == set(ROWS)
     for name, row in report["rows"].items():
@@ -42,6 +46,7 @@ def test_every_grid_row_reports_speed_memory_and_ne_or_why_not(report: dict) -> 
             1 / (1 / row["train_eps"] + 1 / row["input_eps"]), rel=1e-9), name
 
 
+@pytest.mark.slow
 def test_columns_say_what_they_time_and_the_tables_row_claims_no_quality(report: dict) -> None:
     assert {"train_eps", "input_eps", "train_with_input_eps", "infer_eps"} <= set(report["columns"])
     assert report["config"]["dropout"] == 0.2
@@ -51,14 +56,14 @@ def test_columns_say_what_they_time_and_the_tables_row_claims_no_quality(report:
 
 def test_tables_row_times_a_real_lookup() -> None:
     """Its predict goes through the sharded tables (rows differ), not a constant."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import throughput_variants as tv
+    import throughput_variants as tv  # benchmarks/ is on the test path (pytest.ini)
 
     variant = tv.tables_only(tv.QUICK)
     p = variant.predict(tv.to_batch(tv.make_data(tv.QUICK, 64, seed=3), 0, 64))
     assert p.shape == (64,) and float(p.std()) > 0 and not variant.scores
 
 
+@pytest.mark.slow
 def test_stripped_model_serves_the_baseline_parameters(report: dict) -> None:
     rows = report["rows"]
     for heads, base in (("afm_lean_heads", "afm_lean"), ("attention_fm_heads", "attention_fm")):
@@ -73,6 +78,7 @@ def test_stripped_model_serves_the_baseline_parameters(report: dict) -> None:
             same["stripped"] / same["baseline"])
 
 
+@pytest.mark.slow
 def test_ratios_miner_and_scaling_are_reported(report: dict) -> None:
     assert report["ratios"]["afm_lean_vs_reference_train"] > 0
     assert {r["estimator"] for r in report["miner"]} == {"c2al_CohortMiner", "sklearn_KMeans", "sklearn_MiniBatchKMeans"}
@@ -82,6 +88,9 @@ def test_ratios_miner_and_scaling_are_reported(report: dict) -> None:
     assert set(report["part_seconds"]) == {"rows", "miner", "scaling"} and all(r["seconds"] > 0 for r in report["rows"].values())
 
 
-def test_quick_mode_refuses_to_overwrite_the_committed_results() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode != 0 and "--out" in proc.stderr
+def test_quick_mode_refuses_to_overwrite_the_committed_results(capsys: pytest.CaptureFixture[str]) -> None:
+    import throughput
+
+    with pytest.raises(SystemExit) as stopped:
+        throughput.main(["--quick"])
+    assert stopped.value.code != 0 and "--quick must write elsewhere (--out PATH)" in capsys.readouterr().err
