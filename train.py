@@ -7,11 +7,14 @@
   torchrun --nproc_per_node 2 train.py --aux-cohorts   # sharded over 2 processes (gloo on CPU)
 
 Writes OUT/config.json, OUT/report.json and checkpoints (see --out); OUT is locked while a run writes.
+An OUT that holds another run's files is refused unless --resume continues it or --overwrite replaces
+it (an auto-named OUT takes a fresh name, runs/NAME-2, instead).
 Every flag, the data, OUT and any checkpoint to resume are checked before anything is written;
 a problem is one `error: ...` line and exit status 2.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -19,18 +22,41 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from c2al.config import Config, parse_args
+from c2al.config import Config, add_config_flags, parse_args
 from c2al.errors import C2ALError
 
 log = logging.getLogger("c2al")
 
 
-def out_dir(cfg: Config) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
+def default_out(cfg: Config) -> Path:
+    """runs/<data>-<model>-<base|c2al>-seed<seed>: where a run without --out writes (before `out_dir`'s renaming)."""
     data = Path(cfg.data).stem if ("/" in cfg.data or "." in cfg.data) else cfg.data
     kind = "c2al" if cfg.aux_cohorts else "base"
     return Path("runs") / f"{data}-{cfg.model}-{kind}-seed{cfg.seed}"
+
+
+def out_dir(cfg: Config) -> Path:
+    """--out as given; without it the default name, or its first free numbered copy (runs/NAME-2, ...) when
+    the default holds a previous run and neither --resume nor --overwrite says what to do with it."""
+    from c2al.dist.outdir import fresh_out
+
+    if cfg.out:
+        return Path(cfg.out)
+    base = default_out(cfg)
+    return base if cfg.resume or cfg.overwrite else fresh_out(base)
+
+
+def typed_flags(argv: Sequence[str]) -> set[str]:
+    """The Config fields whose flags `argv` names (`--no-pipeline` too), whatever their values.
+
+    Example:
+        >>> sorted(typed_flags(["--rounds", "3", "--no-pipeline", "--seed=1"]))
+        ['pipeline', 'rounds', 'seed']
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_flags(parser, [f.name for f in fields(Config)])  # absent flags leave no attribute
+    ns, _ = parser.parse_known_args(list(argv))
+    return set(vars(ns))
 
 
 def changed_flags(cfg: Config) -> str:
@@ -49,26 +75,36 @@ def changed_flags(cfg: Config) -> str:
     return " ".join(out) or "(all defaults)"
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Validate everything, lock OUT, then run the job; returns the report also written to OUT/report.json."""
+def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
+    """Validate everything, lock OUT, then run the job; returns the report also written to OUT/report.json.
+
+    Args:
+        cfg: the checked Config.
+        given: the fields whose flags were typed (`typed_flags`); None (a Config built in code): those
+            that differ from Config's defaults.
+    """
     from c2al.data.sources import load_splits
     from c2al.dist.outdir import check_out_dir, lock_out_dir
     from c2al.dist.process import init_distributed
-    from c2al.jobs.preflight import check_job, check_resume, check_world_size
+    from c2al.jobs.preflight import check_command_line, check_job, check_resume, check_world_size
     from c2al.logs import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()
-    out = out_dir(cfg)
     # 1. validate: nothing is written until the flags, OUT, the checkpoints and the data have passed
+    check_command_line(cfg, given)
+    out = out_dir(cfg)
+    if not cfg.out and out != default_out(cfg):
+        log.info(f"{default_out(cfg)} holds a previous run; this one writes to {out} (--overwrite replaces it, --resume continues it)")
     check_out_dir(out)
     check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_resume(cfg, out)
     info = init_distributed(cfg.device)
     splits = load_splits(cfg)
     check_job(cfg, splits, info)
-    # 2. lock OUT: a second run on the same OUT stops here, naming this one
-    lock = lock_out_dir(out, info)
+    # 2. lock OUT: a second run on the same OUT stops here, naming this one; so does a run that
+    # would replace a finished one's files (checked under the lock: two runs started together see each other)
+    lock = lock_out_dir(out, info, reuse=cfg.resume or cfg.overwrite)
     try:
         if info.is_main:
             start(cfg, out, info, splits)
@@ -80,12 +116,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
     """What the main process does once OUT is its own: tidy it, save the config, say what runs."""
-    from c2al.dist.outdir import remove_stale_temporaries
+    from c2al.dist.outdir import remove_run_files, remove_stale_temporaries
     from c2al.eval.report import write_json
 
     stale = remove_stale_temporaries(out)
     if stale:
         log.info(f"removed {len(stale)} temporary file(s) a killed run left in {out}: {', '.join(p.name for p in stale)}")
+    if cfg.overwrite:
+        replaced = remove_run_files(out)
+        if replaced:
+            log.info(f"--overwrite: removed the previous run's {', '.join(p.name for p in replaced)} from {out}")
     write_json(cfg.to_dict(), out / "config.json")
     log.info(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
     log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
@@ -108,8 +148,9 @@ def run_job(cfg: Config, splits: Any, info: Any, out: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run train.py; a C2ALError is one `error:` line on stderr (from the main process only) and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run(parse_args(argv, description=__doc__))
+        run(parse_args(argv, description=__doc__), given=typed_flags(argv))
     except C2ALError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
             print("error: " + " ".join(str(e).split()), file=sys.stderr)

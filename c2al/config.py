@@ -120,6 +120,9 @@ class Config:
     resume: bool = _opt("continue the run in OUT from its checkpoints where they exist (checkpoint.pt; baseline.pt and c2al_train.pt "
                         "with --aux-cohorts; fed_*.pt with --federated); every flag that changes training must be as before "
                         "(only --epochs, --rounds, --patience and output or execution flags may change)", default=False)
+    overwrite: bool = _opt("replace the run files an --out already holds (report.json, config.json, checkpoints, c2al.pt, "
+                           "cohorts.json); without it train.py refuses such an --out (an auto-named one takes a fresh name, "
+                           "runs/NAME-2, -3, ...)", default=False)
     out: str = _opt("output directory, locked while a run writes to it (default runs/<data>-<model>-base-seed<seed>, "
                     "or -c2al- instead of -base- with --aux-cohorts)", default="")
     quiet: bool = _opt("no progress bars (they are drawn only when stderr is a terminal)", default=False)
@@ -333,7 +336,7 @@ def _check_field(name: str, value: Any) -> None:
 SHAPE_FIELDS = ("data", "label", "sparse", "dense", "user_col", "item_col", "model", "embedding_dim", "attention_dim")
 # Fields a resumed run may change: they do not alter the steps already taken (the epoch / round
 # budget may grow, patience may change when to stop, the rest is output and execution).
-RESUMABLE = ("epochs", "rounds", "patience", "resume", "out", "quiet", "checkpoint_every", "workers", "device", "num_actors")
+RESUMABLE = ("epochs", "rounds", "patience", "resume", "overwrite", "out", "quiet", "checkpoint_every", "workers", "device", "num_actors")
 # Everything else changes the trajectory, so a checkpoint must agree on every one of them.
 RESUME_FIELDS = tuple(f.name for f in fields(Config) if f.name not in RESUMABLE)
 

@@ -63,6 +63,10 @@ def _write_variants(d: Path, df: pd.DataFrame) -> None:
     # each user's latest 10% of rows (the test split of a per-user time split) are all negatives
     latest = df.groupby("user").ts.rank(ascending=False) <= np.floor(0.1 * df.groupby("user").ts.transform("size") + 1e-9)
     df.assign(click=np.where(latest, 0, df.click)).to_csv(d / "test_all_negative.csv", index=False)
+    # valid files with a degenerate population: one user, one item, a cohort feature with one value
+    df.assign(user=7).to_csv(d / "one_user.csv", index=False)
+    df.assign(item=3).to_csv(d / "one_item.csv", index=False)
+    df.assign(city="c0").to_csv(d / "one_city.csv", index=False)
     (d / "corrupt.parquet").write_bytes(os.urandom(256))
     (d / "notes.txt").write_text("not data\n")
     (d / "no_movielens").mkdir()
@@ -108,7 +112,8 @@ FAST = ["--epochs", "1", "--batch-size", "64", "--quiet"]
 
 
 def on(csv: Path | str, *extra: str) -> list[str]:
-    return ["--data", str(csv), *ROLES, *FAST, *extra]
+    fast = [a for a in FAST if a not in ("--epochs", "1")] if "--federated" in extra else FAST  # --federated reads --rounds
+    return ["--data", str(csv), *ROLES, *fast, *extra]
 
 
 def plain(*extra: str) -> list[str]:
@@ -182,6 +187,18 @@ FLAG_CASES = [
     flag("two-tower-without-items", "--model", "two-tower", needle="two-tower"),
     flag("unknown-cohort-feature", "--aux-cohorts", "--cohort-features", "city,shoe", needle="shoe"),
     flag("label-as-cohort-feature", "--aux-cohorts", "--cohort-features", "click", needle="click"),
+    # flags one mode reads, given in the other: refused by name, not silently ignored
+    flag("rounds-without-federated", "--rounds", "5", needle="--rounds"),
+    flag("clients-per-round-without-federated", "--clients-per-round", "10", needle="--clients-per-round"),
+    flag("server-optimizer-without-federated", "--server-optimizer", "fedavg", needle="--server-optimizer"),
+    flag("tiers-without-federated", "--tiers", "none", needle="--tiers"),
+    flag("default-valued-federated-flag-typed", "--parallel-clients", "256", needle="--parallel-clients"),
+    flag("several-federated-flags-named", "--local-epochs", "2", "--aggregation", "median", needle="--local-epochs, --aggregation"),
+    flag("pipeline-with-federated", "--federated", "--pipeline", needle="--pipeline"),
+    flag("sharding-with-federated", "--federated", "--sharding", "column_wise", needle="--sharding"),
+    flag("checkpoint-every-with-federated", "--federated", "--checkpoint-every", "5", needle="--checkpoint-every"),
+    flag("epochs-with-federated", "--federated", "--epochs", "3", needle="--epochs"),
+    flag("resume-with-overwrite", "--resume", "--overwrite", needle="--overwrite"),
 ]
 
 DATA_CASES = [
@@ -214,6 +231,12 @@ DATA_CASES = [
     Case("synthetic-rows-not-int", lambda f, out: plain("--data", "synthetic:n_rows=2.5", "--out", str(out)), "n_rows"),
     Case("synthetic-unknown-option", lambda f, out: plain("--data", "synthetic:shoe=1", "--out", str(out)), "shoe"),
     Case("synthetic-option-not-key-value", lambda f, out: plain("--data", "synthetic:n_rows", "--out", str(out)), "n_rows"),
+    # valid but degenerate files: refused before the baseline trains, where no run could work
+    data("cohort-feature-with-one-value", "one_city.csv", "'city' is constant", "--aux-cohorts"),
+    data("federated-cohort-feature-with-one-value", "one_city.csv", "'city' is constant", "--federated", "--aux-cohorts",
+         "--clients-per-round", "5"),
+    data("federated-c2al-with-one-user", "one_user.csv", "1 user(s)", "--federated", "--aux-cohorts", "--clients-per-round", "1"),
+    data("federated-one-user-more-clients-per-round", "one_user.csv", "[1, 1]", "--federated", "--clients-per-round", "2"),
 ]
 
 
@@ -258,6 +281,15 @@ CHECKPOINT_CASES = [
            "clients_per_round=7", "--federated"),
     resume("federated-resume-other-local-epochs", _other_config("fed_checkpoint.pt", local_epochs=3),
            "local_epochs=3", "--federated"),
+    # resume across modes: one mode's checkpoints never continue in the other
+    resume("federated-resume-of-a-centralized-checkpoint", _other_config("checkpoint.pt", federated=False),
+           "a centralized run's checkpoint", "--federated"),
+    resume("federated-c2al-resume-of-a-centralized-baseline", _other_config("baseline.pt", federated=False),
+           "a centralized run's checkpoint", "--federated", "--aux-cohorts"),
+    resume("centralized-resume-of-a-federated-checkpoint", _other_config("fed_checkpoint.pt", federated=True),
+           "a federated run's checkpoint"),
+    resume("centralized-resume-of-a-federated-c2al-model", _other_config("c2al.pt", federated=True),
+           "federated=True (now False)", "--aux-cohorts"),
 ]
 
 
@@ -286,6 +318,10 @@ OUT_CASES = [
     Case("out-is-a-file", lambda f, out: on(f.csv, "--out", str(out / "config.json")), "is a file"),
     Case("out-under-a-file", lambda f, out: on(f.csv, "--out", str(out / "report.json" / "run")), "is a file"),
     Case("out-locked-by-a-live-run", lambda f, out: on(f.csv, "--out", str(out)), f"in use by pid {os.getpid()}", _lock),
+    # OUT holds the previous run's config.json and report.json (`previous_run`): replacing them needs a word
+    Case("out-holds-a-finished-run", lambda f, out: on(f.csv, "--out", str(out)), "pass --resume to continue it or --overwrite"),
+    Case("federated-out-holds-a-finished-run", lambda f, out: on(f.csv, "--out", str(out), "--federated", "--clients-per-round", "5"),
+         "already holds a run (config.json, report.json)"),
 ]
 
 CASES = FLAG_CASES + DATA_CASES + CHECKPOINT_CASES + MINER_CASES + OUT_CASES
@@ -358,3 +394,50 @@ def test_torchrun_prints_the_error_once(files: Files, tmp_path: Path) -> None:
     assert len(errors) == 1 and "--batch-size 63" in errors[0], res.stderr
     assert "train.py\", line" not in res.stderr and "c2al/" not in res.stderr
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- degenerate files that can run, do
+WORKS = [
+    ("one-user", "one_user.csv", []),
+    ("one-item", "one_item.csv", []),
+    ("one-item-two-tower", "one_item.csv", ["--model", "two-tower", "--item-col", "item"]),
+    ("one-item-federated-c2al", "one_item.csv", ["--federated", "--aux-cohorts", "--rounds", "2", "--clients-per-round", "5",
+                                                 "--max-share", "0.5"]),
+]
+
+
+@pytest.mark.parametrize("name, extra", [(n, (f, e)) for n, f, e in WORKS], ids=[n for n, _, _ in WORKS])
+def test_a_degenerate_file_that_can_run_runs(name: str, extra: tuple[str, list[str]], files: Files, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """One user or one item is a small population, not a broken file: train.py runs it to the end."""
+    torch.set_num_threads(1)
+    file, flags = extra
+    assert train.main(on(files.dir / file, "--out", str(tmp_path), *flags)) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    ne = report["overall"]["ne_c2al"] if "--aux-cohorts" in flags else report["overall"]["ne"]
+    assert np.isfinite(ne) and ne > 0
+
+
+# ---------------------------------------------------------------- the mode-only flags are the ones each mode reads
+def _reads(paths: list[Path]) -> set[str]:
+    """The Config fields `cfg.<name>` read anywhere in `paths`."""
+    import re
+
+    text = "\n".join(p.read_text() for p in paths)
+    return set(re.findall(r"\bcfg\.([a-z_0-9]+)\b", text))
+
+
+def test_each_mode_only_flag_is_read_by_its_mode_and_never_by_the_other() -> None:
+    """check_command_line refuses FEDERATED_ONLY flags without --federated and CENTRALIZED_ONLY ones with it:
+    that is only right while the other mode's code never reads them (a new field in --help's federated group
+    that the centralized loop reads would need to move to another group)."""
+    from c2al.jobs.preflight import CENTRALIZED_ONLY, FEDERATED_ONLY
+
+    federated = _reads([*(ROOT / "c2al" / "federated").glob("*.py"), ROOT / "c2al" / "jobs" / "federated.py"])
+    centralized = _reads([*(ROOT / "c2al" / "train").glob("*.py"), ROOT / "c2al" / "jobs" / "centralized.py",
+                          ROOT / "c2al" / "jobs" / "common.py", *(ROOT / "c2al" / "data").glob("*.py")])
+    assert {"rounds", "tiers", "server_optimizer", "num_actors"} <= set(FEDERATED_ONLY) and "federated" not in FEDERATED_ONLY
+    assert not set(FEDERATED_ONLY) & centralized, "the centralized code reads a federated-only field"
+    assert not set(CENTRALIZED_ONLY) & federated, "the federated code reads a centralized-only field"
+    assert set(FEDERATED_ONLY) <= federated
+    assert set(CENTRALIZED_ONLY) <= centralized

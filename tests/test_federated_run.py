@@ -78,3 +78,20 @@ def test_federated_c2al_goes_through_the_validation_gate(tmp_path):
     rep, ckpt = run(tmp_path / "open", "--no-gate")
     assert rep["decision"]["shipped"] == "c2al" and rep["overall"]["ne_shipped"] == rep["overall"]["ne_c2al"]
     assert '"shipped": "c2al"' in ckpt["extra"]
+
+
+def test_federated_aux_weight_auto_trains_each_lambda_and_keeps_the_validation_choice(tmp_path):
+    """--aux-weight auto in a federated run: C2AL rounds once per lambda of AUTO_GRID, each with its own
+    checkpoint, and the kept lambda is the one choose_aux_weight picks from the candidates' validation NE."""
+    from c2al.eval.compare import AUTO_GRID, choose_aux_weight
+
+    assert train.main(["--federated", "--aux-cohorts", "--aux-weight", "auto", "--rounds", "2", "--out", str(tmp_path), *FAST]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    search = report["aux_weight_search"]
+    assert [c["aux_weight"] for c in search["candidates"]] == list(AUTO_GRID)
+    assert all(math.isfinite(c["ne"]) and c["cohort_ne"] is not None for c in search["candidates"])
+    assert search["chosen"] == choose_aux_weight(search["candidates"], search["baseline"], 0.0)["aux_weight"]
+    assert report["decision"]["valid_ne_base"] == search["baseline"]["ne"]
+    chosen = next(c for c in search["candidates"] if c["aux_weight"] == search["chosen"])
+    assert report["decision"]["valid_ne_c2al"] == chosen["ne"]  # the gate judged the kept arm
+    assert sorted(p.name for p in tmp_path.glob("fed_c2al_lambda*.pt")) == [f"fed_c2al_lambda{lam:g}.pt" for lam in sorted(AUTO_GRID)]

@@ -166,3 +166,88 @@ def test_attention_histograms_share_their_bin_edges(monkeypatch: pytest.MonkeyPa
     out = attention_report(Fake(1.0), Fake(3.0), splits, Config(batch_size=64), LOCAL_CPU)
     assert out["histograms"]["baseline"]["edges"] == out["histograms"]["c2al"]["edges"]
     assert sum(out["histograms"]["baseline"]["counts"]) == sum(out["histograms"]["c2al"]["counts"]) == 50
+
+
+# ---------------------------------------------------------------- a run never silently replaces another's files
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def csv_run(train_csv: Path, *extra: str) -> list[str]:
+    return ["--data", str(train_csv), *CSV_ROLES, "--epochs", "1", "--batch-size", "256", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_out(train_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An explicit --out a finished baseline run wrote (config.json, report.json, checkpoint.pt)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert train.main(csv_run(train_csv, "--out", str(out))) == 0
+    return out
+
+
+def test_a_second_run_into_a_finished_out_is_refused_and_changes_nothing(
+        finished_out: Path, train_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = files_of(finished_out)
+    assert {"config.json", "report.json", "checkpoint.pt"} <= set(before)
+    capsys.readouterr()
+    assert train.main(csv_run(train_csv, "--out", str(finished_out), "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert repr(str(finished_out)) in err and "--resume" in err and "--overwrite" in err
+    assert files_of(finished_out) == before  # byte for byte, and no lock file left behind
+
+
+def test_overwrite_replaces_a_finished_run_and_drops_its_other_files(train_csv: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert train.main(csv_run(train_csv, "--out", str(tmp_path))) == 0
+    (tmp_path / "c2al_train.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes())  # a file this run will not write
+    capsys.readouterr()
+    assert train.main(csv_run(train_csv, "--out", str(tmp_path), "--seed", "1", "--overwrite")) == 0
+    assert "--overwrite: removed the previous run's" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["seed"] == 1
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+    assert not (tmp_path / "c2al_train.pt").exists()  # OUT holds this run's files only
+
+
+def test_resume_continues_a_finished_run_in_its_out(train_csv: Path, tmp_path: Path) -> None:
+    assert train.main(csv_run(train_csv, "--out", str(tmp_path), "--patience", "0")) == 0
+    assert train.main(csv_run(train_csv, "--out", str(tmp_path), "--patience", "0", "--resume", "--epochs", "2")) == 0
+    history = json.loads((tmp_path / "report.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_the_default_out_takes_a_fresh_name_when_it_holds_a_run(train_csv: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`make run` twice in a row: the second run writes runs/NAME-2 and says so; the first's files stay."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(csv_run(train_csv)) == 0
+    first = tmp_path / "runs" / "clicks-afm-base-seed0"
+    kept = files_of(first)
+    capsys.readouterr()
+    assert train.main(csv_run(train_csv)) == 0
+    second = tmp_path / "runs" / "clicks-afm-base-seed0-2"
+    assert f"{Path('runs') / 'clicks-afm-base-seed0'} holds a previous run; this one writes to {Path('runs') / second.name}" \
+        in capsys.readouterr().out
+    assert files_of(first) == kept and (second / "report.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["clicks-afm-base-seed0", "clicks-afm-base-seed0-2"]
+
+
+def test_the_reuse_check_runs_under_the_lock(tmp_path: Path) -> None:
+    """Two runs started together on one OUT: whichever locks second sees the first's files and is refused,
+    and the refusal releases the lock without touching OUT."""
+    from c2al.dist.outdir import lock_out_dir
+    from c2al.dist.process import LOCAL_CPU
+
+    (tmp_path / "report.json").write_text("{}\n")
+    with pytest.raises(C2ALError, match="already holds a run \\(report.json\\)"):
+        lock_out_dir(tmp_path, LOCAL_CPU, reuse=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    lock = lock_out_dir(tmp_path, LOCAL_CPU, reuse=True)  # --resume / --overwrite
+    assert lock is not None and lock.held
+    lock.release()
+
+
+def test_typed_flags_are_what_the_command_line_names() -> None:
+    assert train.typed_flags(["--federated", "--rounds=3", "--no-gate", "--aux-cohorts"]) == {"federated", "rounds", "gate", "aux_cohorts"}
+    assert train.typed_flags([]) == set()

@@ -42,6 +42,8 @@ class CriteoWorld:
         chunk_rows: rows per generated chunk (one Parquet file each in `write_parquet`).
         max_vocab: vocabulary of the largest categorical field.
         minority_strength: scale of each cohort's own interaction logits.
+        minority_offset: added to every cohort row's logit (0: the cohorts' click rates differ only through
+            their own interaction; > 0 makes them visible to a baseline from their rate alone, as small tests need).
         missing: share of missing cells in each integer and categorical field (not in the cohort fields).
     """
 
@@ -50,6 +52,7 @@ class CriteoWorld:
     chunk_rows: int = 1_000_000
     max_vocab: int = 1_000_000
     minority_strength: float = 2.5
+    minority_offset: float = 0.0
     missing: float = 0.02
 
     @property
@@ -121,8 +124,28 @@ class CriteoWorld:
         for k, (a, b) in enumerate(MINORITY_PAIRS):
             mine = cohort == k
             # the cohort barely follows the majority's pairs and depends on its own one instead
-            logits[mine] = -1.1 + 0.2 * majority[mine] + self.minority_strength * pair(a, b)[mine]
+            logits[mine] = -1.1 + self.minority_offset + 0.2 * majority[mine] + self.minority_strength * pair(a, b)[mine]
         return logits
+
+    def write_criteo_text(self, path: Path) -> Path:
+        """The world in the Criteo text layout (label, 13 integer counts, 26 hex categoricals, tab-separated, empty
+        cells for missing): the integer fields are written raw (the reader applies log(1 + max(x, 0))), each
+        categorical id as 8 hex digits (field j's id v as (j << 24) + v, so fields never share a key)."""
+        lines = []
+        for i in range(self.n_chunks):
+            n = min(self.chunk_rows, self.rows - i * self.chunk_rows)
+            rng = np.random.default_rng([self.seed, 1 + i])
+            cats = self._categoricals(rng, n)
+            ints = self._integers(rng, n)
+            logits = self._logits(cats, ints, cohort_of(cats[:, 0], cats[:, 1]))
+            label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logits))).astype(np.int8)  # the same draws as chunk(i)
+            cells = [label.astype(str)]
+            cells += [np.where(np.isnan(ints[:, j]), "", np.nan_to_num(ints[:, j]).astype(np.int64).astype(str)) for j in range(N_DENSE)]
+            keys = (np.arange(N_SPARSE, dtype=np.int64)[None, :] << 24) + cats
+            cells += [np.where(cats[:, j] == 0, "", np.char.mod("%08x", keys[:, j])) for j in range(N_SPARSE)]
+            lines.append("\n".join("\t".join(row) for row in zip(*cells)))
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def write_parquet(self, folder: Path, row_group_rows: int = 131_072) -> list[Path]:
         """One Parquet file per chunk (`part-00000.parquet`, ...); returns their paths."""

@@ -1,4 +1,5 @@
-"""The output directory of a run: checked before anything is written, locked while a run writes to it.
+"""The output directory of a run: checked before anything is written, locked while a run writes to it,
+and never silently taken over from a previous run.
 
 Two runs writing one directory would mix their files (a config.json of one seed
 next to the report of another), so a run holds an exclusive lock on
@@ -6,6 +7,10 @@ OUT/.c2al.lock for as long as it writes. The lock is an `flock`, which the kerne
 drops when its holder dies however it dies, so a lock left by a killed run is
 taken over; the file also names the holder (pid, host, start, command) for the
 message a second run prints.
+
+A run does not replace another run's files: an OUT that holds them (`RUN_FILES`)
+is refused unless the run continues it (--resume) or replaces it (--overwrite);
+train.py gives an auto-named OUT a fresh name instead (`fresh_out`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 
 LOCK_NAME = ".c2al.lock"
+# What a run leaves in OUT (reports, the config, checkpoints, the miner, a streaming source's vocabulary):
+# an OUT holding any of them is another run's, which a new run would silently replace.
+RUN_FILES = ("config.json", "report.json", "report.png", "cohorts.json", "cohorts.npz", "*.pt", "vocab")
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +47,62 @@ def check_out_dir(out: Path) -> None:
         if existing == out:
             raise C2ALError(f"cannot write to --out {str(out)!r}: no write permission")
         raise C2ALError(f"cannot create --out {str(out)!r}: no write permission in {str(existing)!r}")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files (and the vocabulary folder) a previous run left in OUT, sorted; [] for a missing OUT."""
+    if not out.is_dir():
+        return []
+    return sorted({p for pattern in RUN_FILES for p in out.glob(pattern)})
+
+
+def reuse_error(out: Path) -> str | None:
+    """Why a run without --resume or --overwrite may not write into OUT, or None when it may.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> reuse_error(d) is None
+        True
+        >>> _ = (d / "report.json").write_text("{}")
+        >>> print(reuse_error(d))  # doctest: +ELLIPSIS
+        --out '...' already holds a run (report.json); pass --resume to continue it or --overwrite to replace it
+    """
+    found = run_files(out)
+    if not found:
+        return None
+    names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return f"--out {str(out)!r} already holds a run ({names}); pass --resume to continue it or --overwrite to replace it"
+
+
+def fresh_out(base: Path, limit: int = 1000) -> Path:
+    """`base`, or the first of base-2, base-3, ... that holds no run: where an auto-named run writes.
+
+    Args:
+        base: the default OUT (runs/<data>-<model>-<kind>-seed<seed>).
+        limit: most names tried.
+
+    Returns:
+        A directory that does not exist yet or holds no run files.
+    """
+    for n in range(1, limit + 1):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not run_files(out):
+            return out
+    raise C2ALError(f"{str(base)!r} and {limit - 1} numbered copies all hold runs; pass --out, --resume or --overwrite")
+
+
+def remove_run_files(out: Path) -> list[Path]:
+    """--overwrite: delete what a previous run left, so OUT holds only this run's files (call with the lock held)."""
+    import shutil
+
+    found = run_files(out)
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def stale_temporaries(out: Path) -> list[Path]:
@@ -116,14 +180,23 @@ def describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}{since}"
 
 
-def lock_out_dir(out: Path, info: DistInfo) -> OutLock | None:
-    """The main rank takes the lock; every rank raises the same C2ALError when it cannot (collective)."""
+def lock_out_dir(out: Path, info: DistInfo, reuse: bool = True) -> OutLock | None:
+    """The main rank takes the lock; every rank raises the same C2ALError when it cannot (collective).
+
+    With `reuse` False (neither --resume nor --overwrite), an OUT holding a run is refused too: checked
+    with the lock held, so of two runs started together on one OUT the second sees the first's files.
+    The lock is then released, which leaves OUT as it was.
+    """
     lock, error = None, None
     if info.is_main:
         try:
             lock = OutLock(out).acquire()
+            error = None if reuse else reuse_error(out)
         except C2ALError as e:
             error = str(e)
+        if error and lock is not None:
+            lock.release()
+            lock = None
     if info.world_size > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)

@@ -4,14 +4,16 @@ Baseline: rounds of federated training, then per-tier (and planted-cohort)
 test metrics. C2AL: baseline rounds, federated cohort mining on the clients'
 validation predictions, C2AL rounds from the same seed with auxiliary heads
 (`c2al.attach`) trained on labels each client builds from its own cohort id,
-heads stripped (`c2al.detach`), and the report of `c2al.jobs.centralized.compare`
+heads stripped (`c2al.detach`), and the report of `c2al.eval.compare.compare`
 plus per-tier NE, MDAC and the agreement of federated with centralized mining.
+`--aux-weight auto` follows the centralized job's rule: C2AL rounds once per lambda of
+`AUTO_GRID`, and `choose_aux_weight` keeps one on the clients' validation rows.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,17 @@ from c2al.config import RESUME_FIELDS, Config
 from c2al.data.schema import Splits, Table
 from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
-from c2al.eval.compare import add_traits, attention_report, compare, print_comparison, record_decision, ship_decision, valid_scores
+from c2al.eval.compare import (
+    AUTO_GRID,
+    add_traits,
+    attention_report,
+    choose_aux_weight,
+    compare,
+    print_comparison,
+    record_decision,
+    ship_decision,
+    valid_scores,
+)
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.federated.aggregate import mdac
@@ -115,10 +127,13 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
                            weight_decay=cfg.weight_decay, normalized=cfg.normalized_updates)
     spec = tier_spec(cfg)
     strategy = make_strategy(cfg.server_optimizer, layout, cfg.clients_per_round, server_lr=cfg.server_lr,
-                             proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, spec=spec, seed=cfg.seed,
+                             proximal_mu=cfg.proximal_mu, epochs=cfg.local_epochs, sam_rho=cfg.sam_rho, seed=cfg.seed,
                              aggregation=aggregation(cfg, spec))
+    criterion = "recall@10" if retrieval_loss(cfg) else "ne"
     kw = dict(rounds=cfg.rounds, seed=cfg.seed, spec=spec, checkpoint=checkpoint, resume=cfg.resume,
-              config=cfg.to_dict(), shape_keys=RESUME_FIELDS, show=not cfg.quiet, tag=tag)
+              config=cfg.to_dict(), shape_keys=RESUME_FIELDS, show=not cfg.quiet, tag=tag, criterion=criterion,
+              evaluate=evaluate or (lambda fed: validation(cfg, splits, fed, criterion)), eval_every=cfg.eval_every or EVAL_EVERY,
+              patience=cfg.patience)  # both engines stop early by the same rule
     if cfg.engine == "flower":
         if cfg.attack != "none":
             raise C2ALError("--attack is simulated by --engine simulation only")
@@ -128,11 +143,8 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
     attackers = choose_attackers(len(clients), cfg.attack_share, cfg.seed) if cfg.attack != "none" else np.zeros(0, np.int64)
     if len(attackers):
         log.info(f"[{tag}] attack {cfg.attack} by {len(attackers)} of {len(clients)} clients (--attack-scale {cfg.attack_scale:g})")
-    criterion = "recall@10" if retrieval_loss(cfg) else "ne"
     return run_rounds(trainer, strategy, clients, tiers, workers=cfg.workers, parallel=cfg.parallel_clients,
-                      client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale),
-                      evaluate=evaluate or (lambda fed: validation(cfg, splits, fed, criterion)), criterion=criterion,
-                      eval_every=cfg.eval_every or EVAL_EVERY, patience=cfg.patience, **kw)
+                      client_fn=attack_client_fn(cfg.attack, attackers, cfg.attack_scale), **kw)
 
 
 def retrieval_loss(cfg: Config) -> bool:
@@ -221,9 +233,8 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path,
                        base: FedTrained | None = None) -> dict[str, Any]:
-    """Baseline rounds (or the given `base`, trained with this cfg and seed), federated mining, C2AL rounds, report."""
-    import c2al
-
+    """Baseline rounds (or the given `base`, trained with this cfg and seed), federated mining, C2AL rounds
+    (one lambda, or each of --aux-weight auto's), the validation gate, report."""
     if base is None:
         base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
     p_valid = base.predict("valid", splits, cfg.batch_size)
@@ -235,27 +246,17 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     agreement = mining_agreement(cfg, splits, fed, frame, p_valid)
     # clients compute their own cohort ids from the broadcast centroids (vectorized here)
     ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    model = seeded_model(cfg, splits.schema)
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=cfg.aux_weights(), head=make_head(cfg, model),
-                          balance=cfg.aux_balance)
-    trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, out / "fed_c2al.pt", "c2al")
-    trained.install()
-    served = c2al.detach(wrapper)
-
-    # --engine flower: the clients scored their own rows with the wrapper's main output (= the stripped model's)
-    def scores(split: str) -> np.ndarray:
-        return trained.scores[split] if split in trained.scores else predict(served, getattr(splits, split), splits.schema, cfg.batch_size)
-
-    # the centralized job's validation gate, on the clients' validation rows
+    # the centralized job's choice of lambda and validation gate, on the clients' validation rows
     v_base = valid_scores(p_valid, splits.valid.labels, ids["valid"], cfg.aux_cohorts)
-    v_c2al = valid_scores(scores("valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
-    decision = ship_decision(v_base, v_c2al, cfg.gate, cfg.gate_tolerance)
+    arm, search = fit_c2al_arms(cfg, splits, ids, clients, tiers, out, v_base)
+    trained, served = arm.trained, arm.served
+    decision = ship_decision(v_base, arm.valid, cfg.gate, cfg.gate_tolerance)
     shipped = served if decision["shipped"] == "c2al" else base.model
     save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
                     extra={"stripped": True, "shipped": decision["shipped"]})
 
     p_base = base.predict("test", splits, cfg.batch_size)
-    p_c2al = scores("test")
+    p_c2al = arm_scores(cfg, splits, arm, "test")
     report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
     report["miner"]["federated"] = True
     add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])
@@ -268,6 +269,8 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
     report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
     report["federated"]["mining"] = agreement
     record_decision(report, decision)
+    if search:
+        report["aux_weight_search"] = search
     print_comparison(report)
     log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
     log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
@@ -282,6 +285,62 @@ def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], t
         pass
     log.info(f"wrote {out / 'report.json'}, {out / 'c2al.pt'}")
     return report
+
+
+class Arm(NamedTuple):
+    """One federated C2AL training: its rounds, the stripped model, and its validation scores."""
+
+    trained: FedTrained
+    served: nn.Module  # heads detached: the serving model
+    valid: dict[str, Any]  # aux_weight, validation ne / cohort_ne / cohorts (valid_scores), best_round
+
+
+def fit_c2al_arms(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: list[ClientData], tiers: np.ndarray,
+                  out: Path, v_base: dict[str, Any]) -> tuple[Arm, dict[str, Any] | None]:
+    """C2AL rounds with --aux-weight, or once per lambda of AUTO_GRID (--aux-weight auto) and the arm
+    `choose_aux_weight` keeps on validation (the centralized job's rule).
+
+    Args:
+        ids: mined cohort id per row of each split ("train", "valid", "test").
+        v_base: the baseline's validation scores (`valid_scores`), what auto compares with.
+
+    Returns:
+        (the arm to gate and report, the search {"candidates", "chosen", "baseline"} or None for one lambda).
+    """
+    if cfg.aux_weight != "auto":
+        return fit_arm(cfg, splits, ids, clients, tiers, cfg.aux_weights(), out / "fed_c2al.pt", "c2al"), None
+    arms = [fit_arm(cfg, splits, ids, clients, tiers, [lam] * cfg.aux_cohorts, out / f"fed_c2al_lambda{lam:g}.pt", f"c2al lambda={lam:g}")
+            for lam in AUTO_GRID]
+    chosen = choose_aux_weight([a.valid for a in arms], v_base, cfg.gate_tolerance)
+    arm = next(a for a in arms if a.valid is chosen)
+    tried = ", ".join(f"{a.valid['aux_weight']:g}: valid NE {a.valid['ne']:.4f}" for a in arms)
+    log.info(f"--aux-weight auto: lambda {chosen['aux_weight']:g} kept on validation (tried {tried})")
+    return arm, {"candidates": [a.valid for a in arms], "chosen": chosen["aux_weight"], "baseline": v_base}
+
+
+def fit_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: list[ClientData], tiers: np.ndarray,
+            aux_weight: list[float], checkpoint: Path, tag: str) -> Arm:
+    """One federated C2AL training from the baseline's seeded start, with lambda `aux_weight` (one per cohort)."""
+    import c2al
+
+    model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
+    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
+                          balance=cfg.aux_balance)
+    trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, checkpoint, tag)
+    trained.install()
+    arm = Arm(trained, c2al.detach(wrapper), {})
+    scores = valid_scores(arm_scores(cfg, splits, arm, "valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
+    lam = aux_weight[0] if len(set(aux_weight)) == 1 else aux_weight
+    arm.valid.update(aux_weight=lam, **scores, best_round=trained.best.get("rounds"))
+    return arm
+
+
+def arm_scores(cfg: Config, splits: Splits, arm: Arm, split: str) -> np.ndarray:
+    """Probabilities of an arm's served model for `split`; --engine flower: the scores the clients computed
+    with the wrapper's main output (equal to the stripped model's)."""
+    if split in arm.trained.scores:
+        return arm.trained.scores[split]
+    return predict(arm.served, getattr(splits, split), splits.schema, cfg.batch_size)
 
 
 def mining_agreement(cfg: Config, splits: Splits, fed: FederatedCohortMiner, frame: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:

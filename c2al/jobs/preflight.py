@@ -1,17 +1,21 @@
 """What train.py checks before it writes anything: a run that cannot finish fails in seconds, not after the baseline.
 
-`Config.check` has already refused values no run could use. These checks need the
-data, the output directory or the process group: the checkpoints a --resume would
-read, the model the data makes, the C2AL flags (cohort features, a saved miner)
-and the federated population. Each raises a one-line C2ALError.
+`Config.check` has already refused values no run could use. `check_command_line`
+refuses what only the command line makes wrong (a typed flag the run's mode never
+reads). The other checks need the data, the output directory or the process group:
+the checkpoints a --resume would read (from this mode), the model the data makes,
+the C2AL flags (cohort features that vary, a saved miner) and the federated
+population. Each raises a one-line C2ALError.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from c2al.config import RESUME_FIELDS, Config
+from c2al.config import GROUPS, RESUME_FIELDS, Config
 from c2al.data.batch import num_batches
 from c2al.data.schema import Splits
 from c2al.dist.checkpoint import load_checkpoint
@@ -19,6 +23,49 @@ from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 from c2al.jobs.common import cohort_frame, saved_miner
 from c2al.train.build import build_model
+
+
+def _federated_fields() -> tuple[str, ...]:
+    """The fields of --help's federated group (after --federated itself, up to the next group)."""
+    names = [f.name for f in fields(Config)]
+    start = names.index("federated") + 1
+    end = next((i for i in range(start, len(names)) if names[i] in GROUPS), len(names))
+    return tuple(names[start:end])
+
+
+# Flags only one mode reads: given in the other, they would be silently ignored (tests/test_bad_inputs.py
+# checks that the centralized code reads no federated field and the federated code no centralized one).
+FEDERATED_ONLY = _federated_fields()
+CENTRALIZED_ONLY = ("epochs", "sharding", "pipeline", "checkpoint_every")
+
+
+def check_command_line(cfg: Config, given: set[str] | None) -> None:
+    """Flags that mean nothing in this run's mode, and --resume with --overwrite, are refused.
+
+    Args:
+        cfg: the run's Config.
+        given: the fields whose flags were typed; None: those that differ from Config's defaults
+            (a Config built in code, whose typed flags are unknown).
+    """
+    if given is None:
+        default = Config()
+        given = {f.name for f in fields(Config) if getattr(cfg, f.name) != getattr(default, f.name)}
+    if cfg.federated:
+        wrong = [n for n in CENTRALIZED_ONLY if n in given]
+        if wrong:
+            hint = " (rounds are --rounds)" if "epochs" in wrong else ""
+            raise C2ALError(f"{_flags(wrong)} applies to centralized training only; --federated does not read it{hint}: drop it")
+    else:
+        wrong = [n for n in FEDERATED_ONLY if n in given]
+        if wrong:
+            raise C2ALError(f"{_flags(wrong)} applies to --federated runs only; this centralized run would ignore it: "
+                            "drop it or add --federated")
+    if cfg.resume and cfg.overwrite:
+        raise C2ALError("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -39,7 +86,18 @@ def check_resume(cfg: Config, out: Path) -> None:
     if not cfg.resume or not out.is_dir():
         return
     for path in sorted(out.glob("*.pt")):
+        _check_mode(cfg, path)
         load_checkpoint(path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
+
+
+def _check_mode(cfg: Config, path: Path) -> None:
+    """A federated run resumes only fed_*.pt and a centralized one never does (c2al.pt, written by both
+    modes, is left to the config comparison, which names `federated`)."""
+    if path.name == "c2al.pt" or path.name.startswith("fed_") == cfg.federated:
+        return
+    wrote, now = ("a federated", "this centralized run") if not cfg.federated else ("a centralized", "--federated")
+    raise C2ALError(f"--resume: {str(path)!r} is {wrote} run's checkpoint, which {now} cannot continue; "
+                    f"choose another --out, or resume it {'with' if not cfg.federated else 'without'} --federated")
 
 
 def check_job(cfg: Config, splits: Splits, info: DistInfo) -> None:
@@ -69,14 +127,32 @@ def _check_federated(cfg: Config, splits: Splits) -> None:
     clients = make_clients(splits)
     check_federated(cfg, len(clients))
     client_tiers(cfg, splits, clients)  # --tier-feature names a column
+    if cfg.aux_cohorts and len(clients) <= cfg.aux_cohorts:
+        # a client is one user, and its rows all fall in one cohort: K cohorts and the rest need K + 1 users
+        raise C2ALError(f"--federated --aux-cohorts {cfg.aux_cohorts} mines cohorts of whole clients (users), but only "
+                        f"{len(clients)} user(s) hold training rows; federated C2AL needs at least {cfg.aux_cohorts + 1}")
 
 
 def _check_c2al(cfg: Config, splits: Splits) -> None:
-    """The miner's input exists; a saved miner (--cohorts) loads, has K cohorts and reads these columns."""
+    """The miner's input exists and each of its columns varies; a saved miner (--cohorts) loads, has K cohorts and reads them."""
     frame = cohort_frame(cfg, splits, "valid")
-    if cfg.cohorts:
+    if not cfg.cohorts:
+        _check_informative(frame)
+    else:
         miner = saved_miner(cfg)
         try:
             miner.predict(frame.head(1))
         except C2ALError as e:
             raise C2ALError(f"--cohorts {cfg.cohorts!r} cannot read this data's cohort features: {e}") from None
+
+
+def _check_informative(frame: Any) -> None:
+    """Every cohort feature takes two values or more on the validation rows the miner fits on (both miners'
+    input rule, checked here before the baseline trains rather than after)."""
+    from c2al.cohorts.encoding import check_informative, read_columns
+
+    names, columns, _ = read_columns(frame)
+    try:
+        check_informative(names, columns)
+    except C2ALError as e:
+        raise C2ALError(f"--cohort-features: {e} (on the validation split)") from None

@@ -165,7 +165,7 @@ def fit(
     trained.best = run.kept(cfg.patience)
     trained.seconds = time.perf_counter() - start
     if info.is_main and trained.best:
-        why = "patience ran out" if run.stopped(cfg.patience) else "last epoch reached"
+        why = "patience ran out" if run.stopped(cfg.patience) else "the stream ended" if source.streaming else "last epoch reached"
         log.info(f"[{tag}] kept epoch {trained.best['epoch']} (step {trained.best['step']}, valid NE {trained.best['valid_ne']:.4f}); {why}")
     return trained
 
