@@ -1,17 +1,13 @@
 """The one cohort encoding, shared by CohortMiner and FederatedCohortMiner."""
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from c2al.cohorts import CohortMiner
-from c2al.cohorts import encoding as encoding_module
 from c2al.cohorts.encoding import Encoding, read_columns
 from c2al.errors import C2ALError
-from c2al.federated import mining as mining_module
 from c2al.federated.mining import FederatedCohortMiner, client_column_stats, server_encoding
 
 
@@ -60,9 +56,3 @@ def test_federated_miner_predict_names_missing_columns() -> None:
         [frame.iloc[i:i + 4] for i in range(0, 400, 4)], [np.zeros(4)] * 100, [np.full(4, 0.5)] * 100)
     with pytest.raises(C2ALError, match=r"lacks the cohort feature columns \['region'\]"):
         fed.predict(frame.drop(columns="region"))
-
-
-@pytest.mark.parametrize("module", [encoding_module, mining_module])
-def test_docstring_examples_run(module) -> None:  # type: ignore[no-untyped-def]
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -468,25 +468,6 @@ def test_losses_are_fx_traceable_inside_a_train_wrapper() -> None:
     torch.testing.assert_close(traced(*args), _LossWrapper()(*args))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "c2al.models.common",
-        "c2al.models.fields",
-        "c2al.models.afm",
-        "c2al.models.attention_fm",
-        "c2al.models.two_tower",
-        "c2al.models.registry",
-    ],
-)
-def test_docstring_examples_run(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module))
-    assert result.attempted > 0 and result.failed == 0
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_inter_arch_traces_with_fx_to_the_same_output(name: str) -> None:
     """c2al's plugin traces through the shared-representation module inside TorchRec's pipeline."""
