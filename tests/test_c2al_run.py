@@ -41,9 +41,20 @@ def test_report_has_the_documented_schema(synthetic_run):
 
 
 def test_run_writes_miner_checkpoints_and_plot(synthetic_run):
-    out, _ = synthetic_run
-    for name in ("cohorts.json", "baseline.pt", "c2al.pt", "report.png", "config.json"):
-        assert (out / name).stat().st_size > 0, name
+    """Each file is what its name says: the fitted miner, two checkpoints of this run's config, a PNG, the config."""
+    from c2al.cohorts import CohortMiner
+    from c2al.dist.checkpoint import load_checkpoint
+
+    out, rep = synthetic_run
+    assert len(CohortMiner.load(out / "cohorts.json").cohorts_) == len(rep["cohorts"]) == 2
+    for name in ("baseline.pt", "c2al.pt"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt["config"] == rep["config"] and ckpt["model"], name
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
+    assert json.loads((out / "config.json").read_text()) == rep["config"]
+    png = (out / "report.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # the IHDR chunk
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width > 300 and height > 200
 
 
 def test_served_checkpoint_is_the_plain_model(synthetic_run):

@@ -29,7 +29,11 @@ def test_baseline_writes_report_with_config(train_csv, tmp_path):
     rep = report(tmp_path)
     assert rep["config"]["model"] == "afm" and rep["config"]["epochs"] == 2
     assert 0 < rep["overall"]["ne"] < 1 and rep["overall"]["auc"] > 0.6
-    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.json").exists()
+    from c2al.dist.checkpoint import load_checkpoint
+
+    assert json.loads((tmp_path / "config.json").read_text()) == rep["config"]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")  # the last step's, of this config, with the optimizer to resume
+    assert ckpt["config"] == rep["config"] and ckpt["step"] > 0 and ckpt["model"] and ckpt["optimizer"]
 
 
 @pytest.mark.parametrize("model", ["attention-fm", "two-tower"])
