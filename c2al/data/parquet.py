@@ -19,13 +19,14 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from c2al.data.criteo import CAT_NAMES, INT_NAMES, criteo_rows
 from c2al.data.stream import RawChunk, Reader
-from c2al.data.vocab import value_keys
+from c2al.data.vocab import text_keys, value_keys
 from c2al.errors import C2ALError
 
 CHUNK_ROWS = 1 << 16
@@ -135,20 +136,24 @@ class ParquetReader(Reader):
             for batch in self._groups[i][3].to_batches(columns=columns, batch_size=self.chunk_rows):
                 if row + batch.num_rows > start:
                     cut = max(0, start - row)
-                    yield self._decode(i, row + cut, batch.slice(cut).to_pandas())
+                    yield self._decode(i, row + cut, batch.slice(cut))
                 row += batch.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise C2ALError(f"{self.units()[i]}: cannot read ({str(e).splitlines()[0]})") from None
 
     # ------------------------------------------------------------ decoding
 
-    def _decode(self, i: int, start: int, df: pd.DataFrame) -> RawChunk:
+    def _decode(self, i: int, start: int, batch: pa.RecordBatch) -> RawChunk:
         where = self.units()[i]
         keys, missing = {}, {}
         for c in self.sparse:
-            keys[c], missing[c] = value_keys(df[c])
-        user = keys[self.user_col].view(np.int64) if self.user_col else np.zeros(len(df), np.int64)
-        frame = pd.DataFrame({c: df[c].astype("category") if c in self.categorical else df[c] for c in self.cohort}) if self.cohort else None
+            keys[c], missing[c] = arrow_keys(batch.column(c))
+        user = keys[self.user_col].view(np.int64) if self.user_col else np.zeros(batch.num_rows, np.int64)
+        plain = [c for c in dict.fromkeys([self.label, *self.dense, *self.cohort, *([self.time_col] if self.time_col else [])])
+                 if c not in self.categorical]
+        df = batch.select(plain).to_pandas()
+        frame = pd.DataFrame({c: batch.column(c).dictionary_encode().to_pandas() if c in self.categorical else df[c]
+                              for c in self.cohort}) if self.cohort else None
         times = self._times(df, where, start) if self.time_col else None
         return RawChunk(unit=i, start=start, labels=_labels(df[self.label], where, start), dense=self._dense(df, where, start),
                         keys=keys, missing=missing, user_keys=user, times=times, frame=frame)
@@ -172,6 +177,24 @@ class ParquetReader(Reader):
         if not np.isfinite(v).all():
             raise C2ALError(f"{where}: time column {self.time_col!r} has a missing or non-numeric value (row {start + int(np.argmax(~np.isfinite(v)))})")
         return v.astype(np.int64)
+
+
+def arrow_keys(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`value_keys` of an Arrow column without a Python object per row: integers as they are, text hashed
+    once per distinct value of the chunk (dictionary encoding) and gathered back."""
+    missing = arr.is_null().to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(arr.type):
+        return pc.fill_null(arr, 0).to_numpy().astype(np.int64).view(np.uint64), missing
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_dictionary(arr.type):
+        coded = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+        if not pa.types.is_string(coded.dictionary.type) and not pa.types.is_large_string(coded.dictionary.type):
+            distinct, _ = value_keys(coded.dictionary.to_pandas())  # a dictionary of integers
+        else:
+            distinct = text_keys(coded.dictionary)
+        if not len(distinct):
+            return np.zeros(len(arr), np.uint64), missing
+        return distinct[pc.fill_null(coded.indices, 0).to_numpy()], missing
+    return value_keys(arr.to_pandas())
 
 
 def _seconds(value: object) -> int:

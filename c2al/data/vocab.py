@@ -1,7 +1,7 @@
 """Vocabularies that never hold the data: how raw categorical values of a stream become embedding ids.
 
 Every raw value arrives as a uint64 key (a Criteo hex hash parsed as an integer, an integer column as
-it is, a string through pandas' fixed-seed hash), with a flag for missing cells. Two kinds:
+it is, a string through a fixed hash of its bytes), with a flag for missing cells. Two kinds:
 
 - hashing: id = 1 + mix(key) mod (H - 1) for a field of H embeddings (`--hash-size`), nothing counted;
 - counted (`--min-count N`): one streaming pass counts each field's keys; keys seen at least N times get
@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from c2al.data.schema import UNSEEN_ID
 from c2al.errors import C2ALError
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 _MERGE_AT = 1 << 22  # pending distinct keys of one field before they are merged into the running counts
 VOCAB_JSON, VOCAB_NPZ = "vocab.json", "vocab.npz"
 
@@ -52,8 +54,8 @@ def value_keys(values: np.ndarray | pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Raw values of one column -> (uint64 keys [N], missing bool [N]).
 
     Integers keep their value (two's complement for negatives), floats must hold integers (NaN is
-    missing), anything else is hashed as text with pandas' fixed key, so the same value gets the same
-    key in every run and on every rank.
+    missing), anything else is hashed as text (`text_keys`, no seed), so the same value gets the same
+    key in every run, on every rank, and from a pandas column or an Arrow one.
     """
     s = pd.Series(values)
     missing = s.isna().to_numpy()
@@ -61,8 +63,31 @@ def value_keys(values: np.ndarray | pd.Series) -> tuple[np.ndarray, np.ndarray]:
         return s.fillna(0).to_numpy(dtype=np.int64).view(np.uint64), missing
     if pd.api.types.is_float_dtype(s):
         return np.nan_to_num(s.to_numpy(dtype=np.float64)).astype(np.int64).view(np.uint64), missing
-    text = s.astype(str).to_numpy(dtype=object)
-    return pd.util.hash_array(text, categorize=True), missing
+    text = pa.array(s.where(~missing, "").astype(str).to_numpy(dtype=object), type=pa.large_binary())
+    return text_keys(text), missing
+
+
+def text_keys(arr: pa.Array) -> np.ndarray:
+    """uint64 [n] hash of each cell's bytes (FNV-1a over the digits, then mix64), vectorized over Arrow's buffers.
+
+    One pass per character position, each over every cell: cheap for the short codes and ids of
+    categorical columns (a chunk's distinct values only, when called on a dictionary). Nulls hash as "".
+    """
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary())
+    n = len(arr)
+    bufs = arr.buffers()
+    wide = pa.types.is_large_binary(arr.type)
+    offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32)[arr.offset : arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(1, np.uint8)
+    lengths = np.diff(offsets)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    last = len(data) - 1
+    with np.errstate(over="ignore"):
+        for j in range(int(lengths.max()) if n else 0):
+            byte = data[np.minimum(offsets[:-1] + j, last)].astype(np.uint64)
+            h = np.where(j < lengths, (h ^ byte) * _FNV_PRIME, h)
+    return mix64(h ^ lengths.astype(np.uint64))
 
 
 @dataclass
