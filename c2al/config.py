@@ -265,8 +265,20 @@ class Config:
             raise C2ALError("--two-tower-hinge needs --model two-tower")
         if self.federated and self.engine == "flower" and (self.resume or self.attack != "none"):
             raise C2ALError(f"--{'resume' if self.resume else 'attack'} needs --engine simulation (the flower engine has none)")
+        if self.federated and self.engine == "flower":
+            _check_flower(self)
         return self
 
+
+
+def _check_flower(cfg: Config) -> None:
+    """Flags the flower engine cannot honour (it stops early by the simulation's rule: --patience, --eval-every)."""
+    for flag, name in (("--workers", "workers"), ("--parallel-clients", "parallel_clients")):
+        if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
+            raise C2ALError(f"{flag} is an --engine simulation setting; the flower engine runs its clients on --num-actors Ray actors")
+    if cfg.patience and cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge):
+        raise C2ALError("--patience on validation recall@10 needs --engine simulation (it reads every client's private rows); "
+                        "give --patience 0 to run every round")
 
 # The miner's candidate sources (cohorts.candidates.SOURCES; tests/test_config.py checks they agree).
 CANDIDATES = ("kmeans", "gmm", "axes", "tree")

@@ -336,3 +336,16 @@ def test_bad_rows_of_valid_or_test_fail_before_training(tmp_path):
 def test_unknown_criteo_cohort_feature_is_refused(text_file):
     msg = _one_line_error(lambda: open_criteo(text_file[0], cohort_features=("age",)))
     assert "--cohort-features age" in msg
+
+
+def test_a_csv_table_streams_with_the_role_flags(tmp_path):
+    df = write_parquet(tmp_path / "t.parquet", 3000, seed=0)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    cfg = Config(data=str(tmp_path / "t.csv"), stream=True, label="label", sparse=("cat_0", "user"), dense=("int_0",), cohort_features=("cat_0",),
+                 hash_size=(5000,), eval_rows=200)
+    s = open_stream(cfg)
+    parquet = open_stream(Config(**{**cfg.to_dict(), "data": str(tmp_path / "t.parquet"), "sparse": ("cat_0",), "dense": ("int_0",),
+                                    "cohort_features": ("cat_0",), "hash_size": (5000,)}))
+    assert s.train.units() == [str(tmp_path / "t.csv")] and len(s.valid) == len(s.test) == 200
+    assert np.array_equal(s.valid.labels, parquet.valid.labels) and np.array_equal(s.valid.sparse["cat_0"].values, parquet.valid.sparse["cat_0"].values)
+    assert isinstance(s.valid.cohort_frame["cat_0"].dtype, pd.CategoricalDtype)

@@ -14,7 +14,7 @@ from c2al.federated.client import ClientData, FitResult, LocalTrainer, model_lay
 from c2al.federated.heterogeneity import TierSpec, assign_tiers
 from c2al.federated.mining import federated_kmeans
 from c2al.federated.simulation import default_client_fn, run_rounds
-from c2al.federated.strategy import FedAdam, FedAvg, FedProx
+from c2al.federated.strategy import RowwiseFedAdam, RowwiseFedAvg, RowwiseFedProx
 from c2al.jobs.federated import make_clients
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule
@@ -39,11 +39,11 @@ def make_trainer(cfg: Config, splits, model=None, normalized: bool = False) -> L
                         normalized=normalized)
 
 
-def run(cfg: Config, splits, strategy_cls=FedAvg, rounds=3, spec=None, client_fn=default_client_fn, **kw):
+def run(cfg: Config, splits, strategy_cls=RowwiseFedAvg, rounds=3, spec=None, client_fn=default_client_fn, **kw):
     trainer = make_trainer(cfg, splits)
     clients = make_clients(splits)
     spec = spec or TierSpec.uniform()
-    strategy = strategy_cls(trainer.layout, cfg.clients_per_round, spec=spec, seed=cfg.seed, **kw.pop("strategy_kw", {}))
+    strategy = strategy_cls(trainer.layout, cfg.clients_per_round, seed=cfg.seed, **kw.pop("strategy_kw", {}))
     tiers = np.full(len(clients), 2)
     return run_rounds(trainer, strategy, clients, tiers, rounds=rounds, seed=cfg.seed, spec=spec, client_fn=client_fn,
                       show=False, config=cfg.to_dict(), **kw), strategy
@@ -86,19 +86,19 @@ def _fit(dense: dict, rows: dict, n: int) -> FitResult:
     return FitResult(num_examples=n, dense=dense, rows=rows, private={}, metrics={"loss": 1.0})
 
 
-def test_fedavg_and_fedprox_aggregate_fit_hand_computed(splits):
+def test_fedavg_and_fedprox_aggregate_train_hand_computed(splits):
     cfg = Config(data=DATA)
     layout = model_layout(seeded_model(cfg, splits.schema), ["user_id"])
     layout.dense, layout.tables = ["d"], {"t": "item_id"}
     params = {"d": np.zeros(2, dtype=np.float32), "t": np.ones((4, 1), dtype=np.float32)}
     results = [(0, _fit({"d": np.array([1.0, 2.0])}, {"t": (np.array([1]), np.array([[1.0]]))}, 1)),
                (1, _fit({"d": np.array([3.0, 6.0])}, {"t": (np.array([1, 2]), np.array([[3.0], [-1.0]]))}, 3))]
-    for cls in (FedAvg, FedProx):
-        new, metrics = cls(layout, 2).aggregate_fit(0, params, results, [])
+    for cls in (RowwiseFedAvg, RowwiseFedProx):
+        new, metrics = cls(layout, 2).aggregate_train(1, params, results)
         np.testing.assert_allclose(new["d"], [2.5, 5.0])
         np.testing.assert_allclose(new["t"].ravel(), [1.0, 1.0 + 2.5, 0.0, 1.0])
         assert metrics["aggregated"] == 2
-    assert FedProx(layout, 2, proximal_mu=0.3).fit_config(0, 0, 2, 10)["proximal_mu"] == 0.3
+    assert RowwiseFedProx(layout, 2, proximal_mu=0.3).train_config(1, 0, 10)["proximal_mu"] == 0.3
 
 
 # ----------------------------------------------------------------- equivalence with centralized training
@@ -117,7 +117,7 @@ def test_one_client_with_all_data_full_participation_matches_centralized(splits)
 
     trainer = make_trainer(cfg, sp)
     one = ClientData(cid=0, user=-1, train=np.arange(n))
-    strategy = FedAvg(trainer.layout, 1, epochs=cfg.epochs, spec=TierSpec.uniform(), seed=cfg.seed)
+    strategy = RowwiseFedAvg(trainer.layout, 1, epochs=cfg.epochs, seed=cfg.seed)
     fed = run_rounds(trainer, strategy, [one], np.array([2]), rounds=1, seed=cfg.seed, spec=TierSpec.uniform(), show=False)
     got = fed.model.state_dict()
     assert set(want) == set(got)
@@ -185,10 +185,10 @@ def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path,
     cfg = Config(data=DATA, clients_per_round=5 if not parallel else 20, server_optimizer="fedadam")
     stop = dict(evaluate=_valid_ne(splits), eval_every=1, patience=2, parallel=parallel)  # early stopping by rounds
     kw = dict(strategy_kw={"server_lr": 0.01})
-    full, _ = run(cfg, splits, FedAdam, rounds=6, **kw, **stop)
+    full, _ = run(cfg, splits, RowwiseFedAdam, rounds=6, **kw, **stop)
     path = tmp_path / "fed.pt"
-    run(cfg, splits, FedAdam, rounds=3, checkpoint=path, strategy_kw={"server_lr": 0.01}, **stop)
-    resumed, strategy = run(cfg, splits, FedAdam, rounds=6, checkpoint=path, resume=True, strategy_kw={"server_lr": 0.01}, **stop)
+    run(cfg, splits, RowwiseFedAdam, rounds=3, checkpoint=path, strategy_kw={"server_lr": 0.01}, **stop)
+    resumed, strategy = run(cfg, splits, RowwiseFedAdam, rounds=6, checkpoint=path, resume=True, strategy_kw={"server_lr": 0.01}, **stop)
     assert strategy.t == len(full.history) == len(resumed.history) and resumed.history == full.history
     assert resumed.best == full.best and resumed.bad == full.bad and full.best["valid_ne"] > 0
     for k in full.params:
@@ -201,7 +201,7 @@ def test_resume_from_round_checkpoint_equals_uninterrupted_run(splits, tmp_path,
 def test_fedprox_pulls_toward_global_and_sam_trains_finitely(splits):
     cfg = Config(data=DATA, clients_per_round=6)
     plain, _ = run(cfg, splits, rounds=1)
-    prox, _ = run(cfg, splits, FedProx, rounds=1, strategy_kw={"proximal_mu": 50.0})
+    prox, _ = run(cfg, splits, RowwiseFedProx, rounds=1, strategy_kw={"proximal_mu": 50.0})
     sam, _ = run(cfg, splits, rounds=1, strategy_kw={"sam_rho": 0.05})
     start = {n: p.detach().numpy() for n, p in make_trainer(cfg, splits).params.items()}
     dist = lambda fed: sum(float(np.abs(fed.params[k] - start[k]).sum()) for k in fed.params)  # noqa: E731
@@ -293,7 +293,7 @@ def test_federated_two_tower_trains_with_the_hinge_loss(splits):
     layout = model_layout(module.model, per_user_features(splits.train, splits.schema))
     trainer = LocalTrainer(module, layout, splits.schema, splits.train, table_optimizer="sgd", table_lr=0.1)
     clients = make_clients(splits)
-    strategy = FedAvg(layout, len(clients), spec=TierSpec.uniform())  # full participation: round losses comparable
+    strategy = RowwiseFedAvg(layout, len(clients))  # full participation: round losses comparable
     fed = run_rounds(trainer, strategy, clients, np.full(len(clients), 2), rounds=3, seed=0, spec=TierSpec.uniform(), show=False)
     losses = [h["loss"] for h in fed.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
@@ -337,16 +337,17 @@ def test_fedyogi_second_moment_shrinks_additively_when_updates_get_small():
 
 # ----------------------------------------------------------------- vectorized clients
 def _jobs(trainer, splits, n_clients, mu=0.0, rnd=0, rho=0.0):
-    from c2al.federated.simulation import ClientStore, initial_params
+    from c2al.federated.heterogeneity import Devices
+    from c2al.federated.rounds import ClientStore, initial_params
 
     clients = make_clients(splits)
     params, private = initial_params(trainer)
     store = ClientStore({k: v + 0.01 for k, v in private.items()})  # private rows unlike the global init
-    strategy = FedProx(trainer.layout, n_clients, spec=TierSpec(steps=(2, 5, 0)), seed=3, proximal_mu=mu, sam_rho=rho)
-    tiers = np.arange(len(clients)) % 3  # 2, 5 and uncapped steps: clients stop at different steps
-    plan = strategy.configure_fit(rnd, tiers, np.random.default_rng(rnd))
-    jobs = [(cid, clients[cid], store.get(cid, lambda n, c=clients[cid]: trainer.touched(c, trainer.layout.private[n])), conf)
-            for cid, conf in plan]
+    strategy = RowwiseFedProx(trainer.layout, n_clients, seed=3, proximal_mu=mu, sam_rho=rho)
+    devices = Devices(np.arange(len(clients)) % 3, TierSpec(steps=(2, 5, 0)))  # 2, 5 and uncapped steps: clients stop at different steps
+    plan = strategy.configure_train(rnd + 1, params, {}, devices.online(np.random.default_rng(rnd)))  # no mid-round dropout
+    jobs = [(cid, clients[cid], store.get(cid, lambda n, c=clients[cid]: trainer.touched(c, trainer.layout.private[n])),
+             {**conf, "max_steps": devices.steps(cid)}) for cid, conf in plan]
     return jobs, params
 
 
@@ -490,3 +491,28 @@ def test_normalized_update_is_the_plain_update_per_step_weighted_by_training_row
             np.testing.assert_allclose(b.rows[n][1], rows / steps, rtol=1e-6)
         for n, (ids, rows) in a.private.items():
             np.testing.assert_array_equal(b.private[n][1], rows)  # the client's own rows are not an update
+
+
+# ----------------------------------------------------------------- the clients' one optimizer
+@pytest.mark.parametrize("kind", ["adam", "adagrad", "sgd"])
+def test_dense_optimizer_moves_each_stacked_client_as_torch_moves_its_own_copy(kind):
+    from c2al.dist.sharding import DENSE_OPTIMIZER_CLASSES
+    from c2al.federated.optim import DenseOptimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, generator=g)  # 3 clients side by side
+    grads = [torch.randn(3, 4, generator=g) for _ in range(5)]
+    stacked = start.clone().requires_grad_()
+    opt = DenseOptimizer([stacked], kind, 0.1, weight_decay=0.01, stacked=True)
+    copies = [start[c].clone().requires_grad_() for c in range(3)]
+    torch_opts = [DENSE_OPTIMIZER_CLASSES[kind]([w], lr=0.1, weight_decay=0.01) for w in copies]
+    for k, grad in enumerate(grads):
+        active = 3 if k < 3 else 2  # the last client stops after 3 steps
+        opt.active, stacked.grad = active, grad.clone()
+        opt.step()
+        for c in range(active):
+            copies[c].grad = grad[c].clone()
+            torch_opts[c].step()
+    for c in range(3):
+        torch.testing.assert_close(stacked.detach()[c], copies[c].detach(), rtol=0, atol=1e-7)
+    assert not torch.equal(stacked.detach()[2], stacked.detach()[1])

@@ -129,8 +129,8 @@ def test_flower_strategy_rounds_equal_the_in_process_engine_with_dropouts(tmp_pa
 def test_train_messages_go_only_to_the_sampled_clients(tmp_path, grids):
     from c2al.config import parse_args
     from c2al.data.sources import load_splits
-    from c2al.federated.heterogeneity import drops_out, round_rng
-    from c2al.federated.strategy import FedAvg
+    from c2al.federated.heterogeneity import Devices, round_rng
+    from c2al.federated.strategy import RowwiseFedAvg
     from c2al.jobs.federated import client_tiers, make_clients, tier_spec
 
     assert train.main([*TIERED, "--engine", "flower", "--out", str(tmp_path)]) == 0
@@ -138,10 +138,10 @@ def test_train_messages_go_only_to_the_sampled_clients(tmp_path, grids):
     cfg = parse_args([*TIERED, "--engine", "flower"])
     splits = load_splits(cfg)
     tiers, spec = client_tiers(cfg, splits, make_clients(splits)), tier_spec(cfg)
-    sampler = FedAvg(None, cfg.clients_per_round, spec=spec)  # configure_fit needs no layout
+    sampler, devices = RowwiseFedAvg(None, cfg.clients_per_round), Devices(tiers, spec)  # configure_train needs no layout
     for rnd in range(cfg.rounds):
         rng = round_rng(cfg.seed, rnd)
-        kept = [c for c, _ in sampler.configure_fit(rnd, tiers, rng) if not drops_out(int(tiers[c]), spec, rng)]
+        kept = [c for c, _ in sampler.configure_train(rnd + 1, {}, {}, devices.online(rng)) if not devices.drops_out(c, rng)]
         got = [grid.partition(m.metadata.dst_node_id) for m in grid.of_type("train") if m.metadata.group_id == str(rnd + 1)]
         assert got == kept
     assert not grid.of_type("query")  # the node -> client map cost no message
@@ -220,3 +220,30 @@ def test_federated_c2al_on_the_flower_engine_equals_the_in_process_engine(tmp_pa
         assert [h["loss"] for h in fed["history"][phase]] == pytest.approx([h["loss"] for h in sim["history"][phase]], rel=1e-9)
     for key in ("ne_base", "ne_c2al"):  # the clients' own scores, the stripped model's in-process
         assert fed["overall"][key] == pytest.approx(sim["overall"][key], rel=1e-6)
+
+
+# FedAvg with large local steps: validation NE turns up after round 4 of 10, so patience 1 stops the run after round 5
+STOPPING = ["--federated", "--data", DATA, "--rounds", "10", "--clients-per-round", "3", "--tiers", "none", "--quiet",
+            "--eval-every", "1", "--patience", "1", "--server-optimizer", "fedavg", "--lr", "0.05", "--table-lr", "0.5"]
+
+
+def test_flower_engine_stops_early_by_the_simulations_rule(tmp_path, grids):
+    assert train.main([*STOPPING, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    assert train.main([*STOPPING, "--out", str(tmp_path / "sim")]) == 0
+    fed, sim = report(tmp_path / "flower"), report(tmp_path / "sim")
+    hist_f, hist_s = fed["federated"]["history"]["train"], sim["federated"]["history"]["train"]
+    assert 1 < len(hist_s) < 10 and len(hist_f) == len(hist_s)  # patience ran out before --rounds
+    assert [h["valid_ne"] for h in hist_f] == pytest.approx([h["valid_ne"] for h in hist_s], rel=1e-6)
+    assert fed["best"]["rounds"] == sim["best"]["rounds"] < len(hist_s)  # the best round's state is the one kept
+    assert fed["overall"]["ne"] == pytest.approx(sim["overall"]["ne"], rel=1e-6)
+    grid = grids[0]
+    assert len({m.metadata.group_id for m in grid.of_type("train")}) == len(hist_f)  # no train message after the stop
+    assert len(grid.of_type("evaluate")) == len(hist_f) * len(grid.node_ids)  # each evaluation asks every client once
+
+
+@pytest.mark.parametrize("flag", [["--workers", "2"], ["--parallel-clients", "8"]])
+def test_simulation_only_flags_are_refused_by_the_flower_engine(flag, tmp_path, capsys):
+    assert train.main([*ARGS, "--engine", "flower", *flag, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag[0]} is an --engine simulation setting") and "\n" not in err
+    assert not (tmp_path / "report.json").exists()

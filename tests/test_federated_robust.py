@@ -16,7 +16,7 @@ from c2al.eval.metrics import summarize
 from c2al.federated import aggregate as agg
 from c2al.federated.attacks import ATTACKS, attack_client_fn, choose_attackers, poison
 from c2al.federated.client import FitResult, Layout
-from c2al.federated.strategy import AGGREGATIONS, Aggregation, FedAvg
+from c2al.federated.strategy import AGGREGATIONS, Aggregation, RowwiseFedAvg
 from c2al.jobs.federated import client_tiers, federated_fit, make_clients
 from c2al.train.build import seeded_model
 
@@ -44,8 +44,8 @@ PARAMS = {"d": np.zeros(2), "t": np.zeros((4, 1))}
 
 
 def _aggregate(rule: str, updates: list[FitResult], **kw) -> tuple[dict[str, np.ndarray], dict]:
-    strategy = FedAvg(LAYOUT, len(updates), aggregation=Aggregation(rule, **kw))
-    return strategy.aggregate_fit(0, PARAMS, list(enumerate(updates)), [])
+    strategy = RowwiseFedAvg(LAYOUT, len(updates), aggregation=Aggregation(rule, **kw))
+    return strategy.aggregate_train(1, PARAMS, list(enumerate(updates)))
 
 
 # ----------------------------------------------------------------- the rules, hand-computed

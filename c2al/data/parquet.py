@@ -70,9 +70,11 @@ class ParquetReader(Reader):
         if not self._csv and not (self.path.is_dir() or name.endswith(_PARQUET)):
             raise C2ALError(f"{self.path}: --stream reads a .parquet file or folder, or a .csv / .tsv file")
         try:
-            if self._csv:
+            if self._csv:  # types fixed by role: inferred per block, a column could change type mid-file
                 parse = pcsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
-                return ds.dataset(str(self.path), format=ds.CsvFileFormat(parse_options=parse))
+                types = {**dict.fromkeys(self.dense, pa.float64()), **dict.fromkeys(self.sparse, pa.string()), self.label: pa.float64()}
+                convert = pcsv.ConvertOptions(column_types=types)
+                return ds.dataset(str(self.path), format=ds.CsvFileFormat(parse_options=parse, convert_options=convert))
             return ds.dataset(str(self.path), format="parquet")
         except (pa.ArrowInvalid, OSError) as e:
             raise C2ALError(f"{self.path}: cannot read the dataset ({str(e).splitlines()[0]})") from e

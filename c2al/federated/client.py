@@ -26,9 +26,10 @@ from torch import nn
 
 from c2al.data.batch import Batch, batch_rows, make_batch
 from c2al.data.schema import Schema, Table
-from c2al.dist.sharding import DENSE_OPTIMIZER_CLASSES, embedding_collections
+from c2al.dist.sharding import embedding_collections
 from c2al.errors import C2ALError
-from c2al.train.task import TrainModule, train_epoch
+from c2al.federated.optim import DenseOptimizer, LocalOptimizer, SAMModule, SparseTableOptimizer
+from c2al.train.task import TrainModule, step_seed, train_epoch
 
 Rows = tuple[np.ndarray, np.ndarray]  # (row ids [R], values [R, D])
 SEED_STRIDE = 1_000_000_007  # separates the random streams of (round, client) pairs
@@ -93,107 +94,6 @@ def use_sparse_gradients(model: nn.Module) -> None:
             bag.sparse = True
 
 
-class SparseTableOptimizer:
-    """sgd / adagrad / rowwise_adagrad on sparse table gradients, with state only for the client's rows.
-
-    rowwise_adagrad keeps one accumulator per row (mean of the squared gradient
-    over D), as FBGEMM's EXACT_ROWWISE_ADAGRAD.
-
-    Args:
-        params: table weights [N, D] with sparse gradients.
-        rows: per table, the sorted ids the client can touch [R] (its state is [R, D] or [R, 1]).
-        kind: sgd, adagrad or rowwise_adagrad.
-        lr: learning rate.
-    """
-
-    def __init__(self, params: list[nn.Parameter], rows: list[np.ndarray], kind: str, lr: float, eps: float = 1e-8) -> None:
-        if kind not in ("sgd", "adagrad", "rowwise_adagrad"):
-            raise C2ALError(f"federated clients run tables with sgd, adagrad or rowwise_adagrad, not {kind!r}")
-        self.params, self.kind, self.lr, self.eps = params, kind, lr, eps
-        self.rows = [torch.from_numpy(r) for r in rows]
-        self.acc = [torch.zeros(len(r), p.shape[1] if kind == "adagrad" else 1) for p, r in zip(params, rows)]
-
-    def step(self) -> None:
-        for p, rows, acc in zip(self.params, self.rows, self.acc):
-            if p.grad is None:
-                continue
-            g = p.grad.coalesce()
-            idx, vals = g.indices()[0], g.values()  # [R], [R, D]
-            if self.kind == "sgd":
-                p.data.index_add_(0, idx, -self.lr * vals)
-                continue
-            pos = torch.searchsorted(rows, idx)  # [R] positions in the client's rows
-            acc[pos] += vals * vals if self.kind == "adagrad" else (vals * vals).mean(1, keepdim=True)
-            p.data.index_add_(0, idx, -self.lr * vals / (acc[pos].sqrt() + self.eps))
-
-
-class LocalOptimizer:
-    """The client's optimizer as train_epoch sees it: dense torch optimizer + sparse tables.
-
-    `step` first undoes a SAM perturbation (the gradient was taken at w + e and
-    is applied at w), then adds FedProx's proximal gradient mu (w - w_global),
-    then steps.
-    """
-
-    def __init__(self, dense: torch.optim.Optimizer, tables: SparseTableOptimizer, *,
-                 prox: list[tuple[nn.Parameter, torch.Tensor]] = (), mu: float = 0.0, sam: "SAMModule | None" = None) -> None:
-        self.dense, self.tables, self.prox, self.mu, self.sam = dense, tables, list(prox), mu, sam
-
-    def zero_grad(self) -> None:
-        self.dense.zero_grad(set_to_none=True)
-        for p in self.tables.params:
-            p.grad = None
-
-    def step(self) -> None:
-        if self.sam is not None:
-            self.sam.restore()
-        if self.mu > 0:
-            for p, ref in self.prox:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:  # lazy: only the rows of this batch feel the proximal pull
-                    g = p.grad.coalesce()
-                    idx = g.indices()[0]
-                    p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + self.mu * (p.data[idx] - ref[idx]), g.shape,
-                                                     check_invariants=False)  # the indices are the coalesced gradient's
-                else:
-                    p.grad = p.grad + self.mu * (p.data - ref)
-        self.dense.step()
-        self.tables.step()
-
-
-class SAMModule(nn.Module):
-    """Sharpness-aware local steps (FedRecGEL): the loss is taken at w + rho g / |g|.
-
-    Wraps a TrainModule: forward computes g on the batch, perturbs the shared
-    parameters, and returns the perturbed forward, whose backward gives SAM's
-    gradient; `LocalOptimizer.step` restores w before stepping.
-    """
-
-    def __init__(self, inner: TrainModule, params: list[nn.Parameter], rho: float) -> None:
-        super().__init__()
-        self.inner, self.rho = inner, rho
-        self._params = params  # a plain list: not registered twice
-        self._eps: list[tuple[nn.Parameter, torch.Tensor]] = []
-
-    def forward(self, batch: Batch) -> Any:
-        if not self.training:
-            return self.inner(batch)
-        loss, _ = self.inner(batch)
-        grads = torch.autograd.grad(loss, self._params, allow_unused=True)
-        pairs = [(p, g) for p, g in zip(self._params, grads) if g is not None]
-        norm = torch.sqrt(sum(((g.coalesce().values() if g.is_sparse else g) ** 2).sum() for _, g in pairs)) + 1e-12
-        self._eps = [(p, g * (self.rho / norm)) for p, g in pairs]
-        for p, e in self._eps:
-            p.data.add_(e)
-        return self.inner(batch)
-
-    def restore(self) -> None:
-        for p, e in self._eps:
-            p.data.sub_(e)
-        self._eps = []
-
-
 @dataclass
 class ClientData:
     """What one client holds: its rows of each split (indices into the split tables)."""
@@ -256,6 +156,17 @@ def normalized(res: FitResult, steps: int, train_rows: int) -> FitResult:
                      rows={n: (i, r / k) for n, (i, r) in res.rows.items()}, private=res.private, metrics=res.metrics)
 
 
+def dropout_seeds(config: dict[str, Any]) -> Callable[[int], int]:
+    """Local step -> torch seed for a client's config: `task.step_seed` on the (round, client) pair's stream.
+
+    Example:
+        >>> dropout_seeds({"dropout_seed": 1, "dropout_stream": 0})(2)  # round 1's client 0: centralized step 2's seed
+        1015841
+    """
+    seed, stream = int(config.get("dropout_seed", 0)), int(config["dropout_stream"])
+    return lambda n: step_seed(seed, n, stream)
+
+
 class LocalTrainer:
     """Runs clients one after another on one working copy of the model.
 
@@ -281,13 +192,22 @@ class LocalTrainer:
         self.table_optimizer, self.table_lr, self.batch_size = table_optimizer, table_lr, batch_size
         self.normalized = normalized
         self._touched: dict[tuple[int, str], np.ndarray] = {}
+        self.writes = 0  # bumped whenever the working model's parameters change (FedTrained caches by it)
         self.initial_private: dict[str, np.ndarray] = {}  # seeded private tables, for clients seen first (Flower engine)
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         """Copy the global shared parameters into the working model (once per round)."""
+        self.writes += 1
         with torch.no_grad():
             for name in self.layout.shared:
                 self.params[name].copy_(torch.from_numpy(np.asarray(state[name])))
+
+    def write_private(self, private: dict[str, Rows]) -> None:
+        """Write a client's private rows (table -> (ids, rows)) into the working model."""
+        self.writes += 1
+        with torch.no_grad():
+            for name, (ids, rows) in private.items():
+                self.params[name][torch.from_numpy(np.asarray(ids))] = torch.from_numpy(np.asarray(rows))
 
     def touched(self, client: ClientData, feature: str) -> np.ndarray:
         key = (client.cid, feature)
@@ -296,34 +216,31 @@ class LocalTrainer:
         return self._touched[key]
 
     def fit(self, client: ClientData, state: dict[str, np.ndarray], private: dict[str, Rows], config: dict[str, Any],
-            step_seed: Callable[[int], int] | None = None) -> FitResult:
+            seed_of_step: Callable[[int], int] | None = None) -> FitResult:
         """Train one client from the global `state` (already loaded) and its private rows.
 
         Args:
             client: its rows.
             state: global shared parameters (numpy), as loaded by `load`.
             private: the client's stored private rows per table (absent: the table's initial rows).
-            config: from the strategy: seed, epochs, max_steps, proximal_mu, sam_rho.
-            step_seed: reseeds torch before each step (dropout), as centralized training does;
-                by default from config["step_seed"].
+            config: from the round: seed, epochs, max_steps, proximal_mu, sam_rho, dropout_seed, dropout_stream.
+            seed_of_step: reseeds torch before each step (dropout), as centralized training does;
+                by default `task.step_seed(config["dropout_seed"], step, config["dropout_stream"])`.
 
         Returns:
             The FitResult; the working model is restored to `state` afterwards.
         """
-        if step_seed is None and "step_seed" in config:
-            base = int(config["step_seed"])
-            step_seed = lambda n: (base + n * 7919) % (2**63)  # noqa: E731 - centralized training's formula
+        if seed_of_step is None and "dropout_stream" in config:
+            seed_of_step = dropout_seeds(config)
         p = self.params
-        with torch.no_grad():
-            for name, (ids, rows) in private.items():
-                p[name][torch.from_numpy(ids)] = torch.from_numpy(rows)
+        self.write_private(private)
         shared_p = [p[n] for n in self.layout.shared]
         module: nn.Module = self.module
         sam = None
         if config.get("sam_rho", 0.0) > 0:
             sam = SAMModule(self.module, shared_p, float(config["sam_rho"]))
             module = sam
-        dense = DENSE_OPTIMIZER_CLASSES[self.dense_optimizer]([p[n] for n in self.layout.dense], lr=self.lr, weight_decay=self.weight_decay)
+        dense = DenseOptimizer([p[n] for n in self.layout.dense], self.dense_optimizer, self.lr, self.weight_decay)
         table_names = {**self.layout.tables, **self.layout.private}
         tables = SparseTableOptimizer([p[n] for n in table_names], [self.touched(client, f) for f in table_names.values()],
                                       self.table_optimizer, self.table_lr)
@@ -331,7 +248,7 @@ class LocalTrainer:
         opt = LocalOptimizer(dense, tables, prox=prox, mu=float(config.get("proximal_mu", 0.0)), sam=sam)
         batches = list(local_batches(self.train, self.schema, client.train, self.batch_size, int(config["seed"]),
                                      int(config.get("max_steps", 0)), int(config.get("epochs", 1))))
-        stats = train_epoch(module, opt, batches, total=len(batches), show=False, desc=f"client {client.user}", step_seed=step_seed)
+        stats = train_epoch(module, opt, batches, total=len(batches), show=False, desc=f"client {client.user}", step_seed=seed_of_step)
         res = self._collect(client, state, num_examples=int(sum(float(b.weights.sum()) for b in batches)), metrics=stats)
         return normalized(res, len(batches), len(client.train)) if self.normalized else res
 

@@ -43,18 +43,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from c2al.data.batch import make_batch
 from c2al.data.schema import Table
 from c2al.data.synthetic import concat_tables
 from c2al.errors import C2ALError
+from c2al.eval.metrics import logloss
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows
-from c2al.federated.simulation import ClientStore, FedTrained, initial_params
-from c2al.federated.strategy import FedAvg
+from c2al.federated.heterogeneity import Devices, TierSpec
+from c2al.federated.rounds import ClientStore, FedTrained, StopRule, drive_rounds, initial_params
+from c2al.federated.strategy import RowwiseFedAvg
+from c2al.train.task import predict, step_seed
 
 log = logging.getLogger("c2al.federated")
 # Messages in flight per Ray actor (see WindowedGrid): enough to keep an actor busy between Flower's
 # delivery sweeps (0.1 s apart), few enough that a sweep over 6,040 nodes stays short.
 WINDOW_PER_ACTOR = {"train": 4, "evaluate": 16}
+SCORE_BATCH = 512  # rows a client scores per forward
 _LOADED: dict[str, "ClientSide"] = {}  # one copy per Ray actor process
 
 
@@ -98,7 +101,7 @@ class ClientSide:
 
         Once per model: an actor's consecutive messages mostly carry the same one (the
         round's, then the final one), and decoding it cost half of an evaluation.
-        `fit` and `score_rows` leave the shared parameters as loaded.
+        `fit` and scoring leave the shared parameters as loaded.
         """
         from c2al.federated.flower_strategy import from_record
 
@@ -154,21 +157,6 @@ def _full_model(params: dict[str, np.ndarray], res: FitResult) -> dict[str, np.n
     return out
 
 
-@torch.no_grad()
-def score_rows(t: LocalTrainer, table: Table, rows: np.ndarray, private: dict[str, Rows], batch_size: int = 512) -> np.ndarray:
-    """Probabilities of `rows` of `table` [len(rows)], by the loaded global model with these private rows written in.
-
-    What `c2al.train.task.predict` computes, on batches made straight from the rows: a
-    client scores a handful of rows, and `Table.take` (pandas included) cost as much as the forward.
-    """
-    for n, (ids, vals) in private.items():
-        t.params[n][torch.from_numpy(np.asarray(ids))] = torch.from_numpy(np.asarray(vals))
-    t.module.eval()
-    out = [torch.sigmoid(t.module(make_batch(table, t.schema, rows[b:b + batch_size]))[1][1]).numpy()
-           for b in range(0, len(rows), batch_size)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
 def make_client_app(payload: Payload) -> Any:
     """A Flower ClientApp: virtual node i trains and evaluates client i (its partition-id)."""
     from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -185,7 +173,7 @@ def make_client_app(payload: Payload) -> Any:
         params, conf = side.load_global(msg.content["arrays"]), dict(msg.content["config"])
         native = "seed" not in conf  # one of Flower's own strategies: it sends only server-round
         if native:
-            conf = {"seed": int(conf.get("server-round", 0)) * 1_000_003 + cid, "epochs": 1}
+            conf = {"seed": step_seed(int(conf.get("server-round", 0)), 0, stream=cid), "epochs": 1}  # the round's batch order
         try:
             res = t.fit(client, params, _private_rows(t, client, context), conf)
         except Exception:
@@ -201,11 +189,12 @@ def make_client_app(payload: Payload) -> Any:
         side, cid = payload.get(), int(context.node_config["partition-id"])
         t, client = side.trainer, side.clients[cid]
         side.load_global(msg.content["arrays"])
-        probs = score_rows(t, side.scored, side.rows(client), _private_rows(t, client, context))
+        t.write_private(_private_rows(t, client, context))
+        probs = predict(t.module, side.scored, t.schema, SCORE_BATCH, rows=side.rows(client))
         scores = {"valid": probs[:len(client.valid)], "test": probs[len(client.valid):]}
-        p, y = np.clip(scores["test"], 1e-7, 1 - 1e-7), side.scored.labels[client.test + side.n_valid]
-        logloss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum())
-        metrics = MetricRecord({"num-examples": len(client.test), "logloss-sum": logloss, "partition-id": cid})
+        y = side.scored.labels[client.test + side.n_valid]
+        loss_sum = logloss(scores["test"], y) * len(y) if len(y) else 0.0
+        metrics = MetricRecord({"num-examples": len(client.test), "logloss-sum": float(loss_sum), "partition-id": cid})
         return Message(RecordDict({"scores": to_record(scores), "metrics": metrics}), reply_to=msg)
 
     @app.query()
@@ -291,60 +280,124 @@ def evaluate_clients(grid: WindowedGrid, strategy: Any, server_round: int, array
         grid.on_replies = None
 
 
-def make_server_app(strategy: Any, population: int, rounds: int, clock: dict[str, float], *, actors: int, show: bool, tag: str) -> Any:
-    """A Flower ServerApp: map nodes, `strategy.start` for `rounds` rounds, then evaluate on every client."""
-    from flwr.serverapp import Grid, ServerApp
+@dataclass
+class FlowerRounds:
+    """The ServerApp's body: the in-process engine's rounds loop and early-stopping rule (`rounds.drive_rounds`),
+    each round the c2al strategy's hooks behind `FlowerStrategy` over Flower's Grid.
 
-    from c2al.federated.flower_strategy import to_record
+    An evaluation asks every client to score its own validation and test rows (`evaluate_clients`);
+    `stop.evaluate` then reads the gathered validation scores, as the in-process engine reads its
+    own, so both engines stop after the same round. Without `stop.evaluate` the clients score
+    the final model once.
 
-    app = ServerApp()
+    Args:
+        adapter: the c2al strategy behind Flower's Strategy interface.
+        trained: receives each round's parameters and history; holds the kept state at the end.
+        clients: every client, indexed by cid.
+        tables: the splits the clients score ("valid", "test").
+        rounds: most rounds.
+        stop: the early-stopping rule.
+        clock: phase times, filled in (`timing_line` reads them).
+        actors: Ray actors (the windows of messages in flight scale with them).
+    """
 
-    @app.main()
-    def main(grid: Grid, context: Any) -> None:
-        def up() -> None:  # the start-up is the long silent part: say when it is over
-            log.info(f"[{tag}] flower: first ClientApp reply {time.perf_counter() - clock['began']:.1f} s after the engine started "
-                     "(Ray and the actors are up)")
+    adapter: Any
+    trained: FedTrained
+    clients: list[ClientData]
+    tables: dict[str, Table]
+    rounds: int
+    stop: StopRule
+    clock: dict[str, float]
+    actors: int = 1
+    show: bool = True
+    tag: str = "federated"
+    grid: WindowedGrid | None = None
+    arrays: Any = None  # the global model as Flower's ArrayRecord
 
-        strategy.node_of = client_nodes(grid, population)
-        windowed = WindowedGrid(grid, WINDOW_PER_ACTOR["train"] * actors, on_first_reply=up)
-        result = strategy.start(windowed, to_record(strategy.params), num_rounds=rounds)
-        clock["trained"] = time.perf_counter()
-        clock["first_reply"] = windowed.first_reply_at or clock["trained"]
-        windowed.window = WINDOW_PER_ACTOR["evaluate"] * actors
-        evaluate_clients(windowed, strategy, rounds, result.arrays, population, show=show, tag=tag)
-        clock["evaluated"] = time.perf_counter()
+    def app(self) -> Any:
+        """The ServerApp running `main`."""
+        from flwr.serverapp import ServerApp
 
-    return app
+        app = ServerApp()
+        app.main()(self.main)
+        return app
+
+    def main(self, grid: Any, context: Any) -> None:
+        """Map nodes, drive the rounds, and let the clients score the kept model if no evaluation did."""
+        from c2al.federated.flower_strategy import to_record
+
+        self.adapter.node_of = client_nodes(grid, len(self.clients))
+        self.grid = WindowedGrid(grid, WINDOW_PER_ACTOR["train"] * self.actors, on_first_reply=self._up)
+        self.arrays, self.clock["round_eval_s"] = to_record(self.adapter.params), 0.0
+        stop = replace(self.stop, evaluate=self._evaluate) if self.stop.evaluate is not None else self.stop
+        drive_rounds(self.trained, self._round, stop, start=0, rounds=self.rounds, tag=self.tag, show=self.show)
+        self.clock["trained"] = time.perf_counter()
+        self.clock["first_reply"] = self.grid.first_reply_at or self.clock["trained"]
+        if not self.trained.scores:
+            self._score(len(self.trained.history))
+        self.clock["evaluated"] = time.perf_counter()
+
+    def _up(self) -> None:  # the start-up is the long silent part: say when it is over
+        log.info(f"[{self.tag}] flower: first ClientApp reply {time.perf_counter() - self.clock['began']:.1f} s after the engine "
+                 "started (Ray and the actors are up)")
+
+    def _round(self, rnd: int) -> dict[str, Any]:
+        """Round `rnd` (from 0): configure_train -> the Grid -> aggregate_train."""
+        from flwr.app import ConfigRecord
+
+        self.grid.window = WINDOW_PER_ACTOR["train"] * self.actors
+        messages = self.adapter.configure_train(rnd + 1, self.arrays, ConfigRecord(), self.grid)
+        self.arrays, _ = self.adapter.aggregate_train(rnd + 1, self.grid.send_and_receive(messages))
+        self.trained.params = self.adapter.params
+        return self.adapter.history[-1]
+
+    def _score(self, server_round: int) -> None:
+        """Every client scores its rows with the current global model; the scores land in `trained.scores`."""
+        from c2al.federated.flower_strategy import to_record
+
+        self.grid.window = WINDOW_PER_ACTOR["evaluate"] * self.actors
+        arrays = to_record(self.trained.params)
+        evaluate_clients(self.grid, self.adapter, server_round, arrays, len(self.clients), show=self.show, tag=self.tag)
+        self.trained.scores = gather_scores(self.adapter.scores, self.trained.params, self.trained.trainer, self.clients, self.tables)
+
+    def _evaluate(self, trained: FedTrained) -> dict[str, Any]:
+        began = time.perf_counter()
+        self._score(len(trained.history))
+        self.clock["round_eval_s"] += time.perf_counter() - began
+        return self.stop.evaluate(trained)
 
 
-def gather_scores(strategy: Any, trainer: LocalTrainer, clients: list[ClientData], tables: dict[str, Table]) -> dict[str, np.ndarray]:
-    """The clients' scores put back in row order; rows of users without a client (none hold them)
-    are scored here with the global model and the seeded initial private rows."""
-    trainer.load(strategy.params)
+def gather_scores(scores: dict[int, dict[str, np.ndarray]], params: dict[str, np.ndarray], trainer: LocalTrainer,
+                  clients: list[ClientData], tables: dict[str, Table]) -> dict[str, np.ndarray]:
+    """The clients' scores (client -> split -> [rows]) put back in row order; rows of users without a client
+    (none hold them) are scored here with the global `params` and the seeded initial private rows."""
+    trainer.load(params)
     out = {}
     for split, table in tables.items():
         probs = np.full(len(table), np.nan, dtype=np.float32)
         for c in clients:
-            probs[getattr(c, split)] = strategy.scores[c.cid][split]
+            probs[getattr(c, split)] = scores[c.cid][split]
         rest = np.flatnonzero(np.isnan(probs))
         if len(rest):
-            probs[rest] = score_rows(trainer, table, rest, {})
+            probs[rest] = predict(trainer.module, table, trainer.schema, SCORE_BATCH, rows=rest)
         out[split] = probs
     return out
 
 
-def run_rounds_flower(trainer: LocalTrainer, strategy: FedAvg, clients: list[ClientData], tiers: np.ndarray, *, cfg: Any,
-                      splits: Any, rounds: int, seed: int, spec: Any, checkpoint: Any = None, resume: bool = False,
-                      config: Any = None, shape_keys: tuple = (), show: bool = True, tag: str = "federated") -> FedTrained:
-    """The Flower twin of `simulation.run_rounds` (same arguments), on Flower's Ray simulation backend.
+def run_rounds_flower(trainer: LocalTrainer, strategy: RowwiseFedAvg, clients: list[ClientData], tiers: np.ndarray, *, cfg: Any,
+                      splits: Any, rounds: int, seed: int, spec: TierSpec, checkpoint: Any = None, resume: bool = False,
+                      config: Any = None, shape_keys: tuple = (), show: bool = True, tag: str = "federated",
+                      evaluate: Any = None, eval_every: int = 5, patience: int = 0, criterion: str = "ne") -> FedTrained:
+    """The Flower twin of `simulation.run_rounds` (the same arguments but workers / parallel / client_fn),
+    on Flower's Ray simulation backend, stopped early by the same rule.
 
     `cfg.num_actors` Ray actors run the ClientApps (each imports torch once). The
-    returned FedTrained carries the clients' own scores of the valid and test splits;
-    its `seconds` include the start-up (Ray, the actors importing torch).
+    returned FedTrained carries the clients' own scores of the valid and test splits
+    from the evaluation whose state it keeps; its `seconds` include the start-up (Ray,
+    the actors importing torch).
     """
     _require_flower()
     from flwr.simulation import run_simulation
-    from tqdm.auto import tqdm
 
     from c2al.federated.flower_strategy import FlowerStrategy
 
@@ -357,20 +410,19 @@ def run_rounds_flower(trainer: LocalTrainer, strategy: FedAvg, clients: list[Cli
     if not show:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     log.info(f"[{tag}] flower engine: {len(clients)} virtual nodes, {actors} Ray actor(s) running ClientApps (--num-actors)")
+    trained = FedTrained(trainer=trainer, params=params, store=ClientStore(private_init))
     clock = {"began": time.perf_counter()}
-    with tqdm(total=rounds, desc=f"[{tag}] flower rounds", disable=None if show else True, leave=False, dynamic_ncols=True) as bar, \
-            tempfile.TemporaryDirectory(prefix="c2al-flower-") as folder:
-        adapter = FlowerStrategy(strategy, params, tiers, seed=seed, spec=spec, on_round=lambda m: bar.update(1))
+    body = FlowerRounds(FlowerStrategy(strategy, params, Devices(tiers, spec), seed=seed), trained, clients,
+                        {"valid": splits.valid, "test": splits.test}, rounds, StopRule(evaluate, eval_every, patience, criterion),
+                        clock, actors=actors, show=show, tag=tag)
+    with tempfile.TemporaryDirectory(prefix="c2al-flower-") as folder:
         payload = Payload.write(ClientSide.of(trainer, clients, splits.valid, splits.test), Path(folder))
-        server = make_server_app(adapter, len(clients), rounds, clock, actors=actors, show=show, tag=tag)
-        run_simulation(server_app=server, client_app=make_client_app(payload), num_supernodes=len(clients),
+        run_simulation(server_app=body.app(), client_app=make_client_app(payload), num_supernodes=len(clients),
                        backend_config=backend)
     clock["ended"] = time.perf_counter()
-    if len(adapter.history) != rounds or "evaluated" not in clock:
-        raise C2ALError(f"Flower simulation stopped after {len(adapter.history)} of {rounds} rounds (see Flower's log above)")
-    trained = FedTrained(trainer=trainer, params=adapter.params, store=ClientStore(private_init), history=adapter.history,
-                         seconds=clock["trained"] - clock["began"])
-    trained.scores = gather_scores(adapter, trainer, clients, {"valid": splits.valid, "test": splits.test})
+    if "evaluated" not in clock:
+        raise C2ALError(f"Flower simulation stopped after {len(trained.history)} of {rounds} rounds (see Flower's log above)")
+    trained.seconds = clock["trained"] - clock["began"]
     log.info(timing_line(clock, actors, len(clients), tag))
     return trained
 
@@ -379,8 +431,10 @@ def timing_line(clock: dict[str, float], actors: int, nodes: int, tag: str) -> s
     """The engine's phases on one line (benchmarks/flower_engine.py reads it).
 
     startup: until the first ClientApp replied (Ray, actors importing torch and reading
-    the data, one client's training); rounds: from there to the last aggregation.
+    the data, one client's training); rounds: from there to the last aggregation, less the
+    evaluations between rounds; eval: every evaluation on the clients (between rounds and after them).
     """
-    phases = {"startup_s": clock["first_reply"] - clock["began"], "rounds_s": clock["trained"] - clock["first_reply"],
-              "eval_s": clock["evaluated"] - clock["trained"], "shutdown_s": clock["ended"] - clock["evaluated"]}
+    between = clock.get("round_eval_s", 0.0)
+    phases = {"startup_s": clock["first_reply"] - clock["began"], "rounds_s": clock["trained"] - clock["first_reply"] - between,
+              "eval_s": clock["evaluated"] - clock["trained"] + between, "shutdown_s": clock["ended"] - clock["evaluated"]}
     return f"[{tag}] flower timings: " + " ".join(f"{k}={v:.2f}" for k, v in phases.items()) + f" actors={actors} nodes={nodes}"

@@ -111,3 +111,55 @@ def available(tiers: np.ndarray, spec: TierSpec, rng: np.random.Generator) -> np
 def drops_out(tier: int, spec: TierSpec, rng: np.random.Generator) -> bool:
     """Whether a sampled device of `tier` vanishes before reporting back."""
     return bool(rng.random() < spec.dropout[tier])
+
+
+@dataclass(frozen=True)
+class RoundDevices:
+    """The devices of one round as a strategy sees them, as Flower's Grid lists its connected nodes.
+
+    Attributes:
+        online: the clients whose device is available this round, ascending.
+        population: every client (seeds are per (round, client) pair over it).
+        rng: the round's generator; a strategy samples from it (after availability, before dropout).
+    """
+
+    online: np.ndarray
+    population: int
+    rng: np.random.Generator
+
+    def get_node_ids(self) -> list[int]:
+        """The online clients (Flower's `Grid.get_node_ids`)."""
+        return self.online.tolist()
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The simulated devices: which are online each round, which vanish mid-round, how many steps each affords.
+
+    Availability, dropout and step budgets are the devices' doing, not the server's: both engines
+    ask this object, and a strategy (c2al's or Flower's) only samples among the online clients.
+
+    Args:
+        tiers: device tier per client [N].
+        spec: the tiers' behaviour.
+
+    Example:
+        >>> d = Devices(np.array([0, 2]), TierSpec())
+        >>> d.online(np.random.default_rng(0)).population, d.steps(0), d.steps(1)
+        (2, 2, 10)
+    """
+
+    tiers: np.ndarray
+    spec: TierSpec
+
+    def online(self, rng: np.random.Generator) -> RoundDevices:
+        """This round's online clients (the first draw of the round's generator)."""
+        return RoundDevices(available(self.tiers, self.spec, rng), len(self.tiers), rng)
+
+    def drops_out(self, cid: int, rng: np.random.Generator) -> bool:
+        """Whether client `cid`'s device vanishes before reporting back."""
+        return drops_out(int(self.tiers[cid]), self.spec, rng)
+
+    def steps(self, cid: int) -> int:
+        """The local step budget of client `cid`'s device (0: no cap beyond the local epochs)."""
+        return int(self.spec.steps[int(self.tiers[cid])])

@@ -1,14 +1,17 @@
-"""Server strategies shaped like Flower's `Strategy`: configure_fit / aggregate_fit hooks.
+"""Server strategies in Flower 1.41's words: configure_train / aggregate_train / configure_evaluate / aggregate_evaluate.
 
-`configure_fit` picks the round's clients among the available ones and says
-how each trains (seed, local epochs, step budget of its device tier, FedProx's
-mu, SAM's rho). `aggregate_fit` rejects malformed updates, averages the rest
-with the pure functions of `aggregate`, and steps the server optimizer.
-FedAvg (server lr 1: the mean model), FedProx (FedAvg on the server, a
-proximal term on the clients) and FedAdam (Reddi et al. 2021) are provided.
-How the accepted updates are combined before the server step is an
-`Aggregation` (--aggregation): the weighted mean, or a rule robust to poisoned
-updates (coordinate-wise median, trimmed mean, norm clipping, Multi-Krum).
+`configure_train` samples the round's clients among the online ones (which devices
+are online, which drop out and how many steps each affords is `heterogeneity.Devices`,
+not the strategy) and says how each trains (seed, local epochs, FedProx's mu, SAM's
+rho). `aggregate_train` rejects malformed updates, combines the rest with the pure
+functions of `aggregate`, and steps the server optimizer. RowwiseFedAvg (server lr 1:
+the mean model), RowwiseFedProx (FedAvg on the server, a proximal term on the clients),
+RowwiseFedAdam and RowwiseFedYogi (Reddi et al. 2021) are provided; "Rowwise" because
+shared embedding tables are averaged and stepped row by row over the clients that
+touched each row, and so that they do not shadow Flower's own FedAvg / FedProx / FedAdam,
+which `flower_strategy` lets a user swap in. How the accepted updates are combined before
+the server step is an `Aggregation` (--aggregation): the weighted mean, or a rule robust
+to poisoned updates (coordinate-wise median, trimmed mean, norm clipping, Multi-Krum).
 
 Parameters are a dict name -> numpy array holding only SHARED parameters:
 users' private rows never reach the server.
@@ -24,7 +27,7 @@ import numpy as np
 from c2al.errors import C2ALError
 from c2al.federated import aggregate as agg
 from c2al.federated.client import SEED_STRIDE, FitResult, Layout
-from c2al.federated.heterogeneity import TierSpec, available
+from c2al.federated.heterogeneity import RoundDevices
 
 log = logging.getLogger("c2al.federated")
 Params = dict[str, np.ndarray]
@@ -34,7 +37,7 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean", "norm-clip", "krum")
 
 @dataclass(frozen=True)
 class Aggregation:
-    """How `aggregate_fit` combines the accepted updates into one delta per parameter.
+    """How `aggregate_train` combines the accepted updates into one delta per parameter.
 
     Dense parameters are combined whole; shared tables row by row over the
     clients that sent each row; private user rows never reach the server.
@@ -121,65 +124,113 @@ class Aggregation:
         return deltas, weights, info
 
 
-class FedAvg:
-    """FedAvg (McMahan et al. 2017) with row-wise averaging of embedding tables.
+class RowwiseFedAvg:
+    """FedAvg (McMahan et al. 2017) with row-wise averaging of embedding tables, in Flower 1.41's hook names.
+
+    In-process the hooks speak numpy dicts (shared parameter name -> array) and (client, config)
+    pairs instead of ArrayRecords and Messages: the clients live in this process, so a message
+    would only wrap and unwrap the same arrays. `flower_strategy.FlowerStrategy` puts them behind
+    Flower's own `Strategy`, over ArrayRecord / MetricRecord. Which clients are online is the
+    simulated devices' doing (`heterogeneity.Devices`): the strategy samples among them.
 
     Args:
         layout: which parameters are tables (row updates) and which are dense.
-        clients_per_round: clients sampled per round (fewer when fewer are available).
+        clients_per_round: clients sampled per round (fewer when fewer are online).
         epochs: local epochs per round.
         server_lr: step on the averaged delta (1.0: the mean of the client models).
         sam_rho: local SAM radius (0: plain local steps).
-        spec: device tiers (step budgets).
-        seed: base seed of the clients' shuffles.
+        seed: base seed of the clients' shuffles and dropout.
         aggregation: how updates are combined (an `Aggregation`, or a rule name with default options).
+
+    Example:
+        >>> from c2al.federated.heterogeneity import RoundDevices
+        >>> grid = RoundDevices(np.arange(10), 10, np.random.default_rng(0))
+        >>> [cid for cid, _ in RowwiseFedAvg(None, 3).configure_train(1, {}, {}, grid)]
+        [5, 6, 9]
     """
 
     name = "fedavg"
 
     def __init__(self, layout: Layout, clients_per_round: int, *, epochs: int = 1, server_lr: float = 1.0,
-                 sam_rho: float = 0.0, spec: TierSpec | None = None, seed: int = 0,
-                 aggregation: Aggregation | str = "mean") -> None:
+                 sam_rho: float = 0.0, seed: int = 0, aggregation: Aggregation | str = "mean") -> None:
         self.layout, self.clients_per_round, self.epochs = layout, clients_per_round, epochs
-        self.server_lr, self.sam_rho, self.spec, self.seed = server_lr, sam_rho, spec or TierSpec.uniform(), seed
+        self.server_lr, self.sam_rho, self.seed = server_lr, sam_rho, seed
         self.aggregation = Aggregation(aggregation) if isinstance(aggregation, str) else aggregation
 
     # ------------------------------------------------------------------ hooks
-    def configure_fit(self, rnd: int, tiers: np.ndarray, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
-        """(client index, config) for each client sampled this round from the available ones."""
-        pool = available(tiers, self.spec, rng)
+    def configure_train(self, server_round: int, arrays: Params, config: dict[str, Any], grid: RoundDevices
+                        ) -> list[tuple[int, dict[str, Any]]]:
+        """(client, train config) for each client sampled among the round's online ones.
+
+        Args:
+            server_round: Flower's round number, from 1.
+            arrays: the global shared parameters (they travel with the jobs in-process).
+            config: merged into every client's config.
+            grid: the round's online devices and its generator.
+
+        Returns:
+            [(client index, config)] in ascending client order.
+        """
+        pool = grid.online
         if len(pool) == 0:
             return []
-        chosen = np.sort(rng.choice(pool, size=min(self.clients_per_round, len(pool)), replace=False))
-        return [(int(c), self.fit_config(rnd, int(c), int(tiers[c]), len(tiers))) for c in chosen]
+        chosen = np.sort(grid.rng.choice(pool, size=min(self.clients_per_round, len(pool)), replace=False))
+        return [(int(c), {**config, **self.train_config(server_round, int(c), grid.population)}) for c in chosen]
 
-    def fit_config(self, rnd: int, cid: int, tier: int, population: int) -> dict[str, Any]:
-        # Round 0's client 0 draws what centralized training draws (batch order seed*1000 + epoch,
-        # dropout reseeded per step from seed*1_000_003): one client holding all data then equals it.
+    def train_config(self, server_round: int, cid: int, population: int) -> dict[str, Any]:
+        """How client `cid` trains in `server_round`: its batch-order seed, dropout stream, epochs, SAM and FedProx terms."""
+        # Round 1's client 0 draws what centralized training draws (batch order seed*1000 + epoch,
+        # dropout from `task.step_seed(seed, step)`): one client holding all data then equals it.
+        rnd = server_round - 1
         pair = rnd * population + cid
-        return {"round": rnd, "seed": self.seed * 1000 + pair * 1009, "step_seed": self.seed * 1_000_003 + pair * SEED_STRIDE,
-                "epochs": self.epochs, "max_steps": int(self.spec.steps[tier]), "sam_rho": self.sam_rho, "proximal_mu": 0.0}
+        return {"round": rnd, "seed": self.seed * 1000 + pair * 1009, "dropout_seed": self.seed, "dropout_stream": pair * SEED_STRIDE,
+                "epochs": self.epochs, "sam_rho": self.sam_rho, "proximal_mu": 0.0}
 
-    def aggregate_fit(self, rnd: int, params: Params, results: Sequence[tuple[int, FitResult]],
-                      failures: list[tuple[int, str]]) -> tuple[Params, dict[str, Any]]:
-        """Validate, average and step; returns new params and round metrics."""
-        good = []
-        for cid, res in results:
-            reason = self.validate(params, res)
+    def aggregate_train(self, server_round: int, arrays: Params, replies: Sequence[tuple[int, FitResult]]
+                        ) -> tuple[Params, dict[str, Any]]:
+        """Validate, combine and step.
+
+        Args:
+            server_round: Flower's round number, from 1.
+            arrays: the global shared parameters the round started from.
+            replies: (client, its update) for every client that answered.
+
+        Returns:
+            (new parameters, round metrics); metrics["rejected"] lists (client, reason) of refused updates.
+        """
+        rnd = server_round - 1
+        good, rejected = [], []
+        for cid, res in replies:
+            reason = self.validate(arrays, res)
             if reason is None:
                 good.append((cid, res))
             else:
                 log.warning("round %d: client %d rejected: %s", rnd, cid, reason)
-                failures.append((cid, f"rejected: {reason}"))
-        metrics: dict[str, Any] = {"round": rnd, "aggregated": len(good), "failures": failures}
+                rejected.append((cid, f"rejected: {reason}"))
+        metrics: dict[str, Any] = {"round": rnd, "aggregated": len(good), "rejected": rejected}
         if not good:
             log.warning("round %d: no client update to aggregate; the global model is unchanged", rnd)
-            return params, metrics
-        deltas, weights, info = self.aggregation.combine([r for _, r in good], self.layout, params)
+            return arrays, metrics
+        deltas, weights, info = self.aggregation.combine([r for _, r in good], self.layout, arrays)
         metrics.update(info)
         metrics["loss"] = float(np.average([r.metrics.get("loss", np.nan) for _, r in good], weights=weights))
         metrics["examples"] = int(sum(weights))
-        return self.server_step(rnd, params, deltas), metrics
+        return self.server_step(rnd, arrays, deltas), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: Params, config: dict[str, Any], grid: Any) -> list[tuple[int, dict[str, Any]]]:
+        """(client, evaluate config) for the clients named in config["cids"] (none unless named)."""
+        return [(int(c), {"server-round": server_round}) for c in config.get("cids", [])]
+
+    def aggregate_evaluate(self, server_round: int, replies: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float] | None:
+        """The clients' test log loss pooled over their rows (None without replies).
+
+        Example:
+            >>> RowwiseFedAvg(None, 1).aggregate_evaluate(1, [(0, {"num-examples": 1, "logloss-sum": 2.0}),
+            ...                                               (1, {"num-examples": 3, "logloss-sum": 2.0})])
+            {'num-examples': 4, 'logloss': 1.0}
+        """
+        n = sum(int(m["num-examples"]) for _, m in replies)
+        return {"num-examples": n, "logloss": sum(float(m["logloss-sum"]) for _, m in replies) / n} if n else None
 
     # -------------------------------------------------------------- internals
     def validate(self, params: Params, res: FitResult) -> str | None:
@@ -226,7 +277,7 @@ class FedAvg:
         return None
 
 
-class FedProx(FedAvg):
+class RowwiseFedProx(RowwiseFedAvg):
     """FedProx (Li et al. 2020): FedAvg on the server, mu/2 |w - w_global|^2 on every client."""
 
     name = "fedprox"
@@ -237,11 +288,11 @@ class FedProx(FedAvg):
             raise C2ALError(f"--proximal-mu must be >= 0, got {proximal_mu}")
         self.proximal_mu = proximal_mu
 
-    def fit_config(self, rnd: int, cid: int, tier: int, population: int) -> dict[str, Any]:
-        return {**super().fit_config(rnd, cid, tier, population), "proximal_mu": self.proximal_mu}
+    def train_config(self, server_round: int, cid: int, population: int) -> dict[str, Any]:
+        return {**super().train_config(server_round, cid, population), "proximal_mu": self.proximal_mu}
 
 
-class FedAdam(FedAvg):
+class RowwiseFedAdam(RowwiseFedAvg):
     """FedAdam (Reddi et al. 2021): server Adam on the averaged delta; lazy on table rows."""
 
     name = "fedadam"
@@ -276,7 +327,7 @@ class FedAdam(FedAvg):
         self.v = {k: np.asarray(v, dtype=np.float64) for k, v in state.get("v", {}).items()}
 
 
-class FedYogi(FedAdam):
+class RowwiseFedYogi(RowwiseFedAdam):
     """FedYogi (Reddi et al. 2021): FedAdam with Yogi's additive second moment (no bias correction,
     as Reddi's Algorithm 2 and Flower's FedYogi); lazy on table rows."""
 
@@ -296,16 +347,16 @@ class FedYogi(FedAdam):
         return out
 
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+STRATEGIES = {"fedavg": RowwiseFedAvg, "fedprox": RowwiseFedProx, "fedadam": RowwiseFedAdam, "fedyogi": RowwiseFedYogi}
 DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 
 
 def make_strategy(name: str, layout: Layout, clients_per_round: int, *, server_lr: float = 0.0,
-                  proximal_mu: float = 0.01, **kw: Any) -> FedAvg:
+                  proximal_mu: float = 0.01, **kw: Any) -> RowwiseFedAvg:
     """The strategy named by --server-optimizer; server_lr 0 takes the strategy's default."""
     if name not in STRATEGIES:
         raise C2ALError(f"--server-optimizer must be one of {sorted(STRATEGIES)}, got {name!r}")
     lr = server_lr or DEFAULT_SERVER_LR[name]
     if name == "fedprox":
-        return FedProx(layout, clients_per_round, proximal_mu=proximal_mu, server_lr=lr, **kw)
+        return RowwiseFedProx(layout, clients_per_round, proximal_mu=proximal_mu, server_lr=lr, **kw)
     return STRATEGIES[name](layout, clients_per_round, server_lr=lr, **kw)

@@ -14,7 +14,9 @@ one backward instead of C small ones:
   a stand-in that hands back the pooled rows of its client;
 - the table optimizer steps the round tables row by row (rows are per client,
   so the per-row state is each client's own), the dense optimizer steps the
-  stacked parameters elementwise for the clients still training.
+  stacked parameters elementwise for the clients still training. Both, FedProx's
+  pull and SAM's move are `c2al.federated.optim`'s, the ones a client trained
+  alone uses (there a stack of one client).
 
 Each client takes the batches `LocalTrainer.fit` would cut, the same number of
 steps, FedProx's pull and SAM's perturbation (rho g_c / |g_c| with its own
@@ -39,61 +41,10 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from c2al.data.batch import Batch, make_batch
 from c2al.dist.sharding import embedding_collections
-from c2al.federated.client import (
-    ClientData,
-    FitResult,
-    LocalOptimizer,
-    LocalTrainer,
-    Rows,
-    SparseTableOptimizer,
-    client_steps,
-    normalized,
-)
+from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows, client_steps, dropout_seeds, normalized
+from c2al.federated.optim import DenseOptimizer, LocalOptimizer, Perturbation, SparseTableOptimizer, sam_perturbation
 
 Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
-
-
-class StackedDenseOptimizer:
-    """adam / adagrad / sgd on dense parameters stacked [C, ...], one independent optimizer per client.
-
-    Every update is elementwise, so client c's slice moves exactly as `torch.optim`
-    would move its own copy (torch's defaults: Adam betas (0.9, 0.999) and eps 1e-8,
-    Adagrad eps 1e-10, weight decay added to the gradient). Only the first `active`
-    clients step: the runner orders clients by their number of steps, longest first.
-    """
-
-    def __init__(self, params: list[torch.Tensor], kind: str, lr: float, weight_decay: float = 0.0) -> None:
-        self.params, self.kind, self.lr, self.weight_decay = params, kind, lr, weight_decay
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-        self.active = len(params[0]) if params else 0
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        a = self.active
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            w, g = p[:a], p.grad[:a]
-            if self.weight_decay:
-                g = g + self.weight_decay * w
-            if self.kind == "sgd":
-                w.add_(g, alpha=-self.lr)
-            elif self.kind == "adagrad":
-                v[:a].addcmul_(g, g)
-                w.addcdiv_(g, v[:a].sqrt().add_(1e-10), value=-self.lr)
-            else:  # adam, as torch's single-tensor path
-                beta1, beta2 = 0.9, 0.999
-                m[:a].lerp_(g, 1 - beta1)
-                v[:a].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v[:a].sqrt() / (1 - beta2**self.t) ** 0.5).add_(1e-8)
-                w.addcdiv_(m[:a], denom, value=-self.lr / (1 - beta1**self.t))
 
 
 class _Pooled(nn.Module):
@@ -106,27 +57,6 @@ class _Pooled(nn.Module):
 
     def forward(self, features: Any) -> KeyedTensor:
         return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=self.values)
-
-
-class _Perturbation:
-    """A SAM perturbation of the stacked parameters and round tables, applied when made; `restore` takes it back
-    (called by `LocalOptimizer.step` before stepping, as for `SAMModule`)."""
-
-    def __init__(self, moves: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
-        self.moves = moves  # (weight, slice(None) or row indices, the move)
-        self._shift(1.0)
-
-    @torch.no_grad()
-    def _shift(self, sign: float) -> None:
-        for w, where, e in self.moves:
-            if isinstance(where, slice):
-                w.add_(e, alpha=sign)
-            else:
-                w.index_add_(0, where, e, alpha=sign)
-
-    def restore(self) -> None:
-        self._shift(-1.0)
-        self.moves = []
 
 
 @dataclass
@@ -218,7 +148,7 @@ class VectorizedRunner:
     def _optimizer(self, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], params: dict[str, np.ndarray],
                    mu: float) -> LocalOptimizer:
         t = self.trainer
-        stacked = StackedDenseOptimizer(list(dense.values()), t.dense_optimizer, t.lr, t.weight_decay)
+        stacked = DenseOptimizer(list(dense.values()), t.dense_optimizer, t.lr, t.weight_decay, stacked=True)
         rows = SparseTableOptimizer([r.weight for r in tables.values()], [np.arange(len(r.keys)) for r in tables.values()],
                                     t.table_optimizer, t.table_lr)
         prox: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -233,7 +163,7 @@ class VectorizedRunner:
         t = self.trainer
         sums: list[dict[str, float]] = [{} for _ in jobs]
         failed: dict[int, str] = {}
-        base = int(jobs[0][3].get("step_seed", 0)) if jobs else 0
+        seed_of_step = dropout_seeds(jobs[0][3] if jobs and "dropout_stream" in jobs[0][3] else {"dropout_stream": 0})
         rho = float(jobs[0][3].get("sam_rho", 0.0)) if jobs else 0.0
         t.module.train()
         with self._vectorizable():
@@ -242,7 +172,7 @@ class VectorizedRunner:
                 take = np.concatenate([plans[c][k][0] for c in range(a)])
                 weights = np.concatenate([plans[c][k][1] for c in range(a)])
                 batch = make_batch(t.train, t.schema, take, weights)
-                torch.default_generator.manual_seed((base + k * 7919) % (2**63))  # dropout: the step's one draw
+                torch.default_generator.manual_seed(seed_of_step(k))  # dropout: the step's one draw (the first client's stream)
                 losses, parts = self._losses(batch, dense, tables, a)
                 if rho > 0:  # SAM: the gradient is taken at w + rho g / |g|, each client with its own g
                     opt.sam = self._perturb(losses, dense, tables, a, rho)
@@ -273,7 +203,7 @@ class VectorizedRunner:
 
     @torch.no_grad()
     def _perturb(self, losses: torch.Tensor, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], a: int,
-                 rho: float) -> "_Perturbation":
+                 rho: float) -> Perturbation:
         """Move each client's shared parameters by rho g_c / |g_c| (as `SAMModule`, per client)."""
         layout = self.trainer.layout
         shared = [dense[n] for n in layout.dense] + [tables[n].weight for n in layout.tables]
@@ -281,25 +211,14 @@ class VectorizedRunner:
         with torch.enable_grad():
             grads = torch.autograd.grad(losses[finite].sum(), shared, allow_unused=True) if bool(finite.any()) else [None] * len(shared)
         clients = len(tables[next(iter(tables))].start) - 1
-        sq = torch.zeros(clients, dtype=torch.float64)  # [C] squared norm of each client's g
-        sparse = []
-        for g in grads[:len(layout.dense)]:
-            if g is not None:
-                sq += g.double().pow(2).flatten(1).sum(1)
+        rows = []
         for n, g in zip(layout.tables, grads[len(layout.dense):]):
             if g is not None:
                 g = g.coalesce()
-                idx, vals = g.indices()[0], g.values()  # [R], [R, D]
+                idx = g.indices()[0]  # [R]
                 owner = torch.from_numpy(np.searchsorted(tables[n].start, idx.numpy(), side="right") - 1)  # [R] client of each row
-                sq.index_add_(0, owner, vals.double().pow(2).sum(1))
-                sparse.append((tables[n].weight, idx, vals, owner))
-        scale = (rho / (sq.sqrt() + 1e-12)).float()  # [C]
-        moves: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
-        for n, g in zip(layout.dense, grads[:len(layout.dense)]):
-            if g is not None:
-                moves.append((dense[n], slice(None), g * scale.view(-1, *([1] * (g.dim() - 1)))))
-        moves += [(w, idx, vals * scale[owner].unsqueeze(1)) for w, idx, vals, owner in sparse]
-        return _Perturbation(moves)  # applies them
+                rows.append((tables[n].weight, idx, g.values(), owner))
+        return sam_perturbation([(dense[n], g) for n, g in zip(layout.dense, grads)], rows, clients, rho)  # applies it
 
     def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], *tensors: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,20 +13,37 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from c2al.data.batch import Batch
+from c2al.data.batch import Batch, iter_batches
 from c2al.data.schema import Schema, Table
 from c2al.dist.process import LOCAL_CPU, DistInfo, gather_rows
 from c2al.errors import C2ALError
 from c2al.losses import bce_with_logits, in_batch_softmax_loss
 
-LossFn = Callable[[nn.Module, Batch], "StepOutput"]
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The torch seed drawn before training step `step`: dropout masks depend on (seed, step, stream) only,
+    so a resumed run draws what an uninterrupted one drew.
+
+    Args:
+        seed: the run's --seed.
+        step: the global step (centralized) or the client's local step (federated).
+        stream: separates independent streams of steps: the rank of a process, or one (round, client) pair.
+
+    Returns:
+        A seed in [0, 2**63).
+
+    Example:
+        >>> step_seed(1, 2), step_seed(1, 2, stream=3)
+        (1015841, 1015844)
+    """
+    return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
 
 
 class StepOutput(NamedTuple):
-    """What one forward of a train module gives back."""
+    """What a train module gives back beside its differentiable loss: `loss, out = module(batch)`."""
 
-    loss: torch.Tensor  # scalar, differentiable
-    logits: torch.Tensor  # [B] main-task logits
+    loss: torch.Tensor  # scalar, detached
+    logits: torch.Tensor  # [B] main-task logits, detached
     parts: dict[str, torch.Tensor]  # named loss terms, detached, for logging
 
 
@@ -57,7 +74,7 @@ class TrainModule(nn.Module):
         self.item_feature = item_log_q[0] if item_log_q is not None else ""
         self.register_buffer("item_log_q", item_log_q[1] if item_log_q is not None else None, persistent=False)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         from c2al.plugin import C2ALWrapper
 
         out = self.model(batch.dense, batch.sparse)
@@ -75,7 +92,7 @@ class TrainModule(nn.Module):
             # In-batch softmax replaces the pointwise main BCE; C2AL's auxiliary terms stay.
             loss = self._softmax_loss(batch) + aux
         parts = {k: v.detach() for k, v in parts.items()}
-        return loss, (loss.detach(), logits.detach().reshape(-1), parts)
+        return loss, StepOutput(loss.detach(), logits.detach().reshape(-1), parts)
 
     def _bias(self, cohort_ids: torch.Tensor) -> torch.Tensor:
         """[B] the cohort's learned offset, 0 for rows outside every cohort (id -1)."""
@@ -177,7 +194,7 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, info: DistInfo = LOCAL_CPU,
-            *, show: bool = False, desc: str = "eval") -> np.ndarray:
+            *, show: bool = False, desc: str = "eval", rows: np.ndarray | None = None) -> np.ndarray:
     """The one prediction function: probabilities for every row of `table`, in row order, on every rank.
 
     Args:
@@ -187,10 +204,16 @@ def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, inf
         schema: the table's schema.
         batch_size: global batch size (split over ranks as in training).
         info: the process group; a single CPU process by default.
+        rows: only these rows of `table`, in this order, in this process (a federated client scoring its
+            own rows: no gather across ranks, and no `Table.take`, which costs more than the forward).
 
     Returns:
-        float array [len(table)].
+        float array [len(table)], or [len(rows)].
     """
     module = model if isinstance(model, TrainModule) or isinstance(getattr(model, "module", None), TrainModule) else TrainModule(model)
     module.eval()
-    return gather_rows(lambda b: torch.sigmoid(module(b)[1][1]), table, schema, batch_size, info, show=show, desc=desc)
+    if rows is not None:
+        batches = iter_batches(table, schema, min(batch_size, max(len(rows), 1)), shuffle=False, rows=rows)  # a few rows: no padding
+        out = [torch.sigmoid(module(b)[1].logits)[b.weights > 0].float().numpy() for b in batches]  # padding rows dropped
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return gather_rows(lambda b: torch.sigmoid(module(b)[1].logits), table, schema, batch_size, info, show=show, desc=desc)
