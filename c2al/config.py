@@ -270,7 +270,6 @@ class Config:
         return self
 
 
-
 def _check_flower(cfg: Config) -> None:
     """Flags the flower engine cannot honour (it stops early by the simulation's rule: --patience, --eval-every)."""
     for flag, name in (("--workers", "workers"), ("--parallel-clients", "parallel_clients")):
@@ -279,6 +278,7 @@ def _check_flower(cfg: Config) -> None:
     if cfg.patience and cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge):
         raise C2ALError("--patience on validation recall@10 needs --engine simulation (it reads every client's private rows); "
                         "give --patience 0 to run every round")
+
 
 # The miner's candidate sources (cohorts.candidates.SOURCES; tests/test_config.py checks they agree).
 CANDIDATES = ("kmeans", "gmm", "axes", "tree")
