@@ -253,10 +253,18 @@ class Progressive:
     loss_sum: float = 0.0  # sum over rows of the main task's log loss, taken in the forward before the update
     rows: float = 0.0
     positives: float = 0.0
+    input_wait_s: float = 0.0  # time the loop waited for its next batch (reading, parsing, collation not hidden by prefetch)
 
     def watch(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        """Pass batches through, counting their rows and positives (weights: padding counts nothing)."""
-        for b in batches:
+        """Pass batches through, counting their rows and positives (weights: padding counts nothing) and the
+        time spent waiting for each one."""
+        source = iter(batches)
+        while True:
+            began = time.perf_counter()
+            b = next(source, None)
+            self.input_wait_s += time.perf_counter() - began
+            if b is None:
+                return
             self.rows += float(b.weights.sum())
             self.positives += float((b.labels * b.weights).sum())
             yield b
@@ -265,7 +273,7 @@ class Progressive:
         self.loss_sum += mean_main * steps * local_rows
 
     def state(self) -> dict[str, float]:
-        return {"loss_sum": self.loss_sum, "rows": self.rows, "positives": self.positives}
+        return {"loss_sum": self.loss_sum, "rows": self.rows, "positives": self.positives, "input_wait_s": self.input_wait_s}
 
     def report(self, info: DistInfo) -> dict[str, float]:
         """{"progressive_ne", "progressive_logloss", "rows_seen"} over every rank's rows."""
@@ -275,7 +283,8 @@ class Progressive:
         loss, rows, pos = (float(v) for v in sums)
         p = min(max(pos / max(rows, 1.0), 1e-12), 1 - 1e-12)
         entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-        return {"progressive_ne": loss / rows / entropy, "progressive_logloss": loss / rows, "rows_seen": int(rows)}
+        return {"progressive_ne": loss / rows / entropy, "progressive_logloss": loss / rows, "rows_seen": int(rows),
+                "input_wait_s": self.input_wait_s}
 
 
 @dataclass
