@@ -516,3 +516,16 @@ def test_dense_optimizer_moves_each_stacked_client_as_torch_moves_its_own_copy(k
     for c in range(3):
         torch.testing.assert_close(stacked.detach()[c], copies[c].detach(), rtol=0, atol=1e-7)
     assert not torch.equal(stacked.detach()[2], stacked.detach()[1])
+
+
+def test_reading_the_trained_module_installs_the_state_once(splits, monkeypatch):
+    cfg = Config(data=DATA, clients_per_round=4)
+    fed, _ = run(cfg, splits, rounds=1)
+    loads = []
+    monkeypatch.setattr(fed.trainer, "load", lambda params, f=fed.trainer.load: (loads.append(1), f(params)))
+    first = fed.module
+    assert fed.module is first and fed.model is first.model and len(loads) == 1  # a property read copies nothing more
+    fed.params = {n: v + 1.0 for n, v in fed.params.items()}  # a new global state: the next read installs it
+    name = next(iter(fed.params))
+    np.testing.assert_array_equal(dict(fed.module.model.named_parameters())[name].detach().numpy(), fed.params[name])
+    assert len(loads) == 2

@@ -228,8 +228,8 @@ class VectorizedRunner:
         x, labels, users, cohorts, weights = tensors
         batch = Batch(sparse=None, dense=x, labels=labels, user_ids=users, cohort_ids=cohorts, weights=weights)
         named = {self.prefix + n: w for n, w in dense.items()}
-        loss, (_, _, parts) = torch.func.functional_call(self.trainer.module, named, (batch,), strict=False)
-        return loss, parts
+        loss, out = torch.func.functional_call(self.trainer.module, named, (batch,), strict=False)
+        return loss, out.parts
 
     def _lookup(self, batch: Batch, tables: dict[str, _RoundTable], a: int) -> list[torch.Tensor]:
         """Per EBC, the pooled rows of every stepping client [A, B, sum D], each from its own block."""
