@@ -1,13 +1,14 @@
 # Two commands on a fresh machine:
 #   make run    create .venv, install, train C2AL on the embedded MovieLens-100k
 #   make test   create .venv, install, run the test suite
+# (make test-fast leaves out the tests marked slow, for the edit loop)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN_ARGS ?= --aux-cohorts
 
-.PHONY: install run test bench minority-ne federated-bench flower-engine clean
+.PHONY: install run test test-fast bench minority-ne federated-bench flower-engine clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	@echo ">> creating $(VENV) and installing the pinned CPU dependency set"
@@ -29,6 +30,11 @@ test: $(STAMP)
 	@echo ">> ruff check (ruff.toml), then pytest: the suite and every docstring example"
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest -q --doctest-modules c2al models cohorts tests
+
+test-fast: $(STAMP)
+	@echo ">> ruff, then pytest -m 'not slow': the edit loop, without the tests that start processes or run whole jobs (make test runs them all)"
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules c2al models cohorts tests
 
 bench: $(STAMP)
 	@echo ">> benchmarks/throughput.py (installs benchmarks/requirements.txt with --no-deps; torch stays pinned)"
