@@ -349,3 +349,13 @@ def test_a_csv_table_streams_with_the_role_flags(tmp_path):
     assert s.train.units() == [str(tmp_path / "t.csv")] and len(s.valid) == len(s.test) == 200
     assert np.array_equal(s.valid.labels, parquet.valid.labels) and np.array_equal(s.valid.sparse["cat_0"].values, parquet.valid.sparse["cat_0"].values)
     assert isinstance(s.valid.cohort_frame["cat_0"].dtype, pd.CategoricalDtype)
+
+
+def test_a_short_row_in_a_gzip_day_names_the_file_and_line(tmp_path):
+    write_criteo_days(tmp_path / "d", 1, 1200, seed=0)
+    _corrupt(tmp_path / "d" / "day_0", 1001, lambda row: row[: row.rindex(b"\t")])
+    with open(tmp_path / "d" / "day_0", "rb") as src, gzip.open(tmp_path / "day_0.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    reader = CriteoTextReader([tmp_path / "day_0.gz"], batch_bytes=40_000)
+    msg = _one_line_error(lambda: list(SourceStream(reader, _empty_schema(), None).raw_chunks()))
+    assert msg == f"{tmp_path / 'day_0.gz'}: line 1001: expected 40 tab-separated cells, found 39"

@@ -224,7 +224,7 @@ class CriteoTextReader(Reader):
             if c in INT_NAMES:
                 cols[c] = dense[:, INT_NAMES.index(c)].astype(np.float64)
             else:
-                cols[c] = pd.Categorical(np.asarray(batch.column(COLUMNS.index(c)).to_pylist(), dtype=object).astype(str))
+                cols[c] = pc.cast(batch.column(COLUMNS.index(c)), pa.string()).dictionary_encode().to_pandas()
         return pd.DataFrame(cols)
 
     def _at(self, i: int, row: int, what: str) -> C2ALError:
@@ -232,15 +232,34 @@ class CriteoTextReader(Reader):
 
     def _bad_line(self, i: int, from_row: int, reason: str) -> C2ALError:
         """The first malformed line at or after row `from_row` of unit i, found by a plain scan (the error path only)."""
-        text = b"".join(self._bytes(i, 1 << 24)).split(b"\n")
-        for r in range(from_row, len(text)):
-            cells = text[r].split(b"\t")
-            if text[r] and len(cells) != len(COLUMNS):
-                return self._at(i, r, f"expected {len(COLUMNS)} tab-separated cells, found {len(cells)}")
-            for c, cell in enumerate(cells[: 1 + N_INT] if text[r] else []):
-                if cell and not re.fullmatch(rb"-?\d+", cell):
-                    return self._at(i, r, f"{COLUMNS[c]} is not an integer: {cell.decode(errors='replace')!r}")
+        for r, line in enumerate(self._lines(i)):
+            problem = _line_problem(line) if r >= from_row else None
+            if problem:
+                return self._at(i, r, problem)
         return C2ALError(f"{self.units()[i]}: cannot parse ({reason.splitlines()[0]})")
+
+    def _lines(self, i: int) -> Iterator[bytes]:
+        """The unit's lines without their newline, streamed (a .gz day is never decompressed whole)."""
+        rest = b""
+        for block in self._bytes(i, 1 << 22):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+
+
+def _line_problem(line: bytes) -> str | None:
+    """What is wrong with one text line (a cell count, a label or integer that is not one), or None."""
+    if not line:
+        return None
+    cells = line.split(b"\t")
+    if len(cells) != len(COLUMNS):
+        return f"expected {len(COLUMNS)} tab-separated cells, found {len(cells)}"
+    for c, cell in enumerate(cells[: 1 + N_INT]):
+        if cell and not re.fullmatch(rb"-?\d+", cell):
+            return f"{COLUMNS[c]} is not an integer: {cell.decode(errors='replace')!r}"
+    return None
 
 
 class CriteoNumpyReader(Reader):

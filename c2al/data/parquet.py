@@ -57,6 +57,8 @@ class ParquetReader(Reader):
         self._dataset = self._open()
         self._check_columns()
         self._groups = self._row_groups()
+        files = list(dict.fromkeys(f for f, _, _, _ in self._groups))
+        self._file_of = [files.index(f) for f, _, _, _ in self._groups]
         self.counts_cheap = self._csv is False
         self.time_range = self._time_range()
 
@@ -128,8 +130,7 @@ class ParquetReader(Reader):
         return n if n >= 0 else None
 
     def unit_file(self, i: int) -> int:
-        files = list(dict.fromkeys(f for f, _, _, _ in self._groups))
-        return files.index(self._groups[i][0])
+        return self._file_of[i]
 
     def read(self, i: int, start: int = 0) -> Iterator[RawChunk]:
         columns = list(dict.fromkeys([self.label, *self.sparse, *self.dense, *self.cohort, *([self.time_col] if self.time_col else [])]))
