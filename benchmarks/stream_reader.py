@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     result = {"reader": measure(text, table, args.hash_size, args.batch_size), "rows": args.rows, "hash_size": args.hash_size,
               "batch_size": args.batch_size, "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
-              "machine": machine_info(), "command": "python benchmarks/stream_reader.py " + " ".join(argv or [])}
+              "machine": machine_info(), "command": "python benchmarks/stream_reader.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     text_out = json.dumps(result, indent=1)
     print(text_out)
     if args.out:

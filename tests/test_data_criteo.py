@@ -13,7 +13,8 @@ import pytest
 from c2al.config import Config
 from c2al.data.criteo import CAT_NAMES, INT_NAMES, CriteoTextReader, dense_transform, open_criteo, write_criteo_days, write_criteo_numpy, write_criteo_text
 from c2al.data.parquet import open_table, write_parquet
-from c2al.data.stream import SourceStream, concat_tables, is_stream, open_stream, stream_splits
+from c2al.data.stream import SourceStream, concat_tables, is_stream, open_stream
+from c2al.data.stream_split import stream_splits
 from c2al.data.vocab import Vocabulary
 from c2al.errors import C2ALError
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from c2al.data.stream import RawChunk, Reader
+from c2al.data.readers import RawChunk, Reader
 from c2al.data.vocab import mix64
 from c2al.errors import C2ALError
 

@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from c2al.data.criteo import CAT_NAMES, INT_NAMES, criteo_rows
-from c2al.data.stream import RawChunk, Reader
+from c2al.data.readers import RawChunk, Reader
 from c2al.data.vocab import text_keys, value_keys
 from c2al.errors import C2ALError
 
