@@ -360,3 +360,14 @@ def test_a_short_row_in_a_gzip_day_names_the_file_and_line(tmp_path):
     reader = CriteoTextReader([tmp_path / "day_0.gz"], batch_bytes=40_000)
     msg = _one_line_error(lambda: list(SourceStream(reader, _empty_schema(), None).raw_chunks()))
     assert msg == f"{tmp_path / 'day_0.gz'}: line 1001: expected 40 tab-separated cells, found 39"
+
+
+def test_a_null_categorical_cohort_value_is_a_category_not_nan(tmp_path):
+    df = write_parquet(tmp_path / "t.parquet", 600, seed=0, int_cats=True)
+    df["cat_3"] = df["cat_3"].astype("Int64")
+    df.loc[5, "cat_3"] = pd.NA
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(tmp_path / "t.parquet"))
+    reader = open_table(tmp_path / "t.parquet", label="label", sparse=("cat_3",), cohort_features=("cat_3", "int_0"))
+    frame = _raw(reader)[1][0].frame
+    assert frame["cat_3"].iloc[5] == "(missing)" and frame["cat_3"].iloc[6] == str(df["cat_3"].iloc[6]) and not frame["cat_3"].isna().any()
+    assert isinstance(frame["cat_3"].dtype, pd.CategoricalDtype) and frame["int_0"].dtype == np.int64

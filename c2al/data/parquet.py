@@ -30,6 +30,7 @@ from c2al.data.vocab import text_keys, value_keys
 from c2al.errors import C2ALError
 
 CHUNK_ROWS = 1 << 16
+MISSING = "(missing)"  # a null categorical cohort value, as the miner sees it
 _PARQUET = (".parquet", ".pq")
 
 
@@ -155,7 +156,7 @@ class ParquetReader(Reader):
         plain = [c for c in dict.fromkeys([self.label, *self.dense, *self.cohort, *([self.time_col] if self.time_col else [])])
                  if c not in self.categorical]
         df = batch.select(plain).to_pandas()
-        frame = pd.DataFrame({c: batch.column(c).dictionary_encode().to_pandas() if c in self.categorical else df[c]
+        frame = pd.DataFrame({c: categories(batch.column(c)) if c in self.categorical else df[c]
                               for c in self.cohort}) if self.cohort else None
         times = self._times(df, where, start) if self.time_col else None
         return RawChunk(unit=i, start=start, labels=_labels(df[self.label], where, start), dense=self._dense(df, where, start),
@@ -198,6 +199,13 @@ def arrow_keys(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
             return np.zeros(len(arr), np.uint64), missing
         return distinct[pc.fill_null(coded.indices, 0).to_numpy()], missing
     return value_keys(arr.to_pandas())
+
+
+def categories(arr: pa.Array) -> pd.Series:
+    """A categorical-by-role column for the miner: 'category' of its values as text, a missing cell the category
+    MISSING (the miner refuses NaN, and one null deep in a stream must not stop a run)."""
+    text = arr if pa.types.is_string(arr.type) else pc.cast(arr, pa.string())
+    return pc.fill_null(text, MISSING).dictionary_encode().to_pandas()
 
 
 def _seconds(value: object) -> int:
