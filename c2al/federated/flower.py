@@ -1,10 +1,13 @@
 """`--engine flower`: the federated rounds as a Flower ServerApp / ClientApp on Ray (flwr 1.41).
 
-Server: a ServerApp whose strategy is `FlowerStrategy` (Flower's Strategy interface
-around c2al's FedAvg / FedProx / FedAdam), run by Flower's own `Strategy.start`. One of
-Flower's strategies (`flwr.serverapp.strategy.FedAvg`, ...) can take its place: the
-ClientApp answers a train message without c2al's plan with its full trained model, as
-Flower's strategies expect. Client: virtual node i holds client i
+Server: a ServerApp (`FlowerRounds`) that drives `FlowerStrategy` (Flower's Strategy
+interface around c2al's RowwiseFedAvg / RowwiseFedProx / RowwiseFedAdam / RowwiseFedYogi)
+with the in-process engine's rounds loop and early-stopping rule (`rounds.drive_rounds`):
+every `eval_every` rounds the clients score their own validation rows and the run stops
+after `patience` evaluations without a better NE, as in-process. One of Flower's
+strategies (`flwr.serverapp.strategy.FedAvg`, ...) can take c2al's place under Flower's
+own `Strategy.start`: the ClientApp answers a train message without c2al's plan with its
+full trained model, as Flower's strategies expect. Client: virtual node i holds client i
 (`context.node_config["partition-id"]`), trains it with `LocalTrainer.fit` (the shared
 task inside) and keeps its private rows in `context.state`, which Flower keeps between
 messages. A deployment would change neither app.
@@ -20,11 +23,12 @@ The cost grows with the clients sampled, not with the population:
   that was 16 MB a message on MovieLens-100k.
 
 What leaves a client in simulation: each round it is sampled, its update (dense deltas,
-the deltas of the shared table rows it touched, its example count and loss); once at the
-end, its scores of its own validation and test rows (the report's per-tier and
-per-cohort tables and federated mining need them). Its private rows never leave it, so
-`FedTrained.model` holds the seeded initial private rows. Evaluation visits every client
-once, a few messages in flight at a time (`WindowedGrid`), with a progress bar.
+the deltas of the shared table rows it touched, its example count and loss); at each
+evaluation (once at the end without one), its scores of its own validation and test rows
+(early stopping, the report's per-tier and per-cohort tables and federated mining need
+them). Its private rows never leave it, so `FedTrained.model` holds the seeded initial
+private rows. An evaluation visits every client once, a few messages in flight at a time
+(`WindowedGrid`), with a progress bar.
 `--num-actors` Ray actors run the ClientApps. `--resume` is not supported here.
 """
 from __future__ import annotations

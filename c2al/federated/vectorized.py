@@ -43,6 +43,7 @@ from c2al.data.batch import Batch, make_batch
 from c2al.dist.sharding import embedding_collections
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows, client_steps, dropout_seeds, normalized
 from c2al.federated.optim import DenseOptimizer, LocalOptimizer, Perturbation, SparseTableOptimizer, sam_perturbation
+from c2al.train.task import optimizer_step
 
 Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
 
@@ -173,22 +174,14 @@ class VectorizedRunner:
                 weights = np.concatenate([plans[c][k][1] for c in range(a)])
                 batch = make_batch(t.train, t.schema, take, weights)
                 torch.default_generator.manual_seed(seed_of_step(k))  # dropout: the step's one draw (the first client's stream)
-                losses, parts = self._losses(batch, dense, tables, a)
-                if rho > 0:  # SAM: the gradient is taken at w + rho g / |g|, each client with its own g
-                    opt.sam = self._perturb(losses, dense, tables, a, rho)
-                    losses, parts = self._losses(batch, dense, tables, a)
-                finite = torch.isfinite(losses)
-                for c in torch.nonzero(~finite).flatten().tolist():
+                opt.dense.active = a
+                # the one step (task.optimizer_step): client c's loss reaches only client c's parameters and rows;
+                # SAM: the gradient is taken at w + rho g / |g|, each client with its own g
+                perturb = (lambda losses: self._perturb(losses, dense, tables, a, rho)) if rho > 0 else None
+                losses, parts = optimizer_step(lambda: self._losses(batch, dense, tables, a), opt, perturb)
+                for c in torch.nonzero(~torch.isfinite(losses)).flatten().tolist():
                     failed.setdefault(c, f"raised C2ALError: client {jobs[c][1].user}: loss became {losses[c].item()} "
                                          f"at step {k}; lower --lr / --table-lr")
-                opt.zero_grad()
-                if bool(finite.any()):
-                    losses[finite].sum().backward()  # client c's loss reaches only client c's parameters and rows
-                    opt.dense.active = a
-                    opt.step()
-                elif opt.sam is not None:
-                    opt.sam.restore()
-                opt.sam = None
                 self._add(sums, a, {"loss": losses.detach(), **parts})
         return sums, failed
 
@@ -229,7 +222,7 @@ class VectorizedRunner:
         batch = Batch(sparse=None, dense=x, labels=labels, user_ids=users, cohort_ids=cohorts, weights=weights)
         named = {self.prefix + n: w for n, w in dense.items()}
         loss, out = torch.func.functional_call(self.trainer.module, named, (batch,), strict=False)
-        return loss, out.parts
+        return loss, out[2]  # StepOutput.parts, by position: a train module may return a plain (loss, logits, parts) tuple
 
     def _lookup(self, batch: Batch, tables: dict[str, _RoundTable], a: int) -> list[torch.Tensor]:
         """Per EBC, the pooled rows of every stepping client [A, B, sum D], each from its own block."""

@@ -108,6 +108,43 @@ class TrainModule(nn.Module):
         return in_batch_softmax_loss(query, candidate, batch.labels * batch.weights, log_q=log_q)
 
 
+def optimizer_step(forward: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]], optimizer: Any,
+                   perturb: Callable[[torch.Tensor], Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step: the one every training loop takes (centralized, a federated client, clients side by side).
+
+    Args:
+        forward: () -> (loss, named loss parts); the loss is a scalar, or [C] for C clients side by side
+            (each client's loss reaches only its own parameters, so their sum steps each alone).
+        optimizer: zero_grad() / step(); with `perturb`, it has a `sam` slot whose `restore()` it calls
+            before stepping (`c2al.federated.optim.LocalOptimizer`).
+        perturb: SAM: (losses) -> the applied move to w + rho g / |g|; the step's gradient is then
+            taken at the moved weights and applied at w.
+
+    Returns:
+        The (last) loss and its parts. Only finite losses are stepped; the caller decides what a
+        non-finite one means (centralized training stops, a client of a stack fails alone).
+    """
+    losses, parts = forward()
+    if perturb is not None:
+        optimizer.sam = perturb(losses)
+        losses, parts = forward()
+    finite = torch.isfinite(losses)
+    if bool(finite.any()):
+        optimizer.zero_grad()
+        (losses[finite].sum() if losses.dim() else losses).backward()
+        optimizer.step()
+    elif getattr(optimizer, "sam", None) is not None:
+        optimizer.sam.restore()
+    if perturb is not None:
+        optimizer.sam = None
+    return losses, parts
+
+
+def _loss_parts(output: tuple[torch.Tensor, StepOutput]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, parts) of a train module's output; by position, so a module returning a plain (loss, logits, parts) tuple works too."""
+    return output[0], output[1][2]
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -161,12 +198,7 @@ def train_epoch(
             batch = next(source, None)
             if batch is None:
                 return None
-            loss, (_, _, parts) = model(batch)
-            if torch.isfinite(loss):
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            return loss, parts
+            return optimizer_step(lambda: _loss_parts(model(batch)), optimizer)
 
     while True:
         if step_seed is not None:
