@@ -20,6 +20,8 @@ DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # adam only on CUDA (FBGEMM's CPU kernels)
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "data_parallel")
 BALANCE_MODES = ("none", "gate", "project", "magnitude", "magnitude+gate", "magnitude+project")  # see c2al.balance
+OBJECTIVES = ("erm", "group-dro", "cvar")  # c2al.robust.OBJECTIVES (tests/test_robust.py checks they agree)
+TOWERS = ("shared-bottom", "mmoe")  # c2al.towers.TOWERS
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -138,6 +140,22 @@ class Config:
                             "gate (only on samples where it agrees with the main gradient, Du et al. 2018), project (its part "
                             "opposing the main gradient removed, one-way PCGrad), magnitude (rescaled toward the main gradient's "
                             "norm, MetaBalance), or magnitude+gate / magnitude+project", default="none", choices=BALANCE_MODES)
+    aux_towers: str = _opt("how the cohort towers (the --aux-head heads) read the shared representation: shared-bottom (each reads it "
+                           "directly: C2AL's heads) or mmoe (Ma et al. 2018: --mmoe-experts experts on it, mixed per task by softmax "
+                           "gates; the main task's mixture feeds the model's own head, so the served model keeps the experts and the "
+                           "main gate, without the cohort towers and gates)", default="shared-bottom", choices=TOWERS)
+    mmoe_experts: int = _opt("--aux-towers mmoe: number of experts", default=4)
+    objective: str = _opt("training loss of the plain model, heads-free: erm (mean BCE), group-dro (Sagawa et al. 2020: exponentiated-"
+                          "gradient weights on the mean BCE of each mined cohort and of the rest; needs --aux-cohorts) or cvar (Levy "
+                          "et al. 2020: mean of the worst --cvar-alpha share of each batch's losses). With --aux-cohorts and group-dro "
+                          "or cvar, the model compared with the ERM baseline (and shipped by the gate) is the plain model trained "
+                          "under that loss instead of C2AL's heads; without --aux-cohorts, cvar trains the one model", default="erm",
+                          choices=OBJECTIVES)
+    dro_eta: float = _opt("--objective group-dro: step size eta of the group weights' update q_g <- q_g exp(eta (loss_g + C / sqrt(n_g)))",
+                          default=0.01)
+    dro_adjust: float = _opt("--objective group-dro: the group adjustment C of that update (n_g: group g's training rows; 0: none)",
+                             default=1.0)
+    cvar_alpha: float = _opt("--objective cvar: the share alpha of each batch's largest losses that is trained on (1: ERM)", default=0.5)
     gate: bool = _opt("ship C2AL (as OUT/c2al.pt) only when, on validation, its overall NE is no worse than the baseline's "
                       "(within --gate-tolerance) and its mean NE over the exposed cohorts is lower; otherwise ship the "
                       "baseline and say why (--no-gate always ships C2AL)", default=True)
@@ -267,6 +285,7 @@ class Config:
             raise C2ALError(f"--{'resume' if self.resume else 'attack'} needs --engine simulation (the flower engine has none)")
         if self.federated and self.engine == "flower":
             _check_flower(self)
+        _check_objective_and_towers(self)
         return self
 
 
@@ -278,6 +297,26 @@ def _check_flower(cfg: Config) -> None:
     if cfg.patience and cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge):
         raise C2ALError("--patience on validation recall@10 needs --engine simulation (it reads every client's private rows); "
                         "give --patience 0 to run every round")
+
+
+def _check_objective_and_towers(cfg: Config) -> None:
+    """--objective and --aux-towers: refuse the combinations that could not run or would ignore a flag."""
+    if cfg.objective != "erm":
+        if cfg.objective == "group-dro" and not cfg.aux_cohorts:
+            raise C2ALError("--objective group-dro needs groups: pass --aux-cohorts K (its groups are the K mined cohorts and the rest)")
+        if cfg.federated or (cfg.model == "two-tower" and cfg.two_tower_loss == "softmax"):
+            raise C2ALError(f"--objective {cfg.objective} weighs pointwise BCE losses in centralized training: not with "
+                            f"{'--federated' if cfg.federated else '--two-tower-loss softmax'}")
+        if cfg.aux_towers != "shared-bottom" or cfg.aux_balance != "none" or cfg.aux_weight == "auto":
+            raise C2ALError(f"--objective {cfg.objective} trains the plain model without heads: --aux-towers, --aux-balance and "
+                            f"--aux-weight auto do not apply")
+    if cfg.aux_towers == "mmoe":
+        if not cfg.aux_cohorts or cfg.federated or cfg.model == "two-tower":
+            raise C2ALError("--aux-towers mmoe needs --aux-cohorts, centralized training and a ranking model (two-tower retrieval "
+                            "scores u . v, which would bypass the experts)")
+        if cfg.aux_balance != "none":
+            raise C2ALError("--aux-towers mmoe with --aux-balance: the towers read the experts' mixtures, not the representation the "
+                            "balance modes split; use --aux-balance none")
 
 
 # The miner's candidate sources (cohorts.candidates.SOURCES; tests/test_config.py checks they agree).
@@ -315,7 +354,10 @@ RANGES: dict[str, _Range] = {
     **dict.fromkeys(("patience", "eval_every", "checkpoint_every", "seed", "workers", "parallel_clients", "aux_cohorts", "weight_decay",
                      "server_lr", "proximal_mu", "sam_rho", "clip_norm", "krum_f", "count_cap", "tier_steps", "aux_weight"),
                     _AT_LEAST_0),
-    **dict.fromkeys(("lr", "table_lr", "tier_skew"), _POSITIVE),
+    **dict.fromkeys(("lr", "table_lr", "tier_skew", "dro_eta"), _POSITIVE),
+    "dro_adjust": _AT_LEAST_0,
+    "mmoe_experts": _AT_LEAST_1,
+    "cvar_alpha": _Range(0, 1, lo_open=True),
     **dict.fromkeys(("min_share", "attack_share", "tier_shares"), _PROBABILITY),
     "max_share": _Range(0, 1, lo_open=True),
     "eval_rows": _AT_LEAST_1,

@@ -13,7 +13,7 @@ LAYERS = [
     ("c2al.dist",),
     ("c2al.models",),
     ("c2al.cohorts",),
-    ("c2al.losses", "c2al.balance", "c2al.plugin"),
+    ("c2al.losses", "c2al.balance", "c2al.plugin", "c2al.robust", "c2al.towers"),
     ("c2al.eval",),
     ("c2al.train",),
     ("c2al.federated",),

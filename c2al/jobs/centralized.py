@@ -34,6 +34,9 @@ from c2al.eval.compare import (
 from c2al.eval.metrics import per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
+from c2al.plugin import C2ALWrapper
+from c2al.robust import RobustModel, group_counts, make_objective, robust_model, unwrap
+from c2al.towers import attach_towers, detach_towers
 from c2al.train.build import seeded_model
 from c2al.train.loop import Trained, fit
 from c2al.train.task import predict
@@ -43,7 +46,10 @@ log = logging.getLogger(__name__)
 
 def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str, Any]:
     """Train one model, evaluate on test, write OUT/report.json."""
-    trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, checkpoint=out / "checkpoint.pt", tag="train")
+    model = seeded_model(cfg, splits.schema)
+    if cfg.objective == "cvar":  # heads-free and group-free: the one model trains under CVaR (group-dro needs --aux-cohorts)
+        model = robust_model(model, make_objective("cvar", alpha=cfg.cvar_alpha))
+    trained = fit(cfg, splits, model, info, checkpoint=out / "checkpoint.pt", tag="train")
     probs = predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)
     test = splits.test
     segments: list[dict[str, Any]] = []
@@ -59,7 +65,7 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
         "world_size": info.world_size,
     }
     if cfg.model == "two-tower":
-        report["retrieval"] = retrieval_report({"model": trained.model}, splits, info, cfg)
+        report["retrieval"] = retrieval_report({"model": served_model(trained.model)}, splits, info, cfg)
     if info.is_main:
         log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"],
                               title=f"test split ({cfg.model}, {kept(trained.best)})"))
@@ -86,7 +92,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
                                "best_epoch": trained.best.get("epoch")}))
     chosen = choose_aux_weight([c for _, c in runs], v_base, cfg.gate_tolerance) if len(runs) > 1 else runs[0][1]
     trained = next(t for t, c in runs if c is chosen)
-    served = c2al.detach(trained.model)  # heads gone: the serving model is the plain model
+    served = served_model(trained.model)  # heads (and cohort towers, or the robust objective) gone
     decision = ship_decision(v_base, chosen, cfg.gate, cfg.gate_tolerance)
     shipped = served if decision["shipped"] == "c2al" else base.model
     save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
@@ -118,10 +124,19 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
 
 def _fit_c2al(cfg: Config, splits: Splits, cohort_ids: dict[str, np.ndarray], aux_weight: list[float], info: DistInfo,
               checkpoint: Path) -> Trained:
-    """One C2AL training from the baseline's seeded start, early-stopped like it."""
+    """One C2AL training from the baseline's seeded start, early-stopped like it; with --objective group-dro / cvar
+    the plain model under that loss instead, with --aux-towers mmoe MMoE towers."""
     model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
-                          balance=cfg.aux_balance)
+    if cfg.objective != "erm":
+        objective = make_objective(cfg.objective, counts=group_counts(cohort_ids["train"], cfg.aux_cohorts), eta=cfg.dro_eta,
+                                   adjust=cfg.dro_adjust, alpha=cfg.cvar_alpha)
+        return fit(cfg, splits.with_cohorts(cohort_ids), robust_model(model, objective), info, checkpoint=checkpoint, tag=cfg.objective)
+    if cfg.aux_towers == "mmoe":
+        wrapper = attach_towers(model, "inter_arch", cfg.aux_cohorts, aux_weight, make_head(cfg, model), kind="mmoe",
+                                n_experts=cfg.mmoe_experts)
+    else:
+        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
+                              balance=cfg.aux_balance)
     tag = "c2al" if checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
     return fit(cfg, splits.with_cohorts(cohort_ids), wrapper, info, checkpoint=checkpoint, tag=tag)
 
@@ -130,3 +145,12 @@ def _valid(cfg: Config, splits: Splits, module: Any, cohort_ids: dict[str, np.nd
     """Validation NE, overall and over the exposed cohorts, of a trained module (its kept weights)."""
     p = predict(module, splits.valid, splits.schema, cfg.batch_size, info)
     return valid_scores(p, splits.valid.labels, cohort_ids["valid"], cfg.aux_cohorts)
+
+
+def served_model(model: Any) -> Any:
+    """What ships from a trained model: C2AL's heads or the cohort towers detached, a robust objective unwrapped."""
+    if isinstance(model, RobustModel):
+        return unwrap(model)
+    if isinstance(model, C2ALWrapper):
+        return detach_towers(model)
+    return model

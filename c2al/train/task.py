@@ -18,6 +18,7 @@ from c2al.data.schema import Schema, Table
 from c2al.dist.process import LOCAL_CPU, DistInfo, gather_rows
 from c2al.errors import C2ALError
 from c2al.losses import bce_with_logits, in_batch_softmax_loss
+from c2al.robust import RobustModel
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -52,6 +53,7 @@ class TrainModule(nn.Module):
 
     The model never owns its loss. A model wrapped by `c2al.attach` returns
     `AuxOutput` and brings its own `loss(output, labels, cohort_ids, weights)`;
+    a `c2al.robust.robust_model` brings its Group DRO / CVaR loss the same way;
     any other model returns logits and is trained with BCE.
 
     Args:
@@ -83,6 +85,10 @@ class TrainModule(nn.Module):
             loss, parts = self.model.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)
             logits = out.logits
             aux = parts["aux"]
+        elif isinstance(self.model, RobustModel):  # Group DRO / CVaR: the plain model under a robust loss
+            loss, parts = self.model.loss(out, batch.labels, batch.cohort_ids, weights=batch.weights)
+            logits = out
+            aux = 0.0 * loss
         else:
             logits = out if self.cohort_bias is None else out.reshape(-1) + self._bias(batch.cohort_ids)
             loss = bce_with_logits(logits.reshape(-1), batch.labels, batch.weights)
