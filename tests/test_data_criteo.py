@@ -252,6 +252,7 @@ def test_open_stream_reads_criteo_and_a_parquet_folder(tmp_path):
     s = open_stream(Config(data=f"criteo:{tmp_path / 'd'}", hash_size=(5000,), eval_rows=200, cohort_features=("cat_0", "int_2")))
     assert s.schema.feature_names == list(CAT_NAMES) and s.schema.dense == INT_NAMES and len(s.valid) == 200
     assert isinstance(s.valid.cohort_frame["cat_0"].dtype, pd.CategoricalDtype) and s.valid.cohort_frame["int_2"].dtype == np.float64
+    assert "(missing)" in s.valid.cohort_frame["cat_0"].cat.categories and "" not in s.valid.cohort_frame["cat_0"].cat.categories
     assert s.schema.feature("cat_0").side == "user" and s.schema.feature("cat_1").side == "context"
     (tmp_path / "pq").mkdir()
     for d in range(3):

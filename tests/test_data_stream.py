@@ -190,3 +190,9 @@ def test_tabular_cohort_columns_that_are_sparse_fields_are_categories(tmp_path):
     frame = s.valid.cohort_frame
     assert isinstance(frame["device"].dtype, pd.CategoricalDtype) and frame["age"].dtype == np.int64
     assert sorted(frame["device"].cat.categories.tolist()) == sorted(set(df["device"]))
+
+
+def test_more_processes_than_units_is_refused():
+    table, schema = _table(150)
+    with pytest.raises(C2ALError, match="2 reading unit\\(s\\) for 3 processes"):
+        next(TableStream(table, schema, unit_rows=100).chunks(rank=0, world_size=3))

@@ -46,6 +46,7 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = 10 + _i
+MISSING = "(missing)"  # an empty categorical cohort cell, as the miner sees it
 _DAY = re.compile(r"day_(\d+)(\.gz)?$")
 
 
@@ -224,7 +225,8 @@ class CriteoTextReader(Reader):
             if c in INT_NAMES:
                 cols[c] = dense[:, INT_NAMES.index(c)].astype(np.float64)
             else:
-                cols[c] = pc.cast(batch.column(COLUMNS.index(c)), pa.string()).dictionary_encode().to_pandas()
+                values = pc.cast(batch.column(COLUMNS.index(c)), pa.string()).dictionary_encode().to_pandas()
+                cols[c] = values.cat.rename_categories({"": MISSING}) if "" in values.cat.categories else values
         return pd.DataFrame(cols)
 
     def _at(self, i: int, row: int, what: str) -> C2ALError:

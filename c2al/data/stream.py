@@ -58,11 +58,16 @@ class TrainStream(ABC):
         return MappedStream(self, fn)
 
 
-def _check_lane(rank: int, world_size: int, skip: int) -> None:
+def _check_lane(rank: int, world_size: int, skip: int, units: list[str]) -> None:
+    """A lane exists (rank in [0, W)), skips no negative rows, and every rank has a unit to read."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise C2ALError(f"rank {rank} is not in [0, {world_size})")
     if skip < 0:
         raise C2ALError(f"skip must be >= 0 rows, got {skip}")
+    if world_size > len(units):
+        where = units[0] if units else "the stream"
+        raise C2ALError(f"{where}: {len(units)} reading unit(s) for {world_size} processes, so some would read nothing; use at most "
+                        f"{len(units)} processes, or more files (an uncompressed text file is cut into 64 MiB blocks, Parquet into row groups)")
 
 
 class MappedStream(TrainStream):
@@ -101,7 +106,7 @@ class TableStream(TrainStream):
         return [f"rows {a}-{min(a + self.unit_rows, n)}" for a in range(0, n, self.unit_rows)]
 
     def chunks(self, *, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[Table]:
-        _check_lane(rank, world_size, skip)
+        _check_lane(rank, world_size, skip, self.units())
         n = len(self.table)
         for a in range(rank * self.unit_rows, n, world_size * self.unit_rows):
             b = min(a + self.unit_rows, n)
@@ -154,7 +159,7 @@ class SourceStream(TrainStream):
 
     def raw_chunks(self, *, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[RawChunk]:
         """This lane's kept rows before the vocabulary; whole units are skipped by their counts where known."""
-        _check_lane(rank, world_size, skip)
+        _check_lane(rank, world_size, skip, self.units())
         for i in self._units[rank::world_size]:
             kept = self._count(i) if skip else None
             if kept is not None and skip >= kept:
