@@ -24,6 +24,17 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
   cohort_bias     no heads: one learned logit offset per mined cohort
   tuned_regularisation  no heads (lambda = 0): dropout / weight decay picked on
                   validation from a small grid (Kurin et al. 2022's control)
+  group_dro       no heads: Group DRO over the two mined cohorts and the rest (Sagawa et al.
+                  2020; --dro-eta, --dro-adjust C; c2al.robust)
+  cvar_dro        no heads, no groups: the worst --cvar-alpha share of each batch's losses
+                  (Levy et al. 2020)
+  shared_bottom   multi-task: one MLP tower per mined cohort on the shared representation,
+                  the cohort tasks weighted 1 as the main one (the multi-task convention;
+                  the c2al arm is the same architecture at lambda 0.1 with cloned heads)
+  mmoe            multi-task: the same towers and weights behind --mmoe-experts experts mixed
+                  per task by softmax gates, the main task's mixture feeding the model's own
+                  head (Ma et al. 2018; c2al.towers); served without the cohort towers and
+                  gates. Not on TwoTower (its retrieval scores u . v bypass the experts)
 
 Every arm runs on every model (--control-models narrows it); TwoTower's clone
 head is a linear one, since its output head, a sum, has no parameters to clone.
@@ -37,7 +48,9 @@ the test NE_diff of what ships (0 when the gate keeps the baseline) and "gate
 kept base" counts those seeds. Over seeds the
 per-seed NE_diff % are paired differences against that seed's baseline: the
 summary gives their mean, a 95% t-interval, a paired t-test and a Wilcoxon
-signed-rank test. (seed, model) tasks run in --workers spawned processes of
+signed-rank test, and every p-value also Holm-adjusted over the family of arms
+tested against the baseline (per model, metric and test: keys ending in _holm).
+(seed, model) tasks run in --workers spawned processes of
 one torch thread each (on a shared 2-core machine two threads in one process
 made an AFM epoch 15x slower); every training is seeded, so the rows do not
 depend on the number of workers (a test checks it).
@@ -47,6 +60,10 @@ depend on the number of workers (a test checks it).
   python benchmarks/minority_ne.py --data movielens-1m      # 5 seeds, AFM + AttentionFM, controls on AFM (~50 min)
   python benchmarks/minority_ne.py --data movielens-1m --models afm,attention-fm --arms c2al,gate,project,magnitude,auto,\
       random_cohorts,cohort_feature,cohort_bias,tuned_regularisation     # the full set there (many hours on 2 cores)
+  python benchmarks/minority_ne.py --data synthetic --models afm --seeds 3 --arms c2al,random_cohorts,cohort_feature,\
+      group_dro,cvar_dro,shared_bottom,mmoe --out benchmarks/results/minority_ne_synthetic_baselines.json  # the reviewers' baselines
+  python benchmarks/minority_ne.py --data movielens-1m --control-models afm,attention-fm --arms c2al,random_cohorts,cohort_feature,\
+      group_dro,cvar_dro,shared_bottom,mmoe        # the same on MovieLens-1M, both models, 5 seeds (hours on 2 cores)
   python benchmarks/minority_ne.py --data my.csv --label click --sparse user,ad --user-col user --cohort-features age,country
   python benchmarks/minority_ne.py --quick --out /tmp/q.json   # CI: tiny synthetic, 1 epoch, 2 seeds
 
@@ -72,32 +89,32 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+import harness
 import numpy as np
 import torch
+from harness import paired_ci
 from scipy import stats
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this module by name
+import c2al
+from c2al.config import Config, add_config_flags, config_from
+from c2al.data.schema import Splits
+from c2al.data.sources import load_splits
+from c2al.dist.process import DistInfo, init_distributed
+from c2al.errors import C2ALError
+from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores
+from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
+from c2al.eval.report import format_table
+from c2al.eval.retrieval import retrieval_metrics
+from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
+from c2al.logs import quiet_libraries
+from c2al.robust import group_counts, make_objective, robust_model, unwrap
+from c2al.towers import attach_towers, detach_towers
+from c2al.train.build import seeded_model
+from c2al.train.loop import fit
+from c2al.train.task import predict
 
-import c2al  # noqa: E402
-from c2al.config import Config, add_config_flags, config_from  # noqa: E402
-from c2al.data.schema import Splits  # noqa: E402
-from c2al.data.sources import load_splits  # noqa: E402
-from c2al.dist.process import DistInfo, init_distributed  # noqa: E402
-from c2al.errors import C2ALError  # noqa: E402
-from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores  # noqa: E402
-from c2al.eval.metrics import ne_diff_pct, per_segment, summarize  # noqa: E402
-from c2al.eval.report import format_table, machine_info, write_json  # noqa: E402
-from c2al.eval.retrieval import retrieval_metrics  # noqa: E402
-from c2al.jobs.common import cohort_frame, make_head, mine_cohorts  # noqa: E402
-from c2al.logs import quiet_libraries  # noqa: E402
-from c2al.train.build import seeded_model  # noqa: E402
-from c2al.train.loop import fit  # noqa: E402
-from c2al.train.task import predict  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = harness.RESULTS
 MODELS = ("afm", "attention-fm", "two-tower")
 QUICK_DATA = "synthetic:n_rows=6000,n_users=600,n_items=120,minority_shares=0.08/0.06"
 # what `--data synthetic` means here: MovieLens-100k's size (100k rows), the generator's planted
@@ -107,6 +124,7 @@ RECALL_K = 10
 DATA_FLAGS = ("label", "sparse", "dense", "user_col", "item_col", "time_col", "cohort_features")
 MINER_FLAGS = ("cohort_candidates", "n_clusters", "divergence", "min_share", "max_share")
 TRAIN_FLAGS = ("lr", "table_lr", "patience")
+BASELINE_FLAGS = ("dro_eta", "dro_adjust", "cvar_alpha", "mmoe_experts")  # the group_dro, cvar_dro and mmoe arms' settings
 # Per data set defaults where the full grid does not fit a 2-core machine: MovieLens-1M (800k train rows,
 # ~35 s per AFM epoch) runs AFM and AttentionFM over 5 seeds, the controls on the AFM only, with the table
 # learning rate that benchmarks/baselines.py picked for the AFM on validation (0.3: test NE 0.7666 vs 0.7782 at
@@ -125,12 +143,15 @@ class Arm:
 
     name: str
     kind: str = "c2al"  # c2al | feature (cohort id as input) | bias (per-cohort logit offset) | regularised (tuned lambda=0)
+    # | robust (heads-free Group DRO / CVaR)
     cohorts: str = "mined"  # mined | random | least | kmeans
     k: int = 2
     head: str = "clone"  # clone | linear | mlp (c2al.jobs.common.make_head)
     lam: float | None = 0.1  # None: --aux-weight auto's grid, picked on validation
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
     balance: str = "none"  # c2al.balance mode
+    objective: str = "erm"  # kind robust: group-dro | cvar (c2al.robust)
+    towers: str = "shared-bottom"  # shared-bottom (heads on the representation) | mmoe (c2al.towers)
 
 
 ARMS = {a.name: a for a in (
@@ -147,7 +168,12 @@ ARMS = {a.name: a for a in (
     Arm("cohort_feature", kind="feature"),
     Arm("cohort_bias", kind="bias"),
     Arm("tuned_regularisation", kind="regularised"),
+    Arm("group_dro", kind="robust", objective="group-dro"),
+    Arm("cvar_dro", kind="robust", objective="cvar"),
+    Arm("shared_bottom", head="mlp", lam=1.0),
+    Arm("mmoe", head="mlp", lam=1.0, towers="mmoe"),
 )}
+NOT_ON = {"two-tower": ("mmoe",)}  # arms a model cannot run (see the module docstring)
 QUICK_ARMS = ("c2al", "gate", "random_cohorts", "cohort_feature", "cohort_bias", "own_labels")
 # The lambda=0 control of Kurin et al. 2022: the baseline's dropout / weight decay tuned on validation.
 REGULARISATION_GRID = ({"dropout": 0.0, "weight_decay": 0.0}, {"dropout": 0.4, "weight_decay": 0.0},
@@ -155,30 +181,6 @@ REGULARISATION_GRID = ({"dropout": 0.0, "weight_decay": 0.0}, {"dropout": 0.4, "
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its two-sided t-interval.
-
-    Args:
-        diffs: one difference per seed (arm minus baseline); nan entries are dropped.
-        level: confidence level.
-
-    Returns:
-        (mean, low, high); low = high = mean for one value, all nan for none.
-
-    Example:
-        >>> [round(v, 4) for v in paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])]
-        [3.0, 1.0368, 4.9632]
-    """
-    x = np.asarray([d for d in diffs if d is not None and math.isfinite(d)], dtype=np.float64)
-    if len(x) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if len(x) == 1:
-        return mean, mean, mean
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
 
 
 def paired_tests(diffs: Sequence[float]) -> dict[str, float]:
@@ -195,6 +197,43 @@ def paired_tests(diffs: Sequence[float]) -> dict[str, float]:
         return {"t_p": 1.0, "wilcoxon_p": 1.0}
     t_p = 0.0 if x.std(ddof=1) == 0 else float(stats.ttest_1samp(x, 0.0).pvalue)
     return {"t_p": t_p, "wilcoxon_p": float(stats.wilcoxon(x).pvalue)}
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (nan entries stay nan and are not counted).
+
+    The i-th smallest of the m finite p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)),
+    which controls the family-wise error rate at the chosen level without assuming independence.
+
+    Args:
+        pvalues: one p-value per test of the family, in any order.
+
+    Returns:
+        The adjusted p-values, in the same order.
+
+    Example:
+        >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03, float("nan")])]
+        [0.03, 0.06, 0.06, nan]
+    """
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if p is not None and math.isfinite(p))
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        out[i] = running
+    return out
+
+
+def add_holm(summary: dict[str, Any]) -> None:
+    """Beside each arm's t_p / wilcoxon_p, in place: the Holm-adjusted value over the model's arms (one family per
+    model, metric and test: every arm of the model is one test against the same baseline)."""
+    for arms in summary.values():
+        metrics = {k for m in arms.values() for k, d in m.items() if isinstance(d, dict) and "t_p" in d}
+        for metric in metrics:
+            family = [name for name, m in arms.items() if metric in m]
+            for test in ("t_p", "wilcoxon_p"):
+                for name, p in zip(family, holm([arms[name][metric][test] for name in family])):
+                    arms[name][metric][f"{test}_holm"] = p
 
 
 def describe(diffs: Sequence[float]) -> dict[str, Any]:
@@ -247,15 +286,31 @@ def train_c2al(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm
     """Attach, fit (early-stopped) from the baseline's seeded start, detach; returns the served model and facts."""
     acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(lam,), aux_head=arm_head(cfg, arm))
     model = seeded_model(acfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
-                          head=make_head(acfg, model), aux_labels=arm.labels, balance=arm.balance)
+    if arm.towers == "mmoe":
+        wrapper = attach_towers(model, "inter_arch", arm.k, acfg.aux_weights(), make_head(acfg, model), kind="mmoe",
+                                n_experts=cfg.mmoe_experts, aux_labels=arm.labels)
+    else:
+        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
+                              head=make_head(acfg, model), aux_labels=arm.labels, balance=arm.balance)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
     trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
     moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
     facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before), "aux_weight": lam,
              "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
              "history": trained.history, "best": trained.best}
-    return c2al.detach(trained.model), facts
+    return detach_towers(trained.model), facts  # shared-bottom: c2al.detach; mmoe: the main gate and experts stay
+
+
+def train_robust(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm,
+                 info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """The plain model from the baseline's seeded start under Group DRO (mined cohorts + the rest) or CVaR."""
+    objective = make_objective(arm.objective, counts=group_counts(ids["train"], arm.k), eta=cfg.dro_eta, adjust=cfg.dro_adjust,
+                               alpha=cfg.cvar_alpha)
+    trained = fit(cfg, splits.with_cohorts(ids), robust_model(seeded_model(cfg, splits.schema), objective), info, tag=arm.name)
+    facts = {"train_seconds": trained.seconds, "history": trained.history, "best": trained.best, "objective": repr(objective)}
+    if arm.objective == "group-dro":  # the kept epoch's group weights: cohort 0, cohort 1, the rest
+        facts["group_weights"] = [float(v) for v in trained.model.objective.q]
+    return unwrap(trained.model), facts
 
 
 def valid_of(cfg: Config, splits: Splits, module: Any, mined: dict[str, np.ndarray], info: DistInfo) -> dict[str, Any]:
@@ -278,6 +333,9 @@ def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], mined: di
             valid_of(cfg, bsplits, trained.module, mined, info), {"train_seconds": trained.seconds, "best": trained.best}
     if arm.kind == "regularised":
         return tuned_regularisation(cfg, splits, mined, arm, info)
+    if arm.kind == "robust":
+        served, facts = train_robust(cfg, splits, ids, arm, info)
+        return served, predict(served, splits.test, splits.schema, cfg.batch_size, info), valid_of(cfg, splits, served, mined, info), facts
     lams = AUTO_GRID if arm.lam is None else (arm.lam,)
     tried = []
     for lam in lams:
@@ -485,6 +543,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     for k in ("overall", "exposed", "cohort_0", "cohort_1")
                     if k in arms[arm] and k in summary[model]["c2al"]}
             arms[arm]["minus_c2al"] = {k: describe(v) for k, v in diff.items()}
+    add_holm(summary)
     return summary
 
 
@@ -504,8 +563,9 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
     for model, arms in summary.items():
         for arm, m in arms.items():
             out.append({"model": model, "arm": arm, "overall": cell(m.get("overall")), "p_t": pval(m.get("overall"), "t_p"),
-                        "p_wilcoxon": pval(m.get("overall"), "wilcoxon_p"),
+                        "p_t holm": pval(m.get("overall"), "t_p_holm"), "p_wilcoxon": pval(m.get("overall"), "wilcoxon_p"),
                         "exposed": cell(m.get("exposed")), "p_exp": pval(m.get("exposed"), "t_p"),
+                        "p_exp holm": pval(m.get("exposed"), "t_p_holm"),
                         "cohort 0": cell(m.get("cohort_0")), "cohort 1": cell(m.get("cohort_1")),
                         "shipped (gate)": cell(m.get("shipped_overall")), "gate kept base": m.get("gate_kept", "-"),
                         "vs c2al (exposed)": cell(m.get("minus_c2al", {}).get("exposed"))})
@@ -513,10 +573,11 @@ def table_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def print_summary(summary: dict[str, Any], n_seeds: int) -> None:
-    cols = ["model", "arm", "overall", "p_t", "p_wilcoxon", "exposed", "p_exp", "cohort 0", "cohort 1", "shipped (gate)",
-            "gate kept base", "vs c2al (exposed)"]
+    cols = ["model", "arm", "overall", "p_t", "p_t holm", "p_wilcoxon", "exposed", "p_exp", "p_exp holm", "cohort 0", "cohort 1",
+            "shipped (gate)", "gate kept base", "vs c2al (exposed)"]
     print(format_table(table_rows(summary), cols, title=f"test NE_diff % vs baseline on the mined cohorts, mean [95% CI] "
-                                                         f"over {n_seeds} seeds (< 0 is better); p: paired t-test / Wilcoxon"))
+                                                         f"over {n_seeds} seeds (< 0 is better); p: paired t-test / Wilcoxon, "
+                                                         f"holm: Holm-adjusted over the model's arms"))
     extra = []
     for model, arms in summary.items():
         for arm, m in arms.items():
@@ -572,7 +633,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"movielens-100k (default), synthetic (here: {SYNTHETIC}), "
                                                   "synthetic:opts, or a CSV/Parquet PATH")
-    add_config_flags(ap, DATA_FLAGS + MINER_FLAGS + TRAIN_FLAGS)
+    add_config_flags(ap, DATA_FLAGS + MINER_FLAGS + TRAIN_FLAGS + BASELINE_FLAGS)
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
     ap.add_argument("--arms", default=None, help=f"arms run on the --control-models, from {list(ARMS)} (default all)")
@@ -587,6 +648,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 2 seeds, few arms (CI)")
     ap.add_argument("--out", default="", help="result JSON path (the PNG goes beside it); required with --quick")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line the result file names
     if args.quick and not args.out:
         ap.error("--quick needs --out PATH.json so it never overwrites committed results")
     args.data = args.data or (QUICK_DATA if args.quick else "movielens-100k")
@@ -622,7 +684,11 @@ def base_config(args: argparse.Namespace) -> Config:
 
 
 def plan(args: argparse.Namespace, n_train: int, epochs: int) -> list[tuple[str, list[Arm]]]:
-    per_seed = [(m, [ARMS[a] for a in (args.arms if m in args.control_models else ["c2al"])]) for m in args.models]
+    per_seed = [(m, [ARMS[a] for a in (args.arms if m in args.control_models else ["c2al"]) if a not in NOT_ON.get(m, ())])
+                for m in args.models]
+    skipped = [f"{a} on {m}" for m in args.models if m in args.control_models for a in args.arms if a in NOT_ON.get(m, ())]
+    if skipped:
+        print(f"skipped (the model cannot run the arm): {', '.join(skipped)}")
     runs = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
     est = args.seeds * sum((1 + len(arms)) * EPOCH_SECONDS[m] * epochs * n_train / 81_000 + 4 for m, arms in per_seed)
     print(f"plan: {args.seeds} seeds x " + ", ".join(f"{m}: baseline + {[a.name for a in arms]}" for m, arms in per_seed))
@@ -681,6 +747,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_process(args.threads)
     start = time.perf_counter()
     cfg = base_config(args)
+    header = harness.start(__file__, args.argv, {"base": cfg.to_dict(), "args": {k: v for k, v in vars(args).items()},
+                                                 "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
+                           torch_threads=args.threads)
     splits = splits_of(cfg)
     per_seed = plan(args, len(splits.train), cfg.epochs)
     tasks = [(seed, model, [a.name for a in arms]) for seed in range(args.seeds) for model, arms in per_seed]
@@ -688,17 +757,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize_rows(rows)
     print_summary(summary, args.seeds)
     path = result_path(args)
-    result = {
-        "benchmark": "minority_ne", "data": args.data, "seeds": list(range(args.seeds)), "quick": args.quick,
-        "config": {"base": cfg.to_dict(), "args": {k: v for k, v in vars(args).items()},
-                   "arms": {a.name: dataclasses.asdict(a) for _, arms in per_seed for a in arms},
-                   "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
-        "machine": {**machine_info(), "torch_threads": args.threads},
-        "seconds": time.perf_counter() - start,
-        "summary": summary,
-        "rows": rows,
-    }
-    write_json(result, path)
+    header.config["arms"] = {a.name: dataclasses.asdict(a) for _, arms in per_seed for a in arms}
+    result = harness.write_result(path, header, {"data": args.data, "seeds": list(range(args.seeds)), "quick": args.quick,
+                                                 "seconds": time.perf_counter() - start, "summary": summary, "rows": rows})
     plot(summary, path.with_suffix(".png"), f"C2AL vs baseline, {args.data}, {args.seeds} seeds (95% CI)")
     print(f"wrote {path} and {path.with_suffix('.png')} in {result['seconds'] / 60:.1f} min")
     return result

@@ -216,3 +216,82 @@ def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_fi
 def test_quick_without_out_is_refused():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--quick needs --out" in proc.stderr
+
+
+# --- the reviewers' baselines: Holm adjustment and the group-robust / multi-task arms -------------------------------
+
+
+def test_holm_adjustment_of_hand_made_p_values_steps_down_and_stays_monotone():
+    # sorted: 0.002 x 4, 0.01 x 3, 0.03 x 2, then 0.04 x 1 = 0.04 < 0.06 keeps the running maximum
+    assert bench.holm([0.01, 0.04, 0.03, 0.002]) == pytest.approx([0.03, 0.06, 0.06, 0.008])
+    assert bench.holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    got = bench.holm([0.2, float("nan")])
+    assert got[0] == pytest.approx(0.2) and math.isnan(got[1])  # nan is no test of the family
+
+
+def test_add_holm_adjusts_each_metric_and_test_over_the_arms_of_one_model():
+    summary = {"afm": {"a": {"overall": {"t_p": 0.01, "wilcoxon_p": 0.5}, "exposed": {"t_p": 0.04, "wilcoxon_p": 0.5}},
+                       "b": {"overall": {"t_p": 0.03, "wilcoxon_p": 0.25}, "exposed": {"t_p": 0.2, "wilcoxon_p": 0.5}},
+                       "c": {"overall": {"t_p": 0.02, "wilcoxon_p": 0.5}, "gate_kept": "0/2"}},
+               "two-tower": {"c2al": {"overall": {"t_p": 0.01, "wilcoxon_p": 0.5}}}}
+    bench.add_holm(summary)
+    afm = summary["afm"]
+    assert [afm[a]["overall"]["t_p_holm"] for a in "abc"] == pytest.approx([0.03, 0.04, 0.04])
+    assert [afm[a]["exposed"]["t_p_holm"] for a in "ab"] == pytest.approx([0.08, 0.2])  # a family of the two arms that have it
+    assert [afm[a]["overall"]["wilcoxon_p_holm"] for a in "abc"] == pytest.approx([1.0, 0.75, 1.0])
+    assert summary["two-tower"]["c2al"]["overall"]["t_p_holm"] == pytest.approx(0.01)  # its own family of one
+
+
+NEW_ARMS = ("group_dro", "cvar_dro", "shared_bottom", "mmoe")
+
+
+@pytest.fixture(scope="module")
+def new_arms(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("minority_ne_new") / "new.json"
+    return bench.main(["--data", bench.QUICK_DATA, "--seeds", "2", "--models", "afm", "--arms", ",".join(NEW_ARMS), "--epochs", "1",
+                       "--workers", "1", "--dro-eta", "0.1", "--out", str(out)])
+
+
+def test_the_new_arms_are_in_the_summary_with_overall_exposed_and_cohort_entries(new_arms):
+    summary = new_arms["summary"]["afm"]
+    assert set(NEW_ARMS) | {"c2al"} == set(summary)
+    k = len(new_arms["rows"][0]["mined"])
+    for arm in NEW_ARMS:
+        assert {"overall", "exposed", *(f"cohort_{c}" for c in range(k))} <= set(summary[arm])
+        assert summary[arm]["overall"]["n"] == 2
+
+
+def test_holm_keys_recompute_from_the_raw_p_values_of_the_family(new_arms):
+    summary = new_arms["summary"]["afm"]
+    for metric in ("overall", "exposed"):
+        family = [a for a in summary if metric in summary[a]]
+        want = bench.holm([summary[a][metric]["t_p"] for a in family])
+        for arm, p in zip(family, want):
+            got = summary[arm][metric]["t_p_holm"]
+            assert (math.isnan(got) and math.isnan(p)) or got == pytest.approx(p)
+            assert math.isnan(got) or got >= summary[arm][metric]["t_p"]
+
+
+def test_robust_arms_train_no_heads_and_group_dro_keeps_normalised_group_weights(new_arms):
+    rows = {r["arm"]: r for r in new_arms["rows"] if r["seed"] == 0}
+    assert "head_update_norm" not in rows["group_dro"] and "head_update_norm" not in rows["cvar_dro"]
+    q = rows["group_dro"]["group_weights"]
+    assert len(q) == len(rows["baseline"]["mined"]) + 1 and sum(q) == pytest.approx(1.0)
+    assert rows["shared_bottom"]["head_update_norm"] > 0 and rows["mmoe"]["head_update_norm"] > 0
+    assert rows["shared_bottom"]["aux_weight"] == 1.0 and rows["mmoe"]["spec"]["towers"] == "mmoe"
+    assert set(rows["mmoe"]["attention"]["c2al"]) >= {"near_zero_share", "attention_entropy"}  # the served MMoE still reads
+
+
+def test_the_result_file_starts_with_the_harness_header(new_arms):
+    import harness
+
+    assert set(harness.HEADER_KEYS) <= set(new_arms) and new_arms["benchmark"] == "minority_ne"
+    assert "--arms" in new_arms["command"] and new_arms["config"]["base"]["dro_eta"] == 0.1
+
+
+def test_mmoe_is_left_out_on_the_two_tower_and_run_elsewhere(tmp_path, capsys):
+    args = bench.parse(["--models", "afm,two-tower", "--arms", "mmoe,cvar_dro", "--out", str(tmp_path / "x.json")])
+    per_seed = dict(bench.plan(args, 1000, 1))
+    assert [a.name for a in per_seed["afm"]] == ["c2al", "mmoe", "cvar_dro"]
+    assert [a.name for a in per_seed["two-tower"]] == ["c2al", "cvar_dro"]
+    assert "mmoe on two-tower" in capsys.readouterr().out
