@@ -247,3 +247,10 @@ def test_simulation_only_flags_are_refused_by_the_flower_engine(flag, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {flag[0]} is an --engine simulation setting") and "\n" not in err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_early_stopping_on_recall_is_refused_by_the_flower_engine(tmp_path, capsys):
+    args = [*ARGS, "--engine", "flower", "--model", "two-tower", "--two-tower-loss", "softmax", "--out", str(tmp_path)]
+    assert train.main(args) == 2  # recall@10 needs every client's private rows on the server
+    err = capsys.readouterr().err.strip()
+    assert "--patience on validation recall@10 needs --engine simulation" in err and "\n" not in err
