@@ -372,3 +372,16 @@ def test_a_null_categorical_cohort_value_is_a_category_not_nan(tmp_path):
     frame = _raw(reader)[1][0].frame
     assert frame["cat_3"].iloc[5] == "(missing)" and frame["cat_3"].iloc[6] == str(df["cat_3"].iloc[6]) and not frame["cat_3"].isna().any()
     assert isinstance(frame["cat_3"].dtype, pd.CategoricalDtype) and frame["int_0"].dtype == np.int64
+
+
+def test_numpy_units_are_row_ranges_dealt_by_rank_and_skipped_without_reading(tmp_path):
+    from c2al.data.criteo import CriteoNumpyReader
+
+    write_criteo_numpy(tmp_path / "npy", 2, 700, seed=3)
+    reader = CriteoNumpyReader(tmp_path / "npy", unit_rows=256, chunk_rows=100)
+    assert len(reader.units()) == 6 and [reader.unit_rows(i) for i in range(6)] == [256, 256, 188] * 2
+    full, _ = _raw(reader)
+    lanes = [_raw(reader, rank=r, world_size=2)[0]["key:cat_7"] for r in range(2)]
+    assert np.array_equal(np.sort(np.concatenate(lanes)), np.sort(full["key:cat_7"]))
+    tail, chunks = _raw(reader, rank=1, world_size=2, skip=300)
+    assert np.array_equal(tail["key:cat_7"], lanes[1][300:]) and chunks[0].unit == 3 and chunks[0].start == 44
