@@ -385,3 +385,11 @@ def test_numpy_units_are_row_ranges_dealt_by_rank_and_skipped_without_reading(tm
     assert np.array_equal(np.sort(np.concatenate(lanes)), np.sort(full["key:cat_7"]))
     tail, chunks = _raw(reader, rank=1, world_size=2, skip=300)
     assert np.array_equal(tail["key:cat_7"], lanes[1][300:]) and chunks[0].unit == 3 and chunks[0].start == 44
+
+
+def test_item_column_ids_are_the_tables_item_ids(tmp_path):
+    write_parquet(tmp_path / "t.parquet", 1000, seed=0)
+    s = stream_splits(open_table(tmp_path / "t.parquet", label="label", sparse=("cat_0",), user_col="user", item_col="cat_1"), hash_size=(300,))
+    chunk = next(iter(s.train.chunks()))
+    assert s.schema.item_features == ["cat_1"] and np.array_equal(chunk.item_ids, chunk.sparse["cat_1"].values)
+    assert s.schema.feature_names == ["user", "cat_1", "cat_0"] and s.valid.item_ids is not None

@@ -124,11 +124,13 @@ class TableStream(TrainStream):
 
 
 def encode_chunk(raw: RawChunk, schema: Schema, vocab: Vocabulary) -> Table:
-    """Raw rows -> a Table: sparse ids through the vocabulary, dense standardized where fitted."""
+    """Raw rows -> a Table: sparse ids through the vocabulary, dense standardized where fitted; item_ids are the
+    ids of the one item-side field (--item-col), as retrieval metrics count items, else None."""
     sparse = {f.name: JaggedColumn.from_ids(vocab.encode(f.name, raw.keys[f.name], raw.missing[f.name])) for f in schema.sparse}
+    items = schema.item_features
     return Table(sparse=sparse, dense=vocab.standardize(raw.dense).reshape(len(raw), len(schema.dense)),
                  labels=raw.labels.astype(np.float32), user_ids=raw.user_keys.astype(np.int64),
-                 cohort_frame=raw.frame, timestamps=raw.times)
+                 item_ids=sparse[items[0]].values.copy() if len(items) == 1 else None, cohort_frame=raw.frame, timestamps=raw.times)
 
 
 class SourceStream(TrainStream):
