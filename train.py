@@ -86,7 +86,7 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
     from c2al.data.sources import load_splits
     from c2al.dist.outdir import check_out_dir, lock_out_dir
     from c2al.dist.process import init_distributed
-    from c2al.jobs.preflight import check_command_line, check_job, check_resume, check_world_size
+    from c2al.jobs.preflight import check_command_line, check_job, check_overwrite, check_resume, check_world_size
     from c2al.logs import quiet_libraries, setup_logging
 
     setup_logging()
@@ -99,6 +99,7 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
     check_out_dir(out)
     check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_resume(cfg, out)
+    check_overwrite(cfg, out)
     info = init_distributed(cfg.device)
     splits = load_splits(cfg)
     check_job(cfg, splits, info)

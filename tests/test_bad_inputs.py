@@ -314,12 +314,20 @@ def _lock(f: Files, out: Path, argv: list[str]) -> None:
 
 LOCKS: list[OutLock] = []
 
+
+def _miner_in_out(f: Files, out: Path, argv: list[str]) -> None:
+    """The previous run in OUT also saved its miner there (cohorts.json + cohorts.npz)."""
+    for p in f.miner.parent.iterdir():
+        shutil.copy(p, out / p.name)
+
 OUT_CASES = [
     Case("out-is-a-file", lambda f, out: on(f.csv, "--out", str(out / "config.json")), "is a file"),
     Case("out-under-a-file", lambda f, out: on(f.csv, "--out", str(out / "report.json" / "run")), "is a file"),
     Case("out-locked-by-a-live-run", lambda f, out: on(f.csv, "--out", str(out)), f"in use by pid {os.getpid()}", _lock),
     # OUT holds the previous run's config.json and report.json (`previous_run`): replacing them needs a word
     Case("out-holds-a-finished-run", lambda f, out: on(f.csv, "--out", str(out)), "pass --resume to continue it or --overwrite"),
+    Case("overwrite-would-remove-the-saved-miner", lambda f, out: on(f.csv, "--out", str(out), "--aux-cohorts", "--cohorts", str(out),
+                                                                     "--overwrite"), "--overwrite removes", _miner_in_out),
     Case("federated-out-holds-a-finished-run", lambda f, out: on(f.csv, "--out", str(out), "--federated", "--clients-per-round", "5"),
          "already holds a run (config.json, report.json)"),
 ]

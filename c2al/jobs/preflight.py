@@ -90,6 +90,16 @@ def check_resume(cfg: Config, out: Path) -> None:
         load_checkpoint(path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
 
 
+def check_overwrite(cfg: Config, out: Path) -> None:
+    """--overwrite removes OUT's run files once the run starts: a saved miner it still reads may not be one of them."""
+    if not (cfg.overwrite and cfg.cohorts):
+        return
+    miner, where = Path(cfg.cohorts).resolve(), out.resolve()
+    if miner == where or where in miner.parents:
+        raise C2ALError(f"--cohorts {cfg.cohorts!r} lies in --out {str(out)!r}, whose run files --overwrite removes before "
+                        "the miner is read: copy it elsewhere or choose another --out")
+
+
 def _check_mode(cfg: Config, path: Path) -> None:
     """A federated run resumes only fed_*.pt and a centralized one never does (c2al.pt, written by both
     modes, is left to the config comparison, which names `federated`)."""
