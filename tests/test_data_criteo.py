@@ -393,3 +393,16 @@ def test_item_column_ids_are_the_tables_item_ids(tmp_path):
     chunk = next(iter(s.train.chunks()))
     assert s.schema.item_features == ["cat_1"] and np.array_equal(chunk.item_ids, chunk.sparse["cat_1"].values)
     assert s.schema.feature_names == ["user", "cat_1", "cat_0"] and s.valid.item_ids is not None
+
+
+def test_time_split_reads_only_the_row_groups_its_part_can_hold(tmp_path):
+    write_parquet(tmp_path / "t.parquet", 4000, seed=0, row_group_rows=400)  # time sorted: each row group a time window
+    reader = open_table(tmp_path / "t.parquet", label="label", sparse=("cat_0",), time_col="time")
+    s = stream_splits(reader, split_by="time", valid_frac=0.1, test_frac=0.2, hash_size=(1000,), eval_rows=100)
+    train_units = s.train.units()
+    assert 6 <= len(train_units) <= 8 and train_units[0].endswith("row group 0")  # the last ~30% of the time span holds no train rows
+    read = []
+    original = reader.read
+    reader.read = lambda i, start=0: (read.append(i), original(i, start))[1]
+    stream_splits(reader, split_by="time", valid_frac=0.1, test_frac=0.2, hash_size=(1000,), eval_rows=100)
+    assert min(read[:-1]) >= 6 and read[-1] == 0  # valid / test read from near the cut on, then the first train chunk (validate)

@@ -112,14 +112,18 @@ class ParquetReader(Reader):
         """(min, max) of the time column over every row group's statistics, or None."""
         if not self.time_col or self._csv:
             return None
-        lo, hi = [], []
+        self._unit_times: list[tuple[int, int]] = []
         for _, _, _, frag in self._groups:
             stats = frag.row_groups[0].statistics.get(self.time_col)
-            if not stats:
+            if not stats or stats.get("min") is None:
+                self._unit_times = []
                 return None
-            lo.append(_seconds(stats["min"]))
-            hi.append(_seconds(stats["max"]))
-        return min(lo), max(hi)
+            self._unit_times.append((_seconds(stats["min"]), _seconds(stats["max"])))
+        return min(lo for lo, _ in self._unit_times), max(hi for _, hi in self._unit_times)
+
+    def unit_time_range(self, i: int) -> tuple[int, int] | None:
+        """(min, max) of the time column in unit i from its row group's statistics, or None."""
+        return self._unit_times[i] if getattr(self, "_unit_times", None) else None
 
     # ------------------------------------------------------------ units
 

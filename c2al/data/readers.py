@@ -96,6 +96,10 @@ class Reader(ABC):
     def read(self, i: int, start: int = 0) -> Iterator[RawChunk]:
         """The raw chunks of unit i from its row `start` on (bounded size each); C2ALError names file and line / row group."""
 
+    def unit_time_range(self, i: int) -> tuple[int, int] | None:
+        """(min, max) event time of unit i from metadata, or None (a time split then reads the unit to know)."""
+        return None
+
     @cached_property
     def n_files(self) -> int:
         n = len(self.units())

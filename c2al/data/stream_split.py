@@ -101,13 +101,25 @@ class TimeSplit(RowFilter):
     valid_from: int
     test_from: int
 
+    def _window(self) -> tuple[float, float]:
+        return {"train": (-np.inf, self.valid_from), "valid": (self.valid_from, self.test_from), "test": (self.test_from, np.inf)}[self.part]
+
     def unit_kept(self, reader: Reader, i: int) -> int | None:
-        return None
+        """From the unit's recorded min / max time: all its rows, none, or (straddling the cut) unknown."""
+        span = reader.unit_time_range(i)
+        if span is None:
+            return None
+        lo, hi = self._window()
+        if span[1] < lo or span[0] >= hi:
+            return 0
+        return reader.unit_rows(i) if lo <= span[0] and span[1] < hi else None
+
+    def used(self, reader: Reader, i: int) -> bool:
+        return self.unit_kept(reader, i) != 0
 
     def mask(self, reader: Reader, raw: RawChunk) -> np.ndarray | None:
-        t = raw.times
-        lo, hi = {"train": (-np.inf, self.valid_from), "valid": (self.valid_from, self.test_from), "test": (self.test_from, np.inf)}[self.part]
-        return (t >= lo) & (t < hi)
+        lo, hi = self._window()
+        return (raw.times >= lo) & (raw.times < hi)
 
 
 def read_bounded(reader: Reader, parts: dict[str, RowFilter], schema: Schema, vocab: Vocabulary, eval_rows: int) -> dict[str, Table]:
