@@ -387,6 +387,7 @@ def test_rank_other_than_0_fails_silently(files: Files, tmp_path: Path, capsys: 
         assert len([line for line in err.splitlines() if "not divisible by world size 3" in line]) == lines, err
 
 
+@pytest.mark.slow  # starts 2 torchrun processes
 def test_torchrun_prints_the_error_once(files: Files, tmp_path: Path) -> None:
     """torchrun itself reports a failed worker (ChildFailedError); train.py's own message appears once,
     with no traceback from train.py or c2al."""
