@@ -33,20 +33,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-# --- statistics ---------------------------------------------------------------------------------
-
-
-def test_paired_ci_of_one_to_five_is_the_hand_computed_t_interval():
-    # mean 3, sd sqrt(2.5), se sqrt(2.5 / 5); t(0.975, 4) = 2.776445105...
-    mean, lo, hi = bench.paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
-    half = 2.7764451051977987 * math.sqrt(2.5 / 5)
-    assert mean == pytest.approx(3.0, abs=1e-12)
-    assert (lo, hi) == pytest.approx((3.0 - half, 3.0 + half), abs=1e-9)
-
-
-def test_paired_ci_drops_nan_and_collapses_for_one_value():
-    assert bench.paired_ci([float("nan"), 0.7]) == (0.7, 0.7, 0.7)
-    assert all(math.isnan(v) for v in bench.paired_ci([float("nan")]))
+# --- statistics (paired_ci is the harness's: tests/test_benchmark_harness.py) ---------------------
 
 
 def test_paired_t_test_matches_the_closed_form_t_cdf_with_four_degrees_of_freedom():
@@ -108,6 +95,7 @@ def quick(tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_png_where_out_says(quick):
     path, result = quick
     assert min(png_size(path.with_suffix(".png"))) > 100
@@ -115,6 +103,7 @@ def test_quick_run_writes_json_and_png_where_out_says(quick):
     assert result["quick"] is True and result["seeds"] == [0, 1] and result["config"]["args"]["workers"] == 2
 
 
+@pytest.mark.slow
 def test_quick_run_has_one_baseline_and_every_arm_per_seed_and_model(quick):
     _, result = quick
     for model, arms in (("afm", ["baseline", *bench.QUICK_ARMS]), ("two-tower", ["baseline", "c2al"])):
@@ -123,6 +112,7 @@ def test_quick_run_has_one_baseline_and_every_arm_per_seed_and_model(quick):
             assert sorted(got) == sorted(arms)
 
 
+@pytest.mark.slow
 def test_every_arm_is_scored_on_the_same_mined_cohorts_of_its_seed(quick):
     _, result = quick
     for seed in (0, 1):
@@ -132,6 +122,7 @@ def test_every_arm_is_scored_on_the_same_mined_cohorts_of_its_seed(quick):
         assert all(len(r["own_cohorts"]) == 2 for r in arms if r["arm"] in ("random_cohorts", "least_contrast"))
 
 
+@pytest.mark.slow
 def test_summary_mean_and_interval_recompute_from_the_per_seed_rows(quick):
     _, result = quick
     for arm in bench.QUICK_ARMS:
@@ -147,6 +138,7 @@ def test_summary_mean_and_interval_recompute_from_the_per_seed_rows(quick):
         assert {"t_p", "wilcoxon_p", "values"} <= set(s)
 
 
+@pytest.mark.slow
 def test_gate_decision_recomputes_from_validation_and_shipped_ne_follows_it(quick):
     from c2al.eval.compare import gate
 
@@ -164,6 +156,7 @@ def test_gate_decision_recomputes_from_validation_and_shipped_ne_follows_it(quic
         assert s["gate_kept"] == f"{sum(r['decision']['shipped'] == 'baseline' for r in rows)}/{len(rows)}"
 
 
+@pytest.mark.slow
 def test_every_training_is_early_stopped_and_keeps_its_best_epoch(quick):
     _, result = quick
     for r in result["rows"]:
@@ -171,6 +164,7 @@ def test_every_training_is_early_stopped_and_keeps_its_best_epoch(quick):
             assert r["best"]["valid_ne"] == min(h["valid_ne"] for h in r["history"])
 
 
+@pytest.mark.slow
 def test_controls_are_compared_with_c2al_and_heads_were_trained(quick):
     _, result = quick
     assert "minus_c2al" in result["summary"]["afm"]["random_cohorts"]
@@ -181,6 +175,7 @@ def test_controls_are_compared_with_c2al_and_heads_were_trained(quick):
     assert set(result["summary"]["afm"]["c2al"]["attention"]) >= {"near_zero_share", "attention_entropy", "dead_relu_share"}
 
 
+@pytest.mark.slow
 def test_rows_from_the_spawned_workers_equal_an_in_process_run(quick, tmp_path):
     """--quick trains in 2 spawned workers; one task again in this process gives the same numbers."""
     _, result = quick
@@ -193,12 +188,14 @@ def test_rows_from_the_spawned_workers_equal_an_in_process_run(quick, tmp_path):
             want[r["arm"]]["ne"] if r["arm"] == "baseline" else want[r["arm"]]["overall"]["ne_c2al"], abs=1e-12)
 
 
-def test_unknown_model_or_arm_is_refused_naming_it():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--control-models", "dlrm", "--arms", "c2al,nope"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "'dlrm'" in proc.stderr and "'nope'" in proc.stderr
+def test_unknown_model_or_arm_is_refused_naming_it(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse(["--control-models", "dlrm", "--arms", "c2al,nope"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "'dlrm'" in err and "'nope'" in err
 
 
+@pytest.mark.slow
 def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_file(train_csv, tmp_path):
     flags = ["--data", str(train_csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
              "--user-col", "user", "--cohort-features", "age,city", "--max-share", "0.3"]
@@ -213,9 +210,10 @@ def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_fi
     assert bench.result_path(bench.parse(flags)) == bench.RESULTS / "minority_ne_clicks.json"
 
 
-def test_quick_without_out_is_refused():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--quick needs --out" in proc.stderr
+def test_quick_without_out_is_refused(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse(["--quick"])
+    assert stopped.value.code == 2 and "--quick needs --out" in capsys.readouterr().err
 
 
 # --- the reviewers' baselines: Holm adjustment and the group-robust / multi-task arms -------------------------------
@@ -252,6 +250,7 @@ def new_arms(tmp_path_factory) -> dict:
                        "--workers", "1", "--dro-eta", "0.1", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_the_new_arms_are_in_the_summary_with_overall_exposed_and_cohort_entries(new_arms):
     summary = new_arms["summary"]["afm"]
     assert set(NEW_ARMS) | {"c2al"} == set(summary)
@@ -261,6 +260,7 @@ def test_the_new_arms_are_in_the_summary_with_overall_exposed_and_cohort_entries
         assert summary[arm]["overall"]["n"] == 2
 
 
+@pytest.mark.slow
 def test_holm_keys_recompute_from_the_raw_p_values_of_the_family(new_arms):
     summary = new_arms["summary"]["afm"]
     for metric in ("overall", "exposed"):
@@ -272,6 +272,7 @@ def test_holm_keys_recompute_from_the_raw_p_values_of_the_family(new_arms):
             assert math.isnan(got) or got >= summary[arm][metric]["t_p"]
 
 
+@pytest.mark.slow
 def test_robust_arms_train_no_heads_and_group_dro_keeps_normalised_group_weights(new_arms):
     rows = {r["arm"]: r for r in new_arms["rows"] if r["seed"] == 0}
     assert "head_update_norm" not in rows["group_dro"] and "head_update_norm" not in rows["cvar_dro"]
@@ -282,6 +283,7 @@ def test_robust_arms_train_no_heads_and_group_dro_keeps_normalised_group_weights
     assert set(rows["mmoe"]["attention"]["c2al"]) >= {"near_zero_share", "attention_entropy"}  # the served MMoE still reads
 
 
+@pytest.mark.slow
 def test_the_result_file_starts_with_the_harness_header(new_arms):
     import harness
 
