@@ -14,7 +14,7 @@ Grid: LOSSES x {centralized, federated} x seeds. Every run writes its own file u
 summary goes to `--out`:
 
     python benchmarks/ning_protocol.py                                   # the whole grid, 3 seeds
-    python benchmarks/ning_protocol.py --modes federated --losses batch_softmax --seeds 0 --rounds 20  # one timed run
+    python benchmarks/ning_protocol.py --modes federated --losses batch_softmax --seeds 0, --rounds 20  # one timed run
     python benchmarks/ning_protocol.py --quick --data movielens:/tmp/fake --out /tmp/n.json           # the test's
 
 summary = {"most_popular": {"recall@10": mean, ...}, LOSS: {"federated": {"recall@10": {"mean", "ci95"}, ...},

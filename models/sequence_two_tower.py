@@ -22,6 +22,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from c2al.errors import C2ALError
 
 ITEM_TABLE = "item"
+KERAS_EMBEDDING_INIT = 0.05  # Keras' Embedding init, U(-0.05, 0.05), as the paper's code (TorchRec's is +-sqrt(1 / rows))
 
 
 def make_item_ebc(num_items: int, dim: int = 16, features: Sequence[str] = ("context", "label"),
@@ -40,7 +41,8 @@ def make_item_ebc(num_items: int, dim: int = 16, features: Sequence[str] = ("con
     if num_items < 1 or dim < 1:
         raise C2ALError(f"make_item_ebc: num_items and dim must be >= 1, got {num_items}, {dim}")
     config = EmbeddingBagConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=num_items + 1,
-                                feature_names=list(features), pooling=PoolingType.MEAN)
+                                feature_names=list(features), pooling=PoolingType.MEAN,
+                                init_fn=lambda w: nn.init.uniform_(w, -KERAS_EMBEDDING_INIT, KERAS_EMBEDDING_INIT))
     return EmbeddingBagCollection(tables=[config], device=torch.device(device))
 
 
@@ -63,7 +65,13 @@ class BagOfItemsArch(nn.Module):
             raise C2ALError("BagOfItemsArch: layer_sizes is empty")
         layers: list[nn.Module] = []
         for width in layer_sizes:
-            layers += [nn.Linear(in_features, width, device=device), nn.ReLU()]
+            linear = nn.Linear(in_features, width, device=device)
+            # Keras' Dense defaults (the paper's code): Glorot weights and ZERO bias. torch's bias init
+            # (+-1/sqrt(D)) outweighs W x while the item rows are small, so every context would start
+            # at nearly the same vector (one ranking for all users).
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            layers += [linear, nn.ReLU()]
             in_features = width
         self.layers = nn.Sequential(*layers)
         self.out_features: int = in_features

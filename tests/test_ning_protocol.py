@@ -145,10 +145,12 @@ def _batch(num_items: int = 6):
 
 def test_one_table_serves_both_towers_and_both_outputs_are_unit_vectors():
     torch.manual_seed(0)
-    model = build_sequence_two_tower(num_items=6, embedding_dim=4, context_layers=(4,))
+    # D = 16 as the paper: with ReLU and zero bias, a context whose every unit is negative has no direction
+    # (2^-D of them at init); a tiny D would make that likely.
+    model = build_sequence_two_tower(num_items=6, embedding_dim=16, context_layers=(16,))
     _, _, batch = _batch()
     q, v = model.towers(batch.dense, batch.sparse)
-    assert q.shape == v.shape == (3, 4) and model.catalog().shape == (6, 4)
+    assert q.shape == v.shape == (3, 16) and model.catalog().shape == (6, 16)
     for x in (q, v, model.catalog()):
         torch.testing.assert_close(x.norm(dim=-1), torch.ones(len(x)))
     (config,) = model.embedding_bag_collection.embedding_bag_configs()
