@@ -406,3 +406,14 @@ def test_time_split_reads_only_the_row_groups_its_part_can_hold(tmp_path):
     reader.read = lambda i, start=0: (read.append(i), original(i, start))[1]
     stream_splits(reader, split_by="time", valid_frac=0.1, test_frac=0.2, hash_size=(1000,), eval_rows=100)
     assert min(read[:-1]) >= 6 and read[-1] == 0  # valid / test read from near the cut on, then the first train chunk (validate)
+
+
+def test_time_split_reads_a_timestamp_column_as_epoch_seconds(tmp_path):
+    df = write_parquet(tmp_path / "t.parquet", 2000, seed=0, row_group_rows=500)
+    df["time"] = pd.to_datetime(df["time"], unit="s")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(tmp_path / "t.parquet"), row_group_size=500)
+    reader = open_table(tmp_path / "t.parquet", label="label", sparse=("cat_0",), time_col="time")
+    s = stream_splits(reader, split_by="time", valid_frac=0.1, test_frac=0.1, hash_size=(100,))
+    seconds = (df["time"] - pd.Timestamp(0)) // pd.Timedelta(seconds=1)
+    assert reader.time_range == (seconds.min(), seconds.max())
+    assert s.test.timestamps.min() >= seconds.max() - 0.1 * (seconds.max() - seconds.min()) > s.valid.timestamps.max()
