@@ -94,6 +94,7 @@ def test_c2al_runs_through_torchrec_pipeline(synthetic_run, tmp_path):
     assert rep["overall"]["ne_c2al"] == pytest.approx(eager["overall"]["ne_c2al"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_c2al_runs_on_movielens(tmp_path):
     rc = train.main(["--aux-cohorts", "--out", str(tmp_path), "--epochs", "1", "--quiet"])
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -112,6 +113,7 @@ def test_unknown_cohort_feature_is_named(tmp_path, capsys):
     assert rc == 2 and "shoe_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_c2al_runs_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), "--data", SYNTHETIC,

@@ -50,6 +50,7 @@ def test_unknown_config_field_is_rejected():
         Config.from_dict({"modle": "afm"})
 
 
+@pytest.mark.slow
 def test_help_explains_the_method_and_flags():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--aux-cohorts" in out and "--cohort-features" in out and "torchrun" in out

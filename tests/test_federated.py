@@ -285,6 +285,7 @@ def test_squared_hinge_is_batch_insensitive_unlike_in_batch_softmax():
     assert abs(float(soft_whole - soft_halves)) > 1e-3
 
 
+@pytest.mark.slow
 def test_federated_two_tower_trains_with_the_hinge_loss(splits):
     from c2al.federated.losses import HingeTrainModule
 

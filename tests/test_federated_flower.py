@@ -100,6 +100,7 @@ def report(path: Any) -> dict[str, Any]:
     return json.loads((path / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_flower_simulation_runs_two_rounds_like_the_in_process_engine(tmp_path):
     assert train.main([*ARGS, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
     fed_report = report(tmp_path / "flower")

@@ -64,6 +64,7 @@ def test_federated_baseline_resumes_from_its_round_checkpoint(tmp_path, capsys):
     assert report["overall"] == want["overall"]
 
 
+@pytest.mark.slow
 def test_federated_c2al_goes_through_the_validation_gate(tmp_path):
     """A harmful lambda is gated on the clients' validation rows: c2al.pt holds the baseline; --no-gate ships C2AL."""
     def run(out, *extra):

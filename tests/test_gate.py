@@ -59,6 +59,7 @@ def test_no_gate_ships_c2al(tmp_path):
     assert torch.load(tmp_path / "c2al.pt", weights_only=True)["extra"].find('"shipped": "c2al"') >= 0
 
 
+@pytest.mark.slow
 def test_auto_trains_every_grid_lambda_and_reports_them(tmp_path):
     rep = run(tmp_path, "--aux-weight", "auto")
     search = rep["aux_weight_search"]

@@ -138,6 +138,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("balance", ["none", "gate"])
+@pytest.mark.slow
 def test_two_processes_train_with_aux_heads_and_agree_on_loss(tmp_path: Path, balance: str):
     steps = 3
     mp.spawn(two_rank_worker, args=(2, _free_port(), str(tmp_path), steps, balance), nprocs=2, join=True)

@@ -119,6 +119,7 @@ def run_cli(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--table-optimizer", "adam"], "adam"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_error(train_csv, tmp_path, extra, needle):
     res = run_cli(*args(train_csv, tmp_path), *extra)
     assert res.returncode != 0
@@ -127,6 +128,7 @@ def test_bad_input_is_one_line_error(train_csv, tmp_path, extra, needle):
     assert len(err) == 1 and needle in err[0]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(train_csv, tmp_path):
     """torchrun with 2 gloo processes sees the same global batches as one process."""
     one, two = tmp_path / "one", tmp_path / "two"
