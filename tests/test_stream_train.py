@@ -20,7 +20,13 @@ from c2al.train.task import predict
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BATCH = 128
-INFO = init_distributed("cpu")  # a one-member process group: DMP shards (and fuses table updates) as in train.py
+
+
+@pytest.fixture
+def info():
+    """A one-member process group (DMP shards and fuses table updates as in train.py); train.main tears its group
+    down, so each test joins or creates one again."""
+    return init_distributed("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +40,19 @@ def config(**kw) -> Config:
     return Config(**{"data": "synthetic", "batch_size": BATCH, "quiet": True, "eval_every": 10, "patience": 0, **kw})
 
 
-def test_one_pass_trains_every_full_batch_once(streamed: Splits) -> None:
+def test_one_pass_trains_every_full_batch_once(info, streamed: Splits) -> None:
     cfg = config()
-    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), INFO)
+    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), info)
     steps = streamed.train.rows // BATCH
     assert [h["step"] for h in trained.history] == [*range(10, steps, 10), steps]
     assert trained.history[-1]["epoch"] == 1
     assert trained.history[-1]["rows_seen"] == steps * BATCH
 
 
-def test_progressive_ne_is_the_loss_before_each_update(streamed: Splits) -> None:
+def test_progressive_ne_is_the_loss_before_each_update(info, streamed: Splits) -> None:
     """Progressive NE over the pass = mean BCE of each batch under the weights before its update / the rows' entropy."""
     cfg = config(dropout=0.0, eval_every=1000)
-    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), INFO)
+    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), info)
     h = trained.history[-1]
     steps = streamed.train.rows // BATCH
     labels = streamed.train.table.labels[: steps * BATCH]
@@ -56,10 +62,10 @@ def test_progressive_ne_is_the_loss_before_each_update(streamed: Splits) -> None
     assert 0.5 < h["progressive_ne"] < 1.2
 
 
-def test_early_stopping_inside_the_pass_keeps_the_best_evaluation(streamed: Splits) -> None:
+def test_early_stopping_inside_the_pass_keeps_the_best_evaluation(info, streamed: Splits) -> None:
     """Large learning rates overfit within the pass; the kept weights score the best evaluation's NE."""
     cfg = config(patience=2, eval_every=5, lr=0.05, table_lr=0.8, dropout=0.0)
-    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), INFO)
+    trained = fit(cfg, streamed, seeded_model(cfg, streamed.schema), info)
     best = trained.best
     assert best["valid_ne"] == min(h["valid_ne"] for h in trained.history)
     if trained.history[-1]["step"] < streamed.train.rows // BATCH:  # stopped inside the pass
@@ -68,12 +74,12 @@ def test_early_stopping_inside_the_pass_keeps_the_best_evaluation(streamed: Spli
     assert now == pytest.approx(best["valid_ne"], rel=1e-9)
 
 
-def test_resume_mid_stream_continues_at_the_same_row(streamed: Splits, tmp_path, monkeypatch) -> None:
+def test_resume_mid_stream_continues_at_the_same_row(info, streamed: Splits, tmp_path, monkeypatch) -> None:
     """A crash after step 17 (checkpoint at 15) and a resume: the same evaluations and final weights as a straight pass."""
     import c2al.train.loop as loop
 
     cfg = config(checkpoint_every=5)
-    straight = fit(cfg, streamed, seeded_model(cfg, streamed.schema), INFO, checkpoint=tmp_path / "a.pt")
+    straight = fit(cfg, streamed, seeded_model(cfg, streamed.schema), info, checkpoint=tmp_path / "a.pt")
     original = loop.train_epoch
     taken = [0]
 
@@ -87,9 +93,9 @@ def test_resume_mid_stream_continues_at_the_same_row(streamed: Splits, tmp_path,
 
     monkeypatch.setattr(loop, "train_epoch", crash_at_step_17)
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, streamed, seeded_model(cfg, streamed.schema), INFO, checkpoint=tmp_path / "b.pt")
+        fit(cfg, streamed, seeded_model(cfg, streamed.schema), info, checkpoint=tmp_path / "b.pt")
     monkeypatch.setattr(loop, "train_epoch", original)
-    resumed = fit(dataclasses.replace(cfg, resume=True), streamed, seeded_model(cfg, streamed.schema), INFO,
+    resumed = fit(dataclasses.replace(cfg, resume=True), streamed, seeded_model(cfg, streamed.schema), info,
                   checkpoint=tmp_path / "b.pt")
     assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
     for key in ("valid_ne", "loss", "progressive_ne", "rows_seen"):
@@ -98,10 +104,10 @@ def test_resume_mid_stream_continues_at_the_same_row(streamed: Splits, tmp_path,
     np.testing.assert_array_equal(scores[0], scores[1])
 
 
-def test_a_stream_shorter_than_one_batch_is_refused(streamed: Splits) -> None:
+def test_a_stream_shorter_than_one_batch_is_refused(info, streamed: Splits) -> None:
     from c2al.errors import C2ALError
 
     tiny = dataclasses.replace(streamed, train=TableStream(streamed.train.table.take(np.arange(50)), streamed.schema))
     cfg = config()
     with pytest.raises(C2ALError, match="fewer rows than one --batch-size"):
-        fit(cfg, tiny, seeded_model(cfg, tiny.schema), INFO)
+        fit(cfg, tiny, seeded_model(cfg, tiny.schema), info)
