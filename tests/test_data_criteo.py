@@ -133,6 +133,7 @@ def test_parquet_skip_jumps_whole_row_groups_and_continues_at_the_same_row(tmp_p
     assert chunks[0].unit == 2 and chunks[0].start == 234  # row groups 0 and 1 not read
 
 
+@pytest.mark.slow
 def test_a_200k_row_file_is_read_in_bounded_chunks(tmp_path):
     write_criteo_text(tmp_path / "big", 200_000, seed=0)
     reader = CriteoTextReader([tmp_path / "big"], block_bytes=8 << 20)

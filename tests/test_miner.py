@@ -191,6 +191,7 @@ def planted_conjunctions_valid(seed: int = 0) -> tuple[pd.DataFrame, np.ndarray,
     return valid.cohort_frame, valid.labels, model.predict_proba(design(valid))[:, 1], valid.true_cohorts
 
 
+@pytest.mark.slow
 def test_tree_candidates_recover_the_synthetic_planted_conjunctions() -> None:
     X, y, scores, truth = planted_conjunctions_valid()
     tree = CohortMiner(candidates="tree", random_state=0).fit(X, y, scores).predict(X)
