@@ -33,7 +33,7 @@ from c2al.dist.sharding import dense_optimizer, shard
 from c2al.errors import C2ALError
 from c2al.eval.metrics import summarize
 from c2al.eval.retrieval import retrieval_metrics
-from c2al.train.task import TrainModule, predict, train_epoch
+from c2al.train.task import TrainModule, predict, step_seed, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,12 @@ def fit(
                 run.seconds = time.perf_counter() - start
                 save(checkpoint)
 
-        def step_seed(n: int, base: int = run.step) -> int:
-            return (cfg.seed * 1_000_003 + (base + n) * 7919 + info.rank) % (2**63)
+        def seed_of(n: int, base: int = run.step) -> int:
+            return step_seed(cfg.seed, base + n, info.rank)
 
         began = run.step
         stats = train_epoch(dmp, optimizer, segment, total=end - run.step, desc=source.describe(tag, epoch),
-                            show=info.is_main and not cfg.quiet, on_step=on_step, step_seed=step_seed, pipelined=cfg.pipeline,
+                            show=info.is_main and not cfg.quiet, on_step=on_step, step_seed=seed_of, pipelined=cfg.pipeline,
                             device=info.device, carry=run.carry)
         if run.step < end and source.streaming:  # the stream ran out inside this segment: the pass is over
             run.exhausted = True
