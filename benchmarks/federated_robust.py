@@ -22,7 +22,8 @@ Settings: --rounds 15 (train.py's default is 30; the committed run took 20 min a
 device tiers it stays near the base rate in 15 rounds), --lr 0.01, 50 clients per round.
 Writes benchmarks/results/federated_robust.json: per row the test NE and AUC, its change against
 the rule's own clean run and against the clean mean (plain FedAvg) run, the updates rejected, the
-seconds and the worker's peak memory, the command; the config, machine_info() and the markdown table.
+seconds and the worker's peak memory, the command; the markdown table, after the harness header (the command, commit,
+machine and load, wall_s, and the base config).
 """
 from __future__ import annotations
 
