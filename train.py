@@ -101,7 +101,7 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
     check_resume(cfg, out)
     check_overwrite(cfg, out)
     info = init_distributed(cfg.device)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, saved_vocab=out / "vocab" if cfg.resume else None)
     check_job(cfg, splits, info)
     # 2. lock OUT: a second run on the same OUT stops here, naming this one; so does a run that
     # would replace a finished one's files (checked under the lock: two runs started together see each other)
@@ -131,7 +131,11 @@ def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
     log.info(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
     log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
     s = splits.schema
-    log.info(f"data {s.name}: train {len(splits.train)}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
+    train_rows = getattr(splits.train, "rows", None) if hasattr(splits.train, "chunks") else len(splits.train)
+    train_text = "streamed" if train_rows is None else f"{train_rows}{' streamed' if hasattr(splits.train, 'chunks') else ''}"
+    if hasattr(splits, "vocab"):  # a streaming source: serving and a resumed run map raw values to ids with this
+        splits.vocab.save(out / "vocab")
+    log.info(f"data {s.name}: train {train_text}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
              f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")
 
 

@@ -106,8 +106,8 @@ class Config:
     epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
     patience: int = _opt("early stopping: evaluations of validation NE (recall@10 with --two-tower-loss softmax) without a strictly "
                          "better one before training stops; the best evaluation's weights are kept (0: train every epoch, keep the last)", default=2)
-    eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only); with --federated, "
-                           "rounds between evaluations (0: every 5 rounds)", default=0)
+    eval_every: int = _opt("steps between validation evaluations (0: at the end of each epoch only; a streaming source: every "
+                           "1000 steps); with --federated it is read as --eval-rounds, the spelling earlier versions took", default=0)
     batch_size: int = _opt("global batch size (split evenly across processes)", default=512)
     lr: float = _opt("learning rate of the dense parameters", default=3e-3)
     dense_optimizer: str = _opt("optimizer of dense parameters", default="adam", choices=DENSE_OPTIMIZERS)
@@ -161,8 +161,7 @@ class Config:
                       "baseline and say why (--no-gate always ships C2AL)", default=True)
     gate_tolerance: float = _opt("relative slack on overall validation NE for --gate and --aux-weight auto (0.001 = 0.1%%)", default=0.0)
     cohort_candidates: str = _opt("miner candidates: kmeans, gmm, axes, tree (decision-tree conjunctions such as "
-                                  "'region=3 & age>=55'), or several joined by + (the default measured best on planted cohorts: "
-                                  "benchmarks/results/cohort_recovery.json)", default="kmeans+tree")
+                                  "'region=3 & age>=55'), or several joined by + (compared in benchmarks/README.md)", default="kmeans+tree")
     n_clusters: int = _opt("clusters the miner proposes as candidates", default=16)
     divergence: str = _opt("miner contrast: js, kl or wasserstein", default="js", choices=("js", "kl", "wasserstein"))
     min_share: float = _opt("smallest traffic share of an exposed cohort", default=0.02)
@@ -174,14 +173,13 @@ class Config:
                        "another, or over forked --workers) or flower (Flower ClientApp/ServerApp on Ray; pip install .[flower])",
                        default="simulation", choices=("simulation", "flower"))
     rounds: int = _opt("most federated rounds (per phase with --aux-cohorts); early stopping on validation NE, checked every "
-                       "--eval-every rounds, usually ends sooner (MovieLens-100k: ~100-150 rounds)", default=500)
-    clients_per_round: int = _opt("clients sampled per round (among the available ones); on MovieLens-100k 200 reached a lower "
-                                  "validation NE per CPU second than 50, 100 or 400", default=200)
+                       "--eval-rounds rounds, usually ends sooner", default=500)
+    eval_rounds: int = _opt("federated rounds between validation evaluations (0: --eval-every if given, else every 5 rounds)", default=0)
+    clients_per_round: int = _opt("clients sampled per round (among the available ones)", default=200)
     local_epochs: int = _opt("local passes over a client's rows per round (capped by its tier's step budget)", default=1)
     local_batch_size: int = _opt("client batch size", default=32)
-    server_optimizer: str = _opt("server strategy: fedavg, fedprox, fedadam or fedyogi (Reddi et al. 2021); on MovieLens-100k "
-                                 "FedAdam at 0.01 reached validation NE 0.826 where FedAvg stalled at 0.85-0.86 and FedYogi at 0.834 "
-                                 "(without normalized updates; 0.814 with them)",
+    server_optimizer: str = _opt("server strategy: fedavg, fedprox, fedadam or fedyogi (Reddi et al. 2021; the defaults' validation "
+                                 "measurements are in benchmarks/README.md)",
                                  default="fedadam", choices=("fedavg", "fedprox", "fedadam", "fedyogi"))
     server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi)", default=0.0)
     proximal_mu: float = _opt("FedProx proximal term mu", default=0.01)
@@ -200,12 +198,11 @@ class Config:
     workers: int = _opt("simulation engine: run each round's clients over this many forked processes (0: sequential)", default=0)
     parallel_clients: int = _opt("simulation engine: train up to N of a round's clients side by side, each local step of all of them "
                                  "as one vectorized step (torch.func.vmap; the same batches and steps as one after another, dropout "
-                                 "drawn once per step for all; 4-7x less CPU a round); a round of fewer than 16 clients, and 0 or 1, "
+                                 "drawn once per step for all); a round of fewer than 16 clients, and 0 or 1, "
                                  "run one after another, as the Flower engine does", default=256)
     normalized_updates: bool = _opt("clients send their update per local step, weighted by their training rows (FedNova's "
                                     "normalized averaging, Wang et al. 2020), so the users of devices with larger step budgets "
-                                    "do not pull the shared model harder; on MovieLens-100k with the default tiers validation "
-                                    "NE 0.814 against 0.828 without (--no-normalized-updates: FedAvg's weighting by examples)", default=True)
+                                    "do not pull the shared model harder (--no-normalized-updates: FedAvg's weighting by examples)", default=True)
     num_actors: int = _opt("flower engine: Ray actors running ClientApps side by side, one CPU each (each imports torch and reads the data once)", default=1)
     aggregation: str = _opt("how the server combines client updates, dense parameters and shared table rows alike (a row over the clients that sent it; "
                             "private user rows never leave the client): mean (FedAvg); median or trimmed-mean (per coordinate, one client one vote, "
@@ -351,7 +348,7 @@ _PROBABILITY = _Range(0, 1)
 RANGES: dict[str, _Range] = {
     **dict.fromkeys(("epochs", "batch_size", "embedding_dim", "attention_dim", "n_clusters", "rounds", "clients_per_round",
                      "local_epochs", "local_batch_size", "kmeans_iters", "num_actors"), _AT_LEAST_1),
-    **dict.fromkeys(("patience", "eval_every", "checkpoint_every", "seed", "workers", "parallel_clients", "aux_cohorts", "weight_decay",
+    **dict.fromkeys(("patience", "eval_every", "eval_rounds", "checkpoint_every", "seed", "workers", "parallel_clients", "aux_cohorts", "weight_decay",
                      "server_lr", "proximal_mu", "sam_rho", "clip_norm", "krum_f", "count_cap", "tier_steps", "aux_weight"),
                     _AT_LEAST_0),
     **dict.fromkeys(("lr", "table_lr", "tier_skew", "dro_eta"), _POSITIVE),
@@ -386,8 +383,6 @@ def _check_field(name: str, value: Any) -> None:
             raise C2ALError(f"{flag} must be {RANGES[name].text()}, got {shown}")
 
 
-# Fields that change parameter shapes or data: a checkpoint must agree on them.
-SHAPE_FIELDS = ("data", "label", "sparse", "dense", "user_col", "item_col", "model", "embedding_dim", "attention_dim")
 # Fields a resumed run may change: they do not alter the steps already taken (the epoch / round
 # budget may grow, patience may change when to stop, the rest is output and execution).
 RESUMABLE = ("epochs", "rounds", "patience", "resume", "overwrite", "out", "quiet", "checkpoint_every", "workers", "device", "num_actors")

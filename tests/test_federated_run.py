@@ -96,3 +96,16 @@ def test_federated_aux_weight_auto_trains_each_lambda_and_keeps_the_validation_c
     chosen = next(c for c in search["candidates"] if c["aux_weight"] == search["chosen"])
     assert report["decision"]["valid_ne_c2al"] == chosen["ne"]  # the gate judged the kept arm
     assert sorted(p.name for p in tmp_path.glob("fed_c2al_lambda*.pt")) == [f"fed_c2al_lambda{lam:g}.pt" for lam in sorted(AUTO_GRID)]
+
+
+@pytest.mark.parametrize("flag", ["--eval-rounds", "--eval-every"])
+def test_federated_validation_every_n_rounds_by_its_own_flag_or_the_old_spelling(tmp_path, flag):
+    """--eval-rounds counts rounds (--eval-every, which counts steps in a centralized run, is still read as it)."""
+    assert train.main(["--federated", "--rounds", "4", flag, "2", "--patience", "0", "--out", str(tmp_path), *FAST]) == 0
+    history = json.loads((tmp_path / "report.json").read_text())["federated"]["history"]["train"]
+    assert [i + 1 for i, h in enumerate(history) if "valid_ne" in h] == [2, 4]
+
+
+def test_eval_rounds_in_a_centralized_run_is_refused(tmp_path, capsys):
+    assert train.main(["--data", DATA, "--eval-rounds", "2", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--eval-rounds applies to --federated runs only" in capsys.readouterr().err

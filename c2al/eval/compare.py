@@ -25,7 +25,7 @@ def compare(cfg: Config, splits: Splits, test_cohorts: np.ndarray, p_base: np.nd
     """The report.json body: overall and per-cohort NE of baseline vs C2AL on test."""
     y = splits.test.labels
     ob, oc = summarize(p_base, y), summarize(p_c2al, y)
-    k = cfg.aux_cohorts
+    k = len(miner.contrast_)  # the cohorts the miner exposed (at most --aux-cohorts)
     rows_b = per_segment(p_base, y, test_cohorts, k)
     rows_c = per_segment(p_c2al, y, test_cohorts, k)
     cohorts = []

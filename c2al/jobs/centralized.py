@@ -38,7 +38,7 @@ from c2al.plugin import C2ALWrapper
 from c2al.robust import RobustModel, group_counts, make_objective, robust_model, unwrap
 from c2al.towers import attach_towers, detach_towers
 from c2al.train.build import seeded_model
-from c2al.train.loop import Trained, fit
+from c2al.train.loop import Trained, fit, is_streaming
 from c2al.train.task import predict
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,21 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     comparison; writes report.json/png, the miner and checkpoints, and OUT/c2al.pt: the model the gate ships."""
     base = fit(cfg, splits, seeded_model(cfg, splits.schema), info, checkpoint=out / "baseline.pt", tag="baseline")
     miner = mine_cohorts(cfg, splits, predict(base.module, splits.valid, splits.schema, cfg.batch_size, info), out, info)
-    cohort_ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    v_base = _valid(cfg, splits, base.module, cohort_ids, info)
-    lambdas = [list(cfg.aux_weights())] if cfg.aux_weight != "auto" else [[lam] * cfg.aux_cohorts for lam in AUTO_GRID]
+    k = len(miner.contrast_)  # the permutation test may expose fewer cohorts than --aux-cohorts asked for
+    if not getattr(miner, "found_", True) or k == 0:
+        return _nothing_contrasting(cfg, splits, base, miner, info, out)
+    if k < cfg.aux_cohorts and info.is_main:
+        log.info(f"the miner exposed {k} of the {cfg.aux_cohorts} cohorts asked for (the others did not beat the permutation null): "
+                 f"C2AL trains {k} head(s)")
+    cohort_ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("valid", "test")}
+    mined = with_mined_cohorts(cfg, splits, miner, cohort_ids)
+    v_base = _valid(cfg, splits, base.module, cohort_ids, info, k)
+    lambdas = [list(cfg.aux_weights())[:k]] if cfg.aux_weight != "auto" else [[lam] * k for lam in AUTO_GRID]
     runs = []
     for lam in lambdas:
         name = "c2al_train.pt" if len(lambdas) == 1 else f"c2al_train_lambda{lam[0]:g}.pt"
-        trained = _fit_c2al(cfg, splits, cohort_ids, lam, info, out / name)
-        runs.append((trained, {"aux_weight": lam[0] if len(set(lam)) == 1 else lam, **_valid(cfg, splits, trained.module, cohort_ids, info),
+        trained = _fit_c2al(cfg, mined, lam, info, out / name)
+        runs.append((trained, {"aux_weight": lam[0] if len(set(lam)) == 1 else lam, **_valid(cfg, splits, trained.module, cohort_ids, info, k),
                                "best_epoch": trained.best.get("epoch")}))
     chosen = choose_aux_weight([c for _, c in runs], v_base, cfg.gate_tolerance) if len(runs) > 1 else runs[0][1]
     trained = next(t for t, c in runs if c is chosen)
@@ -122,29 +129,60 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     return report
 
 
-def _fit_c2al(cfg: Config, splits: Splits, cohort_ids: dict[str, np.ndarray], aux_weight: list[float], info: DistInfo,
-              checkpoint: Path) -> Trained:
-    """One C2AL training from the baseline's seeded start, early-stopped like it; with --objective group-dro / cvar
-    the plain model under that loss instead, with --aux-towers mmoe MMoE towers."""
+def _nothing_contrasting(cfg: Config, splits: Any, base: Trained, miner: Any, info: DistInfo, out: Path) -> dict[str, Any]:
+    """The miner's permutation test found no cohort whose baseline scores contrast with the rest: there is nothing
+    for auxiliary heads to keep, so no C2AL model is trained and the baseline ships (report.json says why)."""
+    probs = predict(base.module, splits.test, splits.schema, cfg.batch_size, info)
+    overall = summarize(probs, splits.test.labels)
+    reason = (f"the miner exposed no cohort: no candidate's contrast beat its permutation null (alpha {getattr(miner, 'alpha', '?')}); "
+              "nothing for auxiliary heads to keep")
+    report = {"config": cfg.to_dict(), "overall": {**overall, "ne_base": overall["ne"], "ne_shipped": overall["ne"]}, "cohorts": [],
+              "decision": {"shipped": "baseline", "reason": reason}, "history": {"baseline": base.history},
+              "best": {"baseline": base.best}, "train_seconds": {"baseline": base.seconds}, "world_size": info.world_size}
+    save_checkpoint(out / "c2al.pt", model_state=base.model.state_dict(), config=cfg.to_dict(), step=-1,
+                    extra={"stripped": True, "shipped": "baseline"}, is_main=info.is_main)
+    if info.is_main:
+        log.info(f"shipped as c2al.pt: baseline ({reason})")
+        write_json(report, out / "report.json")
+        log.info(f"wrote {out / 'report.json'}, {out / 'cohorts.json'}, {out / 'baseline.pt'}, {out / 'c2al.pt'}")
+    return report
+
+
+def with_mined_cohorts(cfg: Config, splits: Any, miner: Any, ids: dict[str, np.ndarray]) -> Any:
+    """The splits with every row's mined cohort id: the in-memory train split at once, a streaming train
+    split chunk by chunk as the reader yields it (`ids` holds the valid and test ids already assigned)."""
+    if is_streaming(splits.train):
+        columns = list(cfg.cohort_features) or list(splits.schema.cohort_features)
+        return splits.with_cohorts(lambda frame: miner.predict(frame[columns]))
+    return splits.with_cohorts({"train": miner.predict(cohort_frame(cfg, splits, "train")), **ids})
+
+
+def _fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo, checkpoint: Path) -> Trained:
+    """One C2AL training from the baseline's seeded start, early-stopped like it (`splits` carry the cohort ids, one
+    lambda per exposed cohort in `aux_weight`); with --objective group-dro / cvar the plain model under that loss
+    instead, with --aux-towers mmoe MMoE towers."""
     model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
+    k = len(aux_weight)
     if cfg.objective != "erm":
-        objective = make_objective(cfg.objective, counts=group_counts(cohort_ids["train"], cfg.aux_cohorts), eta=cfg.dro_eta,
+        # n_g of Group DRO's adjustment: the train rows per group; a stream's are not counted ahead, validation's shares stand in
+        ids = splits.valid.cohort_ids if is_streaming(splits.train) else splits.train.cohort_ids
+        objective = make_objective(cfg.objective, counts=group_counts(ids, k), eta=cfg.dro_eta,
                                    adjust=cfg.dro_adjust, alpha=cfg.cvar_alpha)
-        return fit(cfg, splits.with_cohorts(cohort_ids), robust_model(model, objective), info, checkpoint=checkpoint, tag=cfg.objective)
+        return fit(cfg, splits, robust_model(model, objective), info, checkpoint=checkpoint, tag=cfg.objective)
     if cfg.aux_towers == "mmoe":
-        wrapper = attach_towers(model, "inter_arch", cfg.aux_cohorts, aux_weight, make_head(cfg, model), kind="mmoe",
+        wrapper = attach_towers(model, "inter_arch", k, aux_weight, make_head(cfg, model), kind="mmoe",
                                 n_experts=cfg.mmoe_experts)
     else:
-        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
+        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=k, aux_weight=aux_weight, head=make_head(cfg, model),
                               balance=cfg.aux_balance)
     tag = "c2al" if checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
-    return fit(cfg, splits.with_cohorts(cohort_ids), wrapper, info, checkpoint=checkpoint, tag=tag)
+    return fit(cfg, splits, wrapper, info, checkpoint=checkpoint, tag=tag)
 
 
-def _valid(cfg: Config, splits: Splits, module: Any, cohort_ids: dict[str, np.ndarray], info: DistInfo) -> dict[str, Any]:
-    """Validation NE, overall and over the exposed cohorts, of a trained module (its kept weights)."""
+def _valid(cfg: Config, splits: Splits, module: Any, cohort_ids: dict[str, np.ndarray], info: DistInfo, k: int) -> dict[str, Any]:
+    """Validation NE, overall and over the k exposed cohorts, of a trained module (its kept weights)."""
     p = predict(module, splits.valid, splits.schema, cfg.batch_size, info)
-    return valid_scores(p, splits.valid.labels, cohort_ids["valid"], cfg.aux_cohorts)
+    return valid_scores(p, splits.valid.labels, cohort_ids["valid"], k)
 
 
 def served_model(model: Any) -> Any:

@@ -72,15 +72,10 @@ def make_clients(splits: Splits) -> list[ClientData]:
 
 
 def check_federated(cfg: Config, population: int) -> None:
-    """One-line errors for settings that cannot run on this population."""
-    if cfg.clients_per_round <= 0 or cfg.clients_per_round > population:
+    """What only the data decides: a round cannot sample more clients than hold training rows (every value a field
+    alone decides, its range included, Config.check has refused already)."""
+    if cfg.clients_per_round > population:
         raise C2ALError(f"--clients-per-round must be in [1, {population}] (the clients holding training rows), got {cfg.clients_per_round}")
-    if cfg.rounds <= 0 or cfg.local_epochs <= 0 or cfg.local_batch_size <= 0:
-        raise C2ALError("--rounds, --local-epochs and --local-batch-size must be positive")
-    if cfg.sam_rho < 0:
-        raise C2ALError(f"--sam-rho must be >= 0, got {cfg.sam_rho}")
-    if cfg.two_tower_hinge and cfg.model != "two-tower":
-        raise C2ALError("--two-tower-hinge needs --model two-tower")
 
 
 def client_tiers(cfg: Config, splits: Splits, clients: list[ClientData]) -> np.ndarray:
@@ -132,7 +127,7 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
     criterion = "recall@10" if retrieval_loss(cfg) else "ne"
     kw = dict(rounds=cfg.rounds, seed=cfg.seed, spec=spec, checkpoint=checkpoint, resume=cfg.resume,
               config=cfg.to_dict(), shape_keys=RESUME_FIELDS, show=not cfg.quiet, tag=tag, criterion=criterion,
-              evaluate=evaluate or (lambda fed: validation(cfg, splits, fed, criterion)), eval_every=cfg.eval_every or EVAL_EVERY,
+              evaluate=evaluate or (lambda fed: validation(cfg, splits, fed, criterion)), eval_every=cfg.eval_rounds or cfg.eval_every or EVAL_EVERY,
               patience=cfg.patience)  # both engines stop early by the same rule
     if cfg.engine == "flower":
         if cfg.attack != "none":

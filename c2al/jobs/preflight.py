@@ -112,6 +112,8 @@ def _check_mode(cfg: Config, path: Path) -> None:
 
 def check_job(cfg: Config, splits: Splits, info: DistInfo) -> None:
     """What the data decides: the model builds, batches fit, and the C2AL and federated flags apply to it."""
+    if hasattr(splits.train, "chunks"):  # a streamed train split: what it cannot do is said before any other check
+        _check_stream(cfg, splits)
     with torch.device("meta"):  # shapes and names only: no memory for the tables
         build_model(cfg, splits.schema)
     if cfg.federated:
@@ -122,8 +124,17 @@ def check_job(cfg: Config, splits: Splits, info: DistInfo) -> None:
         _check_c2al(cfg, splits)
 
 
+def _check_stream(cfg: Config, splits: Splits) -> None:
+    """What a streamed train split cannot do: federated clients need every user's rows, the two-tower's
+    logQ correction counts the train split's items ahead of training."""
+    if cfg.federated:
+        raise C2ALError(f"--federated needs an in-memory source; {cfg.data!r} streams (drop --stream, or train centrally)")
+    if cfg.model == "two-tower":
+        raise C2ALError(f"--model two-tower needs an in-memory source; {cfg.data!r} streams (use afm or attention-fm)")
+
+
 def _check_centralized(cfg: Config, splits: Splits, info: DistInfo) -> None:
-    if num_batches(len(splits.train), cfg.batch_size, drop_last=True) == 0:
+    if not hasattr(splits.train, "chunks") and num_batches(len(splits.train), cfg.batch_size, drop_last=True) == 0:
         raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
     if cfg.table_optimizer == "adam" and info.device.type != "cuda":
         raise C2ALError("--table-optimizer adam needs CUDA; on CPU FBGEMM fuses only sgd, adagrad, rowwise_adagrad")
