@@ -102,6 +102,7 @@ def test_attach_towers_without_a_width_asks_for_in_features():
         attach_towers(net, "0", 1, kind="mmoe")
 
 
+@pytest.mark.slow  # a whole train.py job
 def test_train_py_aux_towers_mmoe_runs_and_ships_experts_with_the_main_gate_only(tmp_path):
     assert train.main(["--data", TINY, "--epochs", "1", "--batch-size", "256", "--quiet", "--aux-cohorts", "--aux-towers", "mmoe",
                        "--mmoe-experts", "3", "--cohort-candidates", "kmeans", "--no-gate", "--out", str(tmp_path)]) == 0

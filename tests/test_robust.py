@@ -142,6 +142,7 @@ def test_config_refuses_objective_combinations_naming_the_flag(flags, message):
 # --- train.py ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole train.py job
 def test_train_py_cvar_baseline_runs_and_trains_the_robust_loss(tmp_path):
     assert train.main([*FAST, "--objective", "cvar", "--cvar-alpha", "0.3", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -150,6 +151,7 @@ def test_train_py_cvar_baseline_runs_and_trains_the_robust_loss(tmp_path):
     assert report["history"][0]["robust"] > report["history"][0]["main"]  # the worst 30% lose more than the mean
 
 
+@pytest.mark.slow  # a whole train.py job
 def test_train_py_group_dro_ships_the_plain_model_and_checkpoints_the_group_weights(tmp_path):
     assert train.main([*FAST, "--aux-cohorts", "--objective", "group-dro", "--dro-eta", "0.1", "--cohort-candidates", "kmeans",
                        "--no-gate", "--out", str(tmp_path)]) == 0
