@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -22,7 +22,7 @@ import pandas as pd
 
 from c2al.data.batch import Batch, local_batch_size, make_batch
 from c2al.data.readers import AllRows, RawChunk, Reader, RowFilter
-from c2al.data.schema import JaggedColumn, Schema, Table
+from c2al.data.schema import JaggedColumn, Schema, SparseFeature, Table
 from c2al.data.vocab import Vocabulary
 from c2al.errors import C2ALError
 
@@ -53,9 +53,9 @@ class TrainStream(ABC):
     def chunks(self, *, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[Table]:
         """This rank's lane of training rows (units i with i % world_size == rank) as Tables, `skip` rows of it skipped first."""
 
-    def map(self, fn: Callable[[Table], Table]) -> "TrainStream":
-        """A stream whose chunks are fn(chunk) (e.g. the mined cohort ids added)."""
-        return MappedStream(self, fn)
+    def map(self, fn: Callable[[Table], Table], schema: Schema | None = None) -> "TrainStream":
+        """A stream whose chunks are fn(chunk) (e.g. the mined cohort ids added), under `schema` when fn adds a field."""
+        return MappedStream(self, fn, schema)
 
 
 def _check_lane(rank: int, world_size: int, skip: int, units: list[str]) -> None:
@@ -73,9 +73,9 @@ def _check_lane(rank: int, world_size: int, skip: int, units: list[str]) -> None
 class MappedStream(TrainStream):
     """Another stream's chunks through `fn`."""
 
-    def __init__(self, inner: TrainStream, fn: Callable[[Table], Table]) -> None:
+    def __init__(self, inner: TrainStream, fn: Callable[[Table], Table], schema: Schema | None = None) -> None:
         self.inner, self.fn = inner, fn
-        self.schema, self.rows = inner.schema, inner.rows
+        self.schema, self.rows = schema or inner.schema, inner.rows
 
     def units(self) -> list[str]:
         return self.inner.units()
@@ -237,6 +237,18 @@ class StreamSplits:
             return t.with_cohorts(predict(t.cohort_frame))
 
         return StreamSplits(self.schema, self.train.map(add), add(self.valid), add(self.test), self.vocab)
+
+    def with_feature(self, name: str, ids: Callable[[pd.DataFrame], np.ndarray], num_embeddings: int, side: str = "user") -> "StreamSplits":
+        """The same splits with one more single-id sparse field `name`, ids(cohort_frame) in [0, num_embeddings) for every
+        row (the train stream chunk by chunk): e.g. the mined cohort as an input feature, as `Splits.with_feature` does."""
+        schema = replace(self.schema, sparse=(*self.schema.sparse, SparseFeature(name, num_embeddings, side)))
+
+        def add(t: Table) -> Table:
+            if t.cohort_frame is None:
+                raise C2ALError(f"{self.schema.name}: rows carry no cohort features (pass --cohort-features)")
+            return replace(t, sparse={**t.sparse, name: JaggedColumn.from_ids(np.asarray(ids(t.cohort_frame), dtype=np.int64))})
+
+        return StreamSplits(schema, self.train.map(add, schema), add(self.valid), add(self.test), self.vocab)
 
     def validate(self) -> "StreamSplits":
         """Check valid and test, and read the first training chunk, so most bad files fail before training."""

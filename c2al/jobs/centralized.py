@@ -94,7 +94,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     runs = []
     for lam in lambdas:
         name = "c2al_train.pt" if len(lambdas) == 1 else f"c2al_train_lambda{lam[0]:g}.pt"
-        trained = _fit_c2al(cfg, mined, lam, info, out / name)
+        trained = fit_c2al(cfg, mined, lam, info, out / name)
         runs.append((trained, {"aux_weight": lam[0] if len(set(lam)) == 1 else lam, **_valid(cfg, splits, trained.module, cohort_ids, info, k),
                                "best_epoch": trained.best.get("epoch")}))
     chosen = choose_aux_weight([c for _, c in runs], v_base, cfg.gate_tolerance) if len(runs) > 1 else runs[0][1]
@@ -157,7 +157,7 @@ def with_mined_cohorts(cfg: Config, splits: Any, miner: Any, ids: dict[str, np.n
     return splits.with_cohorts({"train": miner.predict(cohort_frame(cfg, splits, "train")), **ids})
 
 
-def _fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo, checkpoint: Path) -> Trained:
+def fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo, checkpoint: Path | None) -> Trained:
     """One C2AL training from the baseline's seeded start, early-stopped like it (`splits` carry the cohort ids, one
     lambda per exposed cohort in `aux_weight`); with --objective group-dro / cvar the plain model under that loss
     instead, with --aux-towers mmoe MMoE towers."""
@@ -175,7 +175,7 @@ def _fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo,
     else:
         wrapper = c2al.attach(model, at="inter_arch", n_cohorts=k, aux_weight=aux_weight, head=make_head(cfg, model),
                               balance=cfg.aux_balance)
-    tag = "c2al" if checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
+    tag = "c2al" if checkpoint is None or checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
     return fit(cfg, splits, wrapper, info, checkpoint=checkpoint, tag=tag)
 
 
