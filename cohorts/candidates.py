@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.mixture import GaussianMixture
-from sklearn.tree import DecisionTreeRegressor
+from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor
 from threadpoolctl import threadpool_limits
 
 from c2al.cohorts.encoding import CHUNK, Encoding, nearest_center
@@ -32,10 +32,14 @@ QUINTILES = (0.2, 0.4, 0.6, 0.8)
 TAIL = 0.05  # top and bottom 5%: the paper's head and tail users by value
 # conjunctions of at most this many conditions stay readable (`region=3 & age>=55 & tenure<2`)
 TREE_DEPTH = 4
-# a split must explain this share of the target's variance: without it the tree halves a homogeneous
-# cohort on noise and the selection prefers the more extreme half (planted conjunctions at 4% / 3% of
-# traffic, 3 seeds: mean ARI 0.80 -> 0.93; unchanged on planted clusters; 1e-3 already loses cohorts)
+# a split of the regression tree must explain this share of the target's variance: without it the
+# tree halves a homogeneous cohort on noise and the selection prefers the more extreme half
+# (planted conjunctions at 4% / 3% of traffic, 3 seeds: mean ARI 0.80 -> 0.93; 1e-3 already loses cohorts)
 TREE_MIN_DECREASE = 3e-4
+# the classification tree's counterpart: a split must gain this many times the information a split on
+# pure noise gains on average ((B - 1) / (2 N) nats, weighted by the node's share, for B bins and N rows);
+# 2 rather than 4 on benchmarks/cohort_recovery_worlds.py's tuning worlds with the project's conjunctions
+TREE_MIN_GAIN = 2.0
 
 
 def subsample(Z: np.ndarray, rows: int, rng: np.random.RandomState) -> np.ndarray:
@@ -160,32 +164,43 @@ def families(enc: Encoding, columns: list[np.ndarray], clusters: dict[str, np.nd
 
 # -------------------------------------------------------------------- tree
 def tree_rules(enc: Encoding, columns: list[np.ndarray], target: np.ndarray, min_share: float,
-               n_leaves: int, rng: np.random.RandomState) -> list[list[dict[str, Any]]]:
-    """Conjunction candidates: the nodes of a regression tree of `target` on the cohort features.
+               n_leaves: int, rng: np.random.RandomState, classify: bool = False) -> list[list[dict[str, Any]]]:
+    """Conjunction candidates: the nodes of a decision tree of `target` on the cohort features.
 
-    The tree reads raw numeric columns (thresholds stay in the column's units)
-    and one-hot categorical ones; no leaf holds fewer than min_share of the rows,
-    so every node could be exposed. Leaves and internal nodes are candidates: an
-    internal node is the cohort when the tree went on to split it (on planted
-    data the selection always took a leaf, at no cost for offering the nodes).
+    Two trees, each finding what the other misses. The regression tree of the scores splits
+    where their mean moves (a cohort with its own click rate). The classification tree of the
+    score bins (`classify`, entropy criterion) splits where their distribution moves: its gain is
+    the mutual information between the side and the bin, the weighted Jensen-Shannon divergence
+    of the two sides, so it also finds a cohort whose scores spread differently around the same
+    mean (an opposite taste). Both read raw numeric columns (thresholds stay in the column's
+    units) and one-hot categorical ones; no leaf holds fewer than min_share of the rows, so every
+    node could be exposed. Leaves and internal nodes are candidates: an internal node is the
+    cohort when the tree went on to split it.
 
     Args:
         enc: the miner's encoding.
         columns: per-column arrays of X.
-        target: what the tree explains, one value per row [N].
+        target: what the tree explains [N]: scores (or labels), or score bins when classify.
         min_share: smallest share of rows in a leaf.
         n_leaves: most leaves the tree grows (best first).
         rng: seeds the subsample and the tree's tie breaks.
+        classify: grow the classification tree of bins (non-negative integers) instead.
 
     Returns:
         One family per depth 1..TREE_DEPTH: the rules of that depth's nodes.
     """
     design = enc.transform(columns, scaled=False)  # [N, D]
     rows = rng.choice(len(design), FIT_ROWS["tree"], replace=False) if len(design) > FIT_ROWS["tree"] else slice(None)
-    fitted = DecisionTreeRegressor(
-        max_depth=TREE_DEPTH, max_leaf_nodes=max(n_leaves, 2), min_samples_leaf=max(1, int(np.ceil(min_share * len(target[rows])))),
-        min_impurity_decrease=TREE_MIN_DECREASE * float(np.var(target[rows])),
-        random_state=rng.randint(np.iinfo(np.int32).max)).fit(design[rows], target[rows])
+    n = len(target[rows])
+    shape = dict(max_depth=TREE_DEPTH, max_leaf_nodes=max(n_leaves, 2), min_samples_leaf=max(1, int(np.ceil(min_share * n))),
+                 random_state=rng.randint(np.iinfo(np.int32).max))
+    if classify:
+        # sklearn's entropy is in bits and its impurity decrease is weighted by the node's share
+        noise_gain = int(target.max()) / (2.0 * n * np.log(2.0))
+        tree = DecisionTreeClassifier(criterion="entropy", min_impurity_decrease=TREE_MIN_GAIN * noise_gain, **shape)
+    else:
+        tree = DecisionTreeRegressor(min_impurity_decrease=TREE_MIN_DECREASE * float(np.var(target[rows])), **shape)
+    fitted = tree.fit(design[rows], target[rows])
     by_depth: dict[int, list[dict[str, Any]]] = {}
     for depth, path in _node_paths(fitted.tree_):
         if depth > 0:

@@ -11,6 +11,7 @@ Letters: N rows, D encoded features, K centres.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +39,13 @@ def is_categorical(series: pd.Series) -> bool:
     return pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series)
 
 
-def read_columns(X: Any) -> tuple[list[str], list[np.ndarray], list[str]]:
+def read_columns(X: Any, categorical: Sequence[str] = ()) -> tuple[list[str], list[np.ndarray], list[str]]:
     """Split X into column names, per-column arrays and kinds ("numeric"/"categorical").
 
     Args:
         X: [N, F] array (all numeric, columns named x0, x1, ...) or DataFrame.
+        categorical: columns that are categorical whatever their dtype (an integer-coded device
+            id is a category, not a number to split by its order); by name (x0, x1, ... for an array).
 
     Returns:
         (names, columns, kinds): numeric columns as float64, categorical ones as str objects.
@@ -52,20 +55,30 @@ def read_columns(X: Any) -> tuple[list[str], list[np.ndarray], list[str]]:
             arr = check_array(X, dtype=np.float64, ensure_all_finite=False, input_name="X")
         except ValueError as err:
             raise C2ALError(f"X: {one_line(err)}; pass a pandas DataFrame for categorical columns") from err
-        return [f"x{j}" for j in range(arr.shape[1])], list(arr.T), ["numeric"] * arr.shape[1]
+        X = pd.DataFrame(arr, columns=[f"x{j}" for j in range(arr.shape[1])])
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise C2ALError(f"X: DataFrame of shape {X.shape} has no rows or no columns")
+    unknown = [c for c in categorical if c not in [str(n) for n in X.columns]]
+    if unknown:
+        raise C2ALError(f"categorical: unknown column {unknown[0]!r}; X has columns {[str(n) for n in X.columns]}")
     names, columns, kinds = [], [], []
     for name, series in X.items():
-        categorical = is_categorical(series)
-        if categorical and series.isna().any():
+        kind = "categorical" if is_categorical(series) or str(name) in categorical else "numeric"
+        if kind == "categorical" and series.isna().any():
             row = int(np.flatnonzero(series.isna().to_numpy())[0])
             raise C2ALError(f"{column_label(str(name))} contains NaN / missing values (first at row {row})")
         names.append(str(name))
-        kinds.append("categorical" if categorical else "numeric")
-        columns.append(series.astype(str).to_numpy(dtype=object) if categorical
+        kinds.append(kind)
+        columns.append(categorical_values(series) if kind == "categorical"
                        else series.to_numpy(dtype=np.float64, na_value=np.nan))
     return names, columns, kinds
+
+
+def categorical_values(series: pd.Series) -> np.ndarray:
+    """A categorical column's values as str objects [N]; integral floats read as integers (3.0 -> "3")."""
+    if pd.api.types.is_float_dtype(series) and np.all(np.mod(series.to_numpy(), 1) == 0):
+        series = series.astype(np.int64)  # a NaN-free integer code column that pandas stored as float
+    return series.astype(str).to_numpy(dtype=object)
 
 
 def check_finite(names: list[str], columns: list[np.ndarray], kinds: list[str]) -> None:
@@ -149,8 +162,7 @@ class Encoding:
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """A frame holding (at least) `columns` -> [N, D], each column read as its kind at fit."""
-        columns = [frame[col].to_numpy(dtype=np.float64) if kind == "numeric"
-                   else frame[col].astype(str).to_numpy(dtype=object)
+        columns = [frame[col].to_numpy(dtype=np.float64) if kind == "numeric" else categorical_values(frame[col])
                    for col, kind in zip(self.columns, self.kinds)]
         return self.transform(columns)
 

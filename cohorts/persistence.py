@@ -22,7 +22,7 @@ from c2al.dist.atomic import atomic_write_bytes
 from c2al.errors import C2ALError
 
 FORMAT = "c2al.cohorts.CohortMiner/1"
-ARRAYS = ("contrast_", "cluster_centers_", "gmm_weights_", "gmm_means_", "gmm_precisions_cholesky_")
+ARRAYS = ("contrast_", "cluster_centers_", "gmm_weights_", "gmm_means_", "gmm_precisions_cholesky_", "null_max_")
 STATE = ("n_features_in_", "_names", "_kinds", "_stats", "cohorts_")
 OPTIONAL_STATE = ("rules_",)  # absent from miners saved before it existed; only `expose` needs it
 
@@ -106,7 +106,10 @@ def load_miner(cls: type, path: str | Path) -> Any:
     meta = _read_meta(json_path)
     arrays = _read_arrays(npz_path, json_path, meta["arrays_sha256"])
     try:
-        miner = cls(**meta["params"])
+        params = dict(meta["params"])
+        if isinstance(params.get("categorical"), list):  # JSON has no tuples
+            params["categorical"] = tuple(params["categorical"])
+        miner = cls(**params)
         for name in STATE:
             setattr(miner, name, meta[name])
         for name in OPTIONAL_STATE:
@@ -119,4 +122,5 @@ def load_miner(cls: type, path: str | Path) -> Any:
         raise C2ALError(f"{json_path}: saved CohortMiner is incomplete ({one_line(err)})") from err
     for name, value in arrays.items():
         setattr(miner, name, value)
+    miner.found_ = bool(miner.cohorts_)
     return miner

@@ -45,7 +45,8 @@ def test_federated_miner_has_the_fitted_attributes_reports_read() -> None:
     for name in ("cohorts_", "contrast_", "candidates_", "rules_", "cluster_centers_", "n_features_in_"):
         assert hasattr(fed, name) and hasattr(central, name), name
     assert {"rule", "share", "plr", "contrast", "cohort", "candidate"} <= set(fed.cohorts_[0])
-    assert set(central.candidates_.columns) <= set(fed.candidates_.columns)
+    reported = {"id", "source", "rule", "size", "share", "plr", "contrast", "qualified", "cohort"}
+    assert reported <= set(central.candidates_.columns) and reported <= set(fed.candidates_.columns)
     assert np.all(np.diff(fed.contrast_) <= 0) and fed.predict(frame).shape == (len(frame),)
     assert len(fed.describe(frame)) == 2
 
@@ -56,3 +57,21 @@ def test_federated_miner_predict_names_missing_columns() -> None:
         [frame.iloc[i:i + 4] for i in range(0, 400, 4)], [np.zeros(4)] * 100, [np.full(4, 0.5)] * 100)
     with pytest.raises(C2ALError, match=r"lacks the cohort feature columns \['region'\]"):
         fed.predict(frame.drop(columns="region"))
+
+
+def test_named_categorical_columns_are_categorical_whatever_their_dtype() -> None:
+    frame = pd.DataFrame({"device": [3, 1, 3, 2], "code": [1.0, 2.0, 2.0, 1.0], "age": [20.0, 30.0, 40.0, 50.0]})
+    names, columns, kinds = read_columns(frame, categorical=("device", "code"))
+    assert kinds == ["categorical", "categorical", "numeric"]
+    assert columns[0].tolist() == ["3", "1", "3", "2"] and columns[1].tolist() == ["1", "2", "2", "1"]  # 2.0 reads as "2"
+    assert read_columns(frame)[2] == ["numeric", "numeric", "numeric"]
+
+
+def test_unknown_categorical_column_is_named() -> None:
+    with pytest.raises(C2ALError, match="categorical: unknown column 'device'"):
+        read_columns(pd.DataFrame({"age": [1.0, 2.0]}), categorical=("device",))
+
+
+def test_named_categorical_column_on_an_array_uses_its_position_name() -> None:
+    _, columns, kinds = read_columns(np.array([[1.0, 5.0], [2.0, 6.0]]), categorical=("x1",))
+    assert kinds == ["numeric", "categorical"] and columns[1].tolist() == ["5", "6"]

@@ -95,7 +95,7 @@ def test_recovers_planted_cohorts_from_labels_when_scores_absent(blobs) -> None:
 
 def test_exposed_cohorts_are_disjoint() -> None:
     X, y, scores, _ = planted_blobs(seed=1)
-    miner = CohortMiner(4, candidates="kmeans+axes", random_state=0).fit(X, y, scores)
+    miner = CohortMiner(4, candidates="kmeans+axes", n_permutations=0, min_contrast=0, random_state=0).fit(X, y, scores)
     ids = miner.predict(X)
     # on overlapping cohorts the lower id would steal rows, so counts would fall short of the sizes
     exposed = miner.candidates_.set_index("cohort").loc[range(4), "size"].to_numpy()
@@ -531,6 +531,12 @@ def test_sklearn_estimator_checks(estimator, check) -> None:
     ({"n_cohorts": 0}, "n_cohorts=0"),
     ({"min_share": 0.3, "max_share": 0.2}, "min_share=0.3"),
     ({"candidates": "axes", "axes": ["age"]}, "unknown column 'age'"),
+    ({"n_permutations": -1}, "n_permutations=-1"),
+    ({"alpha": 0}, "alpha=0"),
+    ({"alpha": 0.05, "n_permutations": 9}, "alpha=0.05 is below 1 / 10"),
+    ({"min_contrast": -0.1}, "min_contrast=-0.1"),
+    ({"categorical": "x0"}, "categorical='x0'"),
+    ({"categorical": ("device",)}, "categorical: unknown column 'device'"),
 ])
 def test_bad_parameter_raises_naming_it(blobs, params: dict, match: str) -> None:
     X, y, scores, _ = blobs
@@ -548,7 +554,7 @@ def test_wide_categorical_column_is_refused_for_clustering() -> None:
 def test_too_many_cohorts_says_how_many_qualify(blobs) -> None:
     X, y, scores, _ = blobs
     with pytest.raises(C2ALError, match=r"n_cohorts=20 but only \d+ candidates .* lower n_cohorts or min_share"):
-        CohortMiner(20, random_state=0).fit(X, y, scores)
+        CohortMiner(20, n_permutations=0, min_contrast=0, random_state=0).fit(X, y, scores)
 
 
 def test_constant_feature_is_named() -> None:
@@ -661,3 +667,106 @@ def test_describe_reports_the_over_represented_category() -> None:
     miner = CohortMiner(candidates="axes", axes=["country", "value"], random_state=0).fit(X, y, scores)
     traits = [t for d in miner.describe(X) for t in d["traits"] if t["column"] == "country"]
     assert any(t["text"].startswith("country=zz 100%") for t in traits)
+
+
+# ------------------------------------------------------ nothing contrasting
+def one_cohort_frame(n: int = 8000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """One planted cohort (device 3 of an integer-coded device id, about 6%) scoring high; the rest is noise.
+
+    Returns X (device, age), labels, baseline scores and the truth (-1 rest, 0 the cohort).
+    """
+    rng = np.random.default_rng(seed)
+    device = rng.choice(8, size=n, p=[0.2, 0.2, 0.2, 0.06, 0.14, 0.1, 0.05, 0.05])
+    X = pd.DataFrame({"device": device, "age": rng.uniform(18, 80, n).round()})
+    truth = np.where(device == 3, 0, -1)
+    scores = 1.0 / (1.0 + np.exp(-(np.where(truth == 0, 1.0, -1.5) + 0.5 * rng.normal(size=n))))
+    return X, (rng.random(n) < scores).astype(np.int64), scores, truth
+
+
+def test_scores_unrelated_to_features_expose_no_cohort(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"age": rng.normal(size=6000), "region": rng.choice(list("abcdef"), 6000)})
+    scores = rng.beta(2, 5, size=6000)  # drawn without looking at X
+    y = (rng.random(6000) < scores).astype(np.int64)
+    miner = CohortMiner(2, candidates="kmeans+axes+tree", random_state=0).fit(X, y, scores)
+    assert not miner.found_ and miner.cohorts_ == [] and len(miner.contrast_) == 0
+    assert (miner.predict(X) == -1).all() and not miner.candidates_["eligible"].any()
+    loaded = CohortMiner.load(miner.save(tmp_path / "none"))
+    assert not loaded.found_ and (loaded.predict(X) == -1).all()
+
+
+def test_only_the_contrasting_cohort_is_exposed_when_two_are_asked_for() -> None:
+    X, y, scores, truth = one_cohort_frame()
+    miner = CohortMiner(2, candidates="tree", categorical=("device",), random_state=0).fit(X, y, scores)
+    assert miner.found_ and [c["rule"] for c in miner.cohorts_] == ["device=3"]
+    assert adjusted_rand_score(truth, miner.predict(X)) == 1.0
+
+
+def test_permutation_p_value_counts_the_shuffles_that_beat_the_cohort() -> None:
+    X, y, scores, _ = one_cohort_frame()
+    miner = CohortMiner(1, candidates="tree", categorical=("device",), n_permutations=9, alpha=0.1,
+                        random_state=0).fit(X, y, scores)
+    assert miner.null_max_.shape == (9,)
+    g = miner.candidates_["g"].to_numpy()
+    expected = (1 + (miner.null_max_[None, :] >= g[:, None]).sum(axis=1)) / 10
+    np.testing.assert_allclose(miner.candidates_["p_value"], expected)
+    assert miner.cohorts_[0]["p_value"] == pytest.approx(0.1) and miner.cohorts_[0]["g"] > miner.null_max_.max()
+
+
+def test_without_the_test_the_miner_exposes_n_cohorts_even_from_noise() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(4000, 3))
+    scores = rng.beta(2, 5, size=4000)
+    y = (rng.random(4000) < scores).astype(np.int64)
+    assert len(CohortMiner(2, n_permutations=0, min_contrast=0, random_state=0).fit(X, y, scores).cohorts_) == 2
+
+
+def test_g_statistic_matches_scipy_g_test() -> None:
+    from c2al.cohorts.selection import g_statistic
+
+    counts = np.array([[30.0, 10.0, 5.0], [1.0, 2.0, 3.0]])
+    pooled = np.array([100.0, 60.0, 40.0])
+    for row, g in zip(counts, g_statistic(counts, pooled)):
+        table = np.stack([row, pooled - row])
+        expected = scipy.stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")[0]
+        assert g == pytest.approx(expected)
+
+
+def test_label_p_value_is_the_two_proportion_z_test() -> None:
+    from c2al.cohorts.selection import label_p_values
+
+    # 100 rows at rate 0.3 against 100 at rate 0.2: pooled rate 0.25
+    z = 0.1 / np.sqrt(0.25 * 0.75 * (1 / 100 + 1 / 100))
+    p = label_p_values(np.array([100.0, 0.0]), np.array([30.0, 0.0]), 200.0, 50.0)
+    assert p[0] == pytest.approx(2 * scipy.stats.norm.sf(z)) and p[1] == 1.0
+
+
+def test_a_neutral_group_beside_a_strong_cohort_is_not_exposed() -> None:
+    from c2al.cohorts.selection import against_rest
+
+    # bins: 3; the strong cohort (0) sits in the top bin, a neutral group (1) looks like the rows outside both
+    counts = np.array([[0.0, 0.0, 300.0], [100.0, 100.0, 0.0]])
+    pooled = np.array([1000.0, 1000.0, 300.0])
+    positives = np.array([240.0, 40.0])
+    contrast, p = against_rest(counts, positives, pooled, 640.0, np.arange(3.0), "js", [])
+    after, p_after = against_rest(counts, positives, pooled, 640.0, np.arange(3.0), "js", [0])
+    assert contrast[1] > 0.01 and p[1] < 0.05  # against a rest holding the strong cohort it looks different
+    assert after[1] < 1e-4 and p_after[1] > 0.5  # against the rows in no cohort it does not
+
+
+# ------------------------------------------------------ categorical by role
+def test_integer_coded_column_named_categorical_splits_by_value_not_order() -> None:
+    X, y, scores, _ = one_cohort_frame()
+    as_category = CohortMiner(1, candidates="axes", categorical=("device",), random_state=0).fit(X, y, scores)
+    assert as_category.cohorts_[0]["rule"] == "device == '3'" and as_category._kinds == ["categorical", "numeric"]
+    as_number = CohortMiner(1, candidates="axes", random_state=0).fit(X, y, scores)
+    assert as_number._kinds == ["numeric", "numeric"]  # device 3 is not a quintile of the codes
+    np.testing.assert_array_equal(as_category.predict(X) == 0, X["device"].to_numpy() == 3)
+
+
+def test_pandas_category_dtype_of_integers_is_categorical() -> None:
+    X, y, scores, truth = one_cohort_frame()
+    X["device"] = X["device"].astype("category")
+    miner = CohortMiner(1, candidates="tree", random_state=0).fit(X, y, scores)
+    assert miner._kinds[0] == "categorical" and miner.cohorts_[0]["rule"] == "device=3"
+    assert adjusted_rand_score(truth, miner.predict(X)) == 1.0
