@@ -12,9 +12,11 @@ Baseline: the one-hot logistic regression of benchmarks/linear_baseline.py (C=1)
 on train; the miner reads its validation scores, as train.py's miner reads the baseline's.
 A trained AFM would be slower and is not what is compared here: every candidate set
 sees the same scores.
-Mining: train.py's miner settings (2 cohorts, 16 clusters / leaves, JS, shares in
-[0.02, 0.2]) on the validation rows, one candidate set per row of the grid; the score is
-the ARI of the exposed cohort ids against the planted ones over the validation rows.
+Mining: train.py's miner settings (at most 2 cohorts, 16 clusters / leaves, JS, shares in
+[0.02, 0.2], the miner's own permutation test and contrast threshold) on the validation
+rows, one candidate set per row of the grid; the score is the ARI of the exposed cohort ids
+against the planted ones over the validation rows. benchmarks/cohort_recovery_worlds.py
+measures the same over a family of random worlds, null worlds included.
 
 Writes benchmarks/results/cohort_recovery.json: the grid, per (data, candidates) the
 ARI of each seed, their mean, the exposed rules and the mining seconds, and the machine.
@@ -63,7 +65,8 @@ def mine(candidates: str, seed: int, frame: Any, labels: np.ndarray, truth: np.n
                         min_share=cfg.min_share, max_share=cfg.max_share, random_state=seed).fit(frame, labels, scores)
     seconds = time.perf_counter() - start
     ids = miner.predict(frame)
-    return {"ari": float(adjusted_rand_score(truth, ids)), "rules": [c["rule"] for c in miner.cohorts_], "seconds": seconds}
+    return {"ari": float(adjusted_rand_score(truth, ids)), "rules": [c["rule"] for c in miner.cohorts_],
+            "exposed": len(miner.cohorts_), "seconds": seconds}
 
 
 def main() -> None:
