@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
-SYNTHETIC = "synthetic:n_rows=12000,n_users=1500,n_items=200,minority_shares=0.05/0.04"
+# 24k rows: enough validation rows for both planted cohorts to beat the miner's permutation null
+SYNTHETIC = "synthetic:n_rows=24000,n_users=1500,n_items=200,minority_shares=0.05/0.04"
 FAST = ["--epochs", "1", "--batch-size", "256", "--quiet"]
 
 
@@ -74,14 +75,15 @@ def test_saved_miner_is_reused_with_cohorts_flag(synthetic_run, tmp_path):
 
 def test_saved_miner_with_other_k_is_refused(synthetic_run, tmp_path, capsys):
     out, _ = synthetic_run
-    rc = train.main(["--data", SYNTHETIC, "--aux-cohorts", "3", "--cohorts", str(out / "cohorts.json"), "--out", str(tmp_path), *FAST])
-    assert rc == 2 and "--aux-cohorts is 3" in capsys.readouterr().err
+    rc = train.main(["--data", SYNTHETIC, "--aux-cohorts", "1", "--cohorts", str(out / "cohorts.json"), "--out", str(tmp_path), *FAST])
+    assert rc == 2 and "holds 2 cohorts but --aux-cohorts is 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["attention-fm", "two-tower"])
 def test_every_model_runs_c2al(tmp_path, model):
     rep = run_c2al(tmp_path, "--model", model, "--aux-head", "mlp" if model == "two-tower" else "clone")
-    assert len(rep["cohorts"]) == 2 and rep["overall"]["ne_c2al"] > 0
+    # the miner exposes at most K cohorts (those that beat its permutation null); this baseline's scores show 1 or 2
+    assert 1 <= len(rep["cohorts"]) <= 2 and rep["overall"]["ne_c2al"] > 0
     if model == "two-tower":
         assert {"baseline", "c2al"} <= set(rep["retrieval"]) and 0 <= rep["retrieval"]["c2al"]["recall@10"] <= 1
 
@@ -105,7 +107,8 @@ def test_c2al_runs_on_a_csv_with_role_flags(train_csv, tmp_path):
     rc = train.main(["--data", str(train_csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
                      "--user-col", "user", "--cohort-features", "age,city", "--aux-cohorts", "--max-share", "0.3",
                      "--out", str(tmp_path), *FAST])
-    assert rc == 0 and len(json.loads((tmp_path / "report.json").read_text())["cohorts"]) == 2
+    # one cohort is planted (users over 60): the miner exposes what beats its permutation null, at most --aux-cohorts
+    assert rc == 0 and 1 <= len(json.loads((tmp_path / "report.json").read_text())["cohorts"]) <= 2
 
 
 def test_unknown_cohort_feature_is_named(tmp_path, capsys):

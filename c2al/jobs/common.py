@@ -48,8 +48,9 @@ def saved_miner(cfg: Config) -> Any:
 
     path = Path(cfg.cohorts)
     miner = CohortMiner.load(path / "cohorts.json" if path.is_dir() else path)
-    if len(miner.contrast_) != cfg.aux_cohorts:
-        raise C2ALError(f"--cohorts {cfg.cohorts!r} holds {len(miner.contrast_)} cohorts but --aux-cohorts is {cfg.aux_cohorts}")
+    if len(miner.contrast_) > cfg.aux_cohorts:  # fewer is what the miner exposed when the others did not contrast
+        raise C2ALError(f"--cohorts {cfg.cohorts!r} holds {len(miner.contrast_)} cohorts but --aux-cohorts is {cfg.aux_cohorts} "
+                        "(a saved miner may hold at most --aux-cohorts cohorts)")
     return miner
 
 
