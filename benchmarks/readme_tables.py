@@ -113,6 +113,7 @@ def minority_ne(name: str) -> Callable[[], str]:
         res = load(name)
         cells_all = [c for arms in res["summary"].values() for c in arms.values()]
         planted = any("planted_0" in c for c in cells_all)
+        holm = any("t_p_holm" in c.get("overall", {}) for c in cells_all)  # Holm-adjusted over each model's family of arms
         recall = any("recall@10_diff" in c for c in cells_all)
         gated = any("shipped_overall" in c for c in cells_all)  # early-stopped protocol with the validation gate
         rows = []
@@ -120,9 +121,11 @@ def minority_ne(name: str) -> Callable[[], str]:
             for arm, cells in arms.items():
                 att = cells.get("attention", {}).get("attention_entropy")
                 row = [model, arm, ci(cells["overall"]), f"{cells['overall']['t_p']:.3f}"]
+                row += [f"{cells['overall']['t_p_holm']:.3f}"] if holm else []
                 row += [ci(cells[k]) if k in cells else "" for k in (("exposed",) if gated else ()) + ("cohort_0", "cohort_1")]
                 if gated:
-                    row += [f"{cells['exposed']['t_p']:.3f}", ci(cells["shipped_overall"]), cells.get("gate_kept", "")]
+                    row += [f"{cells['exposed']['t_p']:.3f}"] + ([f"{cells['exposed']['t_p_holm']:.3f}"] if holm else [])
+                    row += [ci(cells["shipped_overall"]), cells.get("gate_kept", "")]
                 if planted:
                     row += [ci(cells[k]) if k in cells else "" for k in ("planted_0", "planted_1")]
                 if not gated:
@@ -132,9 +135,9 @@ def minority_ne(name: str) -> Callable[[], str]:
                     r = cells.get("recall@10_diff")
                     row.append(f"{r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if r else "")
                 rows.append(row)
-        header = ["model", "arm", "overall NE_diff % [95% CI]", "paired t p"]
-        header += ["exposed cohorts", "mined cohort 0", "mined cohort 1", "exposed p", "shipped by the gate", "gate kept baseline"] \
-            if gated else ["mined cohort 0", "mined cohort 1"]
+        header = ["model", "arm", "overall NE_diff % [95% CI]", "paired t p"] + (["p holm"] if holm else [])
+        header += ["exposed cohorts", "mined cohort 0", "mined cohort 1", "exposed p"] + (["exposed p holm"] if holm else []) + \
+            ["shipped by the gate", "gate kept baseline"] if gated else ["mined cohort 0", "mined cohort 1"]
         header += ["planted cohort 0", "planted cohort 1"] if planted else []
         header += ([] if gated else ["best-epoch valid NE_diff %"]) + ["attention entropy"] + (["recall@10 change"] if recall else [])
         args = res["config"]["args"]
@@ -405,6 +408,42 @@ def flower_engine() -> str:
         "start-up runs from the engine's start to the first ClientApp's reply; s / round is the median of rounds 2-5 for Flower "
         "(its first round waits for Ray and the actors), the mean for the in-process engine.")
 
+def cohort_recovery_worlds() -> str:
+    """benchmarks/cohort_recovery_worlds.py: ARI per candidate source over a family of planted worlds, and null worlds exposed."""
+    res = load("cohort_recovery_worlds.json")
+    seeds, rows = res["seeds"], []
+    for source, cell in res["summary"].items():
+        pl, nl = cell["planted"], cell["null"]
+        rows.append([source, pl["n_worlds"], f"{pl['median_ari']:.2f}", f"{pl['q1']:.2f} / {pl['q3']:.2f}", f"{pl['min']:.2f}",
+                     f"{100 * pl['share_ari_ge_0.8']:.0f}%", f"{nl['exposed_worlds']} of {nl['n_worlds']}"])
+    return md(["candidates", "planted worlds", "median ARI", "q1 / q3", "min", "worlds with ARI >= 0.8", "null worlds exposing a cohort"], rows) + (
+        f"\n\n`{res['command'].strip()}` (`benchmarks/results/cohort_recovery_worlds.json`, {wall(res) / 60:.0f} min, "
+        f"{machine(res['machine'])}); `default` is what `train.py --aux-cohorts` fits. Worlds of {res['rows_per_world']:,} rows, "
+        f"planted seeds {seeds['planted'][0]}..{seeds['planted'][-1]}, null seeds {seeds['null'][0]}..{seeds['null'][-1]}, "
+        "thresholds chosen on separate tuning seeds (`--set tune`).")
+
+
+def scale() -> str:
+    """benchmarks/scale.py: one streamed pass per (rows, model), peak RSS, throughput and the input share, plus the readers."""
+    res = load("scale.json")
+    rows = []
+    for r in sorted(res["runs"], key=lambda r: (r["model"], r["rows"])):
+        load_avg = r.get("load_avg") or []
+        rows.append([f"{r['rows']:,}", r["model"], f"{r['peak_rss_mb']:,.0f}", f"{r['examples_per_s']:,.0f}", f"{r['wall_s']:.0f}",
+                     "n/a" if r.get("input_share") is None else f"{100 * r['input_share']:.1f}%", r["test_ne"],
+                     f"{load_avg[0]:.1f}" if load_avg else "n/a"])
+    text = md(["rows", "model", "peak RSS MB", "examples/s", "wall s", "input wait", "test NE", "load avg (1 min, end)"], rows)
+    reader = res.get("reader")
+    if reader:
+        text += "\n\nReaders alone (`TrainStream.chunks`, no training): " + ", ".join(
+            f"{name.replace('_', ' ')} {v['rows_per_s']:,.0f} rows/s over {v['rows']:,} rows" for name, v in reader.items()) + "."
+    first = res["runs"][0]["machine"] if res["runs"] else {}
+    return text + (f"\n\n`python benchmarks/scale.py` (`benchmarks/results/scale.json`, one file per run in `benchmarks/results/scale/`), "
+                   f"{machine({k: v for k, v in first.items() if k in ('cpu', 'cores', 'torch')})}: each row is "
+                   "`python train.py --data DIR --stream ...` in its own process over the Criteo-shaped world (39 fields), "
+                   "examples/s = rows trained over the process's whole wall time (start-up, reading, training, the bounded evaluations).")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
@@ -414,6 +453,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "throughput_miner": throughput_miner,
     "minority_ne_movielens": minority_ne("minority_ne_movielens-100k.json"),
     "minority_ne_synthetic": minority_ne("minority_ne_synthetic.json"),
+    "minority_ne_synthetic_baselines": minority_ne("minority_ne_synthetic_baselines.json"),
     "federated_cohorts": c2al_cohorts("c2al_movielens-100k_afm_federated.json"),
     "federated_tiers": federated_tiers("c2al_movielens-100k_afm_federated.json"),
     "baselines_movielens-1m": baselines("baselines_movielens-1m.json"),
@@ -427,6 +467,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "federated_headline": federated_headline,
     "federated_robust": federated_robust,
     "flower_engine": flower_engine,
+    "scale": scale,
+    "cohort_recovery_worlds": cohort_recovery_worlds,
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
