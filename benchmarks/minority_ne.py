@@ -396,7 +396,8 @@ def arm_cohorts(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], miner: 
     if arm.cohorts == "kmeans":  # k-means candidates only: what mining without the tree's conjunctions finds
         tcfg = dataclasses.replace(cfg, aux_cohorts=arm.k, cohort_candidates="kmeans")
         with tempfile.TemporaryDirectory() as tmp:
-            own = mine_cohorts(tcfg, splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info)
+            own = mine_cohorts(tcfg, splits, predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info), Path(tmp), info,
+                               null_test=False)
         return own, {s: own.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
     return None, {s: np.where(v < arm.k, v, -1) for s, v in ids.items()}  # K=1: cohort 0 only
 
@@ -426,7 +427,8 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
     tick()
     with tempfile.TemporaryDirectory() as tmp:
         p_valid = predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info)
-        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, p_valid, Path(tmp), info)
+        # the two most contrasting cohorts whether or not they beat the miner's permutation null: every arm is read on them
+        miner = mine_cohorts(dataclasses.replace(cfg, aux_cohorts=2), splits, p_valid, Path(tmp), info, null_test=False)
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
     base = {"k": 2, "ids": ids, "miner": miner, "p_test": predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)}
     base["valid"] = valid_of(cfg, splits, trained.module, ids, info)

@@ -129,7 +129,7 @@ def run_one(model: str, rows: int, seed: int, arm: str, args: argparse.Namespace
         trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
         p_valid = predict(trained.module, splits.valid, splits.schema, cfg.batch_size, info)
         keep.mkdir(parents=True, exist_ok=True)
-        miner = mine_cohorts(cfg, splits, p_valid, keep, info)
+        miner = mine_cohorts(cfg, splits, p_valid, keep, info, null_test=False)  # the top two, as minority_ne reads its arms
         p_test = predict(trained.module, splits.test, splits.schema, cfg.batch_size, info)
         np.savez(keep / "baseline_test.npz", p=p_test)
         served, test = trained.model, splits.test

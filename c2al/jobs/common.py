@@ -26,16 +26,23 @@ def cohort_frame(cfg: Config, splits: Splits, split: str) -> pd.DataFrame:
     return frame[cols]
 
 
-def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Path, info: DistInfo) -> Any:
-    """Fit the miner on validation predictions (or load --cohorts) and save it."""
+def mine_cohorts(cfg: Config, splits: Splits, valid_scores: np.ndarray, out: Path, info: DistInfo, null_test: bool = True) -> Any:
+    """Fit the miner on validation predictions (or load --cohorts) and save it.
+
+    Args:
+        null_test: the miner's permutation test and contrast floor (train.py: expose only what contrasts, at most
+            --aux-cohorts); False always exposes the --aux-cohorts most contrasting cohorts (a benchmark that asks
+            what heads on the top-K cohorts do, whether or not they beat the null).
+    """
     from c2al.cohorts import CohortMiner
 
     if cfg.cohorts:
         miner = saved_miner(cfg)
     else:
+        nulls = {} if null_test else {"n_permutations": 0, "min_contrast": 0.0}
         miner = CohortMiner(
             n_cohorts=cfg.aux_cohorts, candidates=cfg.cohort_candidates, n_clusters=cfg.n_clusters,
-            divergence=cfg.divergence, min_share=cfg.min_share, max_share=cfg.max_share, random_state=cfg.seed,
+            divergence=cfg.divergence, min_share=cfg.min_share, max_share=cfg.max_share, random_state=cfg.seed, **nulls,
         ).fit(cohort_frame(cfg, splits, "valid"), splits.valid.labels, scores=valid_scores)
     if info.is_main:
         miner.save(out / "cohorts.json")
