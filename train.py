@@ -98,7 +98,7 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
         log.info(f"{default_out(cfg)} holds a previous run; this one writes to {out} (--overwrite replaces it, --resume continues it)")
     check_out_dir(out)
     check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    check_resume(cfg, out)
+    check_resume(cfg, out, int(os.environ.get("WORLD_SIZE", "1")))
     check_overwrite(cfg, out)
     info = init_distributed(cfg.device)
     splits = load_splits(cfg, saved_vocab=out / "vocab" if cfg.resume else None)

@@ -98,7 +98,7 @@ class CohortMiner(ClusterMixin, BaseEstimator):
             in --sparse); object, string, category and bool columns are categorical anyway.
         n_permutations: B, how many shuffles of the scores make the null distribution of the
             best candidate's evidence (`selection.g_statistic`, candidates rebuilt on every
-            shuffle); 0 turns the test off and always exposes n_cohorts cohorts.
+            shuffle); 0 turns the test off (with min_contrast=0 too, n_cohorts cohorts are always exposed).
         alpha: a candidate is exposed only if its permutation p-value, the share of shuffles
             whose best candidate has at least its evidence ((1 + count) / (B + 1)), is at most
             alpha. With B = 19 and alpha = 0.05 it must beat every shuffle.

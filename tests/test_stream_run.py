@@ -130,3 +130,37 @@ def test_what_a_stream_cannot_do_is_refused_before_writing(criteo_file: Path, tm
     assert train.main(["--data", f"criteo:{criteo_file}", *SMALL, *flags, "--out", str(out)]) == 2
     assert needle in capsys.readouterr().err
     assert not (out / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_with_lanes_of_different_lengths_train_every_row(tmp_path: Path) -> None:
+    """Three row groups over two ranks: rank 0 reads 512 rows, rank 1 256; rank 1 steps on zero-weight batches
+    until rank 0's lane ends, so every full local batch of both lanes is trained (rows_seen adds the ranks up)."""
+    folder = tmp_path / "uneven"
+    folder.mkdir()
+    write_parquet(folder / "part-0.parquet", 768, seed=7, row_group_rows=256)
+    write_parquet(folder / "part-1.parquet", 3000, seed=8, row_group_rows=1000)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), "--data", str(folder), *PARQUET_ROLES,
+                          *SMALL, "--patience", "0", "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = report(tmp_path / "two")["history"][-1]
+    assert last["step"] == 4 and last["rows_seen"] == 768
+
+
+def test_epochs_on_a_stream_is_refused(criteo_file: Path, tmp_path: Path, capsys) -> None:
+    assert train.main(["--data", f"criteo:{criteo_file}", *SMALL, "--epochs", "3", "--out", str(tmp_path / "run")]) == 2
+    assert "--epochs: a streamed source trains one pass" in capsys.readouterr().err
+
+
+def test_a_stream_resumes_only_on_the_processes_that_wrote_it(criteo_file: Path, tmp_path: Path) -> None:
+    from c2al.config import parse_args
+    from c2al.errors import C2ALError
+    from c2al.jobs.preflight import check_resume
+
+    flags = ["--data", f"criteo:{criteo_file}", *SMALL, "--checkpoint-every", "5", "--patience", "0", "--out", str(tmp_path)]
+    assert train.main(flags) == 0
+    cfg = parse_args([*flags, "--resume"])
+    check_resume(cfg, tmp_path, 1)  # the same single process: fine
+    with pytest.raises(C2ALError, match="written by 1 process.*not 2"):
+        check_resume(cfg, tmp_path, 2)

@@ -187,7 +187,7 @@ class CriteoTextReader(Reader):
         source = str(self.files[f]) if b < 0 else pa.BufferReader(b"".join(self._bytes(i, 1 << 24)))
         types = {"label": pa.int64(), **dict.fromkeys(INT_NAMES, pa.int64()), **dict.fromkeys(CAT_NAMES, pa.binary())}
         return pcsv.open_csv(source, read_options=pcsv.ReadOptions(column_names=list(COLUMNS), block_size=self.batch_bytes),
-                             parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False),
+                             parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
                              convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False))
 
     def read(self, i: int, start: int = 0) -> Iterator[RawChunk]:

@@ -168,7 +168,8 @@ def load_splits(cfg: Config, saved_vocab: Path | None = None) -> Any:
         from c2al.data.stream import open_stream
         from c2al.data.vocab import Vocabulary
 
-        vocab = Vocabulary.load(saved_vocab) if saved_vocab is not None and saved_vocab.exists() else None
+        # vocab.json is written after vocab.npz: without it a first run died mid-write, and the ids are rebuilt the same way
+        vocab = Vocabulary.load(saved_vocab) if saved_vocab is not None and (saved_vocab / "vocab.json").exists() else None
         return open_stream(cfg, vocab=vocab)
     roles = dict(
         label=cfg.label or None,

@@ -60,6 +60,9 @@ def check_command_line(cfg: Config, given: set[str] | None) -> None:
         if wrong:
             raise C2ALError(f"{_flags(wrong)} applies to --federated runs only; this centralized run would ignore it: "
                             "drop it or add --federated")
+    if (cfg.data.startswith("criteo:") or cfg.stream) and "epochs" in given:
+        raise C2ALError("--epochs: a streamed source trains one pass in stream order; drop it (validation every --eval-every "
+                        "steps and --patience decide where the pass stops early)")
     if cfg.resume and cfg.overwrite:
         raise C2ALError("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
 
@@ -77,17 +80,23 @@ def check_world_size(cfg: Config, world_size: int) -> None:
         raise C2ALError("--federated runs in one process (its clients are simulated); start it without torchrun")
 
 
-def check_resume(cfg: Config, out: Path) -> None:
+def check_resume(cfg: Config, out: Path, world_size: int = 1) -> None:
     """With --resume, every checkpoint in OUT must come from this run's trajectory (RESUME_FIELDS agree).
 
     All of them, not only the one a job reads first: a C2AL run reads baseline.pt,
     then c2al_train.pt after the baseline, and a mismatch there would come too late.
+    A streamed source also resumes on the number of processes that wrote it (each skips its own lane's rows).
     """
     if not cfg.resume or not out.is_dir():
         return
+    streamed = cfg.data.startswith("criteo:") or cfg.stream
     for path in sorted(out.glob("*.pt")):
         _check_mode(cfg, path)
-        load_checkpoint(path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
+        payload = load_checkpoint(path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
+        wrote = (payload.get("extra") or {}).get("world_size")
+        if streamed and wrote is not None and int(wrote) != world_size:
+            raise C2ALError(f"{path} was written by {wrote} process(es) reading a stream; resume it on {wrote} (each process "
+                            f"skips the rows of its own share), not {world_size}")
 
 
 def check_overwrite(cfg: Config, out: Path) -> None:

@@ -4,6 +4,7 @@ Single-process and `torchrun` runs share this code; only DistInfo differs.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -112,14 +113,15 @@ def fit(
     run = _RunState()
     best_path = checkpoint.with_suffix(".best.pt") if checkpoint is not None else None
     if checkpoint is not None and cfg.resume and checkpoint.exists():
-        run = _resume(cfg, dmp, optimizer, checkpoint, best_path)
+        run = _resume(cfg, dmp, optimizer, checkpoint, best_path, info, source.streaming)
         if info.is_main:
             log.info(f"[{tag}] resumed from {checkpoint} at step {run.step}")
     trained.history = run.history
 
     def save(path: Path) -> None:
+        extra = {**run.extra(), "tag": tag, "progressive": run.progressive.saved(info), "world_size": info.world_size}
         save_checkpoint(path, model_state=dmp.state_dict(), optimizer_state=optimizer.state_dict(), config=cfg.to_dict(),
-                        step=run.step, extra={**run.extra(), "tag": tag}, is_main=info.is_main)
+                        step=run.step, extra=extra, is_main=info.is_main)
 
     start = time.perf_counter() - run.seconds
     while run.step < source.total_steps and not run.stopped(cfg.patience) and not run.exhausted:
@@ -220,22 +222,41 @@ class TrainBatches:
 
             lane = iter_stream_batches(self.splits.train, cfg.batch_size, rank=info.rank, world_size=info.world_size,
                                        skip_steps=run.step)
-            self._stream = lane if info.world_size == 1 else _in_lockstep(lane)
+            self._stream = lane if info.world_size == 1 else _in_lockstep(lane, info.device)
         return run.progressive.watch(itertools.islice(self._stream, end - run.step))
 
     def describe(self, tag: str, epoch: int) -> str:
         return f"[{tag}] one pass" if self.streaming else f"[{tag}] epoch {epoch + 1}/{self.cfg.epochs}"
 
 
-def _in_lockstep(lane: Iterator[Batch]) -> Iterator[Batch]:
-    """A rank's batches for as long as every rank still has one: ranks read lanes of different lengths,
-    and a sharded step is a collective that every rank must take (one small all-reduce a step)."""
+def _in_lockstep(lane: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """This rank's batches until every rank's lane has ended: ranks read lanes of different lengths, and a
+    sharded step is a collective every rank must take (one small all-reduce a step, on the group's device).
+    A rank whose lane ended steps on its last batch with weights 0 (no loss, no rows counted) while the
+    others still have rows, so no rank's rows are dropped; a rank whose reader fails tells the others,
+    and every rank raises that one-line error."""
+    last: Batch | None = None
     while True:
-        batch = next(lane, None)
-        have = torch.tensor([0 if batch is None else 1])
-        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
-        if int(have) == 0:
+        error = ""
+        try:
+            batch = next(lane, None)
+        except C2ALError as e:
+            batch, error = None, str(e)
+        state = torch.tensor([-1 if error else 0 if batch is None else 1], device=device)
+        low, high = state.clone(), state.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if int(low) < 0:  # some rank's reader failed: the same message everywhere
+            messages: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(messages, error)
+            raise C2ALError(next(m for m in messages if m))
+        if int(high) == 0:
             return
+        if batch is None:
+            if last is None:
+                raise C2ALError("a process's share of the stream holds no full batch; use fewer processes or a smaller --batch-size")
+            batch = dataclasses.replace(last, weights=torch.zeros_like(last.weights))
+        last = batch
         yield batch
 
 
@@ -275,12 +296,26 @@ class Progressive:
     def state(self) -> dict[str, float]:
         return {"loss_sum": self.loss_sum, "rows": self.rows, "positives": self.positives, "input_wait_s": self.input_wait_s}
 
-    def report(self, info: DistInfo) -> dict[str, float]:
-        """{"progressive_ne", "progressive_logloss", "rows_seen"} over every rank's rows."""
-        sums = torch.tensor([self.loss_sum, self.rows, self.positives], dtype=torch.float64)
+    def totals(self, info: DistInfo) -> tuple[float, float, float]:
+        """(loss sum, rows, positives) over every rank (a collective when there are several)."""
+        sums = torch.tensor([self.loss_sum, self.rows, self.positives], dtype=torch.float64, device=info.device)
         if info.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        loss, rows, pos = (float(v) for v in sums)
+        return tuple(float(v) for v in sums.cpu())  # type: ignore[return-value]
+
+    def saved(self, info: DistInfo) -> dict[str, float]:
+        """What a checkpoint keeps: every rank's sums added up (only the main rank's extra is written), restored
+        onto the main rank alone (`restored`) so the resumed sums add up to the same totals."""
+        loss, rows, pos = self.totals(info)
+        return {"loss_sum": loss, "rows": rows, "positives": pos, "input_wait_s": self.input_wait_s}
+
+    @classmethod
+    def restored(cls, state: dict[str, float], info: DistInfo) -> "Progressive":
+        return cls(**state) if info.is_main else cls(input_wait_s=float(state.get("input_wait_s", 0.0)))
+
+    def report(self, info: DistInfo) -> dict[str, float]:
+        """{"progressive_ne", "progressive_logloss", "rows_seen"} over every rank's rows."""
+        loss, rows, pos = self.totals(info)
         p = min(max(pos / max(rows, 1.0), 1e-12), 1 - 1e-12)
         entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
         return {"progressive_ne": loss / rows / entropy, "progressive_logloss": loss / rows, "rows_seen": int(rows),
@@ -359,13 +394,20 @@ def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: 
                  f"valid NE {valid['ne']:.4f}  AUC {valid['auc']:.4f}{f'  recall@10 {entry[key]:.4f}' if key != 'valid_ne' else ''}{mark}")
 
 
-def _resume(cfg: Config, dmp: DistributedModelParallel, optimizer: Any, checkpoint: Path, best_path: Path | None) -> _RunState:
-    """The run state of a checkpoint, its weights in `dmp` and the best-so-far weights in memory."""
+def _resume(cfg: Config, dmp: DistributedModelParallel, optimizer: Any, checkpoint: Path, best_path: Path | None,
+            info: DistInfo, streaming: bool) -> _RunState:
+    """The run state of a checkpoint, its weights in `dmp` and the best-so-far weights in memory.
+
+    A stream is resumed on the number of processes that wrote the checkpoint: each rank's reader skips
+    step x local batch rows of its own lane, and lanes are dealt by the number of processes."""
     payload = load_checkpoint(checkpoint, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
     extra = payload["extra"]
+    if streaming and int(extra.get("world_size", info.world_size)) != info.world_size:
+        raise C2ALError(f"{checkpoint} was written by {extra['world_size']} process(es) reading a stream; resume it on "
+                        f"{extra['world_size']} (each process skips the rows of its own share), not {info.world_size}")
     run = _RunState(step=int(payload["step"]), history=list(extra.get("history", [])), best=extra.get("best"),
                     bad=int(extra.get("bad", 0)), carry=extra.get("carry") or {"sums": {}, "n": 0},
-                    seconds=float(extra.get("seconds", 0.0)), progressive=Progressive(**extra.get("progressive", {})))
+                    seconds=float(extra.get("seconds", 0.0)), progressive=Progressive.restored(extra.get("progressive", {}), info))
     if cfg.patience and run.best is not None:
         if best_path is None or not best_path.exists():
             raise C2ALError(f"{checkpoint} records a best step {run.best['step']} but {best_path} is missing; "
