@@ -265,20 +265,19 @@ def test_clients_per_round_out_of_range_is_a_one_line_error(n, capsys, tmp_path)
 
 # ----------------------------------------------------------------- two-tower losses
 def test_squared_hinge_is_batch_insensitive_unlike_in_batch_softmax():
-    from c2al.federated.losses import squared_hinge_spreadout
-    from c2al.losses import in_batch_softmax_loss
+    from c2al.losses import in_batch_softmax_loss, squared_hinge_spreadout
 
     g = torch.Generator().manual_seed(0)
     q, v = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
     y, w = torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1]), torch.ones(8)
-    import c2al.federated.losses as L
+    import c2al.losses as L
 
-    spread, L.SPREAD_WEIGHT = L.SPREAD_WEIGHT, 0.0  # the pair term alone: a mean of per-row terms
+    spread, L.HINGE_SPREAD_WEIGHT = L.HINGE_SPREAD_WEIGHT, 0.0  # the pair term alone: a mean of per-row terms
     try:
         whole = squared_hinge_spreadout(q, v, y, w)
         halves = (squared_hinge_spreadout(q[:4], v[:4], y[:4], w[:4]) + squared_hinge_spreadout(q[4:], v[4:], y[4:], w[4:])) / 2
     finally:
-        L.SPREAD_WEIGHT = spread
+        L.HINGE_SPREAD_WEIGHT = spread
     torch.testing.assert_close(whole, halves)
     soft_whole = in_batch_softmax_loss(q, v, y)
     soft_halves = (in_batch_softmax_loss(q[:4], v[:4], y[:4]) + in_batch_softmax_loss(q[4:], v[4:], y[4:])) / 2
@@ -287,7 +286,7 @@ def test_squared_hinge_is_batch_insensitive_unlike_in_batch_softmax():
 
 @pytest.mark.slow
 def test_federated_two_tower_trains_with_the_hinge_loss(splits):
-    from c2al.federated.losses import HingeTrainModule
+    from c2al.train.task import HingeTrainModule
 
     cfg = Config(data=DATA, model="two-tower", clients_per_round=10, two_tower_hinge=True)
     module = HingeTrainModule(seeded_model(cfg, splits.schema))
@@ -386,9 +385,9 @@ def test_vectorized_clients_train_as_they_would_one_after_another(splits, dense_
 
 def test_vectorized_clients_run_c2al_heads_and_the_hinge_two_tower(splits):
     import c2al
-    from c2al.federated.losses import HingeTrainModule
     from c2al.federated.simulation import fit_clients
     from c2al.federated.vectorized import VectorizedRunner
+    from c2al.train.task import HingeTrainModule
 
     cfg = Config(data=DATA, dropout=0.0)
     cohorts = splits.with_cohorts({s: np.arange(len(getattr(splits, s))) % 3 - 1 for s in ("train", "valid", "test")})

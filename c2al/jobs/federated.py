@@ -98,7 +98,7 @@ def client_tiers(cfg: Config, splits: Splits, clients: list[ClientData]) -> np.n
 
 def train_module(cfg: Config, model: nn.Module) -> TrainModule:
     if cfg.two_tower_hinge:
-        from c2al.federated.losses import HingeTrainModule
+        from c2al.train.task import HingeTrainModule
 
         return HingeTrainModule(model)
     return TrainModule(model, loss="softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce")

@@ -17,7 +17,7 @@ from c2al.data.batch import Batch, iter_batches
 from c2al.data.schema import Schema, Table
 from c2al.dist.process import LOCAL_CPU, DistInfo, gather_rows
 from c2al.errors import C2ALError
-from c2al.losses import bce_with_logits, in_batch_softmax_loss
+from c2al.losses import bce_with_logits, in_batch_softmax_loss, squared_hinge_spreadout
 from c2al.robust import RobustModel
 
 
@@ -255,3 +255,15 @@ def predict(model: nn.Module, table: Table, schema: Schema, batch_size: int, inf
         out = [torch.sigmoid(module(b)[1].logits)[b.weights > 0].float().numpy() for b in batches]  # padding rows dropped
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
     return gather_rows(lambda b: torch.sigmoid(module(b)[1].logits), table, schema, batch_size, info, show=show, desc=desc)
+
+
+class HingeTrainModule(TrainModule):
+    """TrainModule whose two-tower loss is `squared_hinge_spreadout` (forward and prediction unchanged)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model, loss="softmax")  # routes the loss through _softmax_loss below
+
+    def _softmax_loss(self, batch: Batch) -> torch.Tensor:
+        inner = getattr(self.model, "model", self.model)
+        query, candidate = inner.towers(batch.dense, batch.sparse)
+        return squared_hinge_spreadout(query, candidate, batch.labels, batch.weights)
