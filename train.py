@@ -131,9 +131,12 @@ def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
     log.info(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
     log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
     s = splits.schema
-    train_rows = getattr(splits.train, "rows", None) if hasattr(splits.train, "chunks") else len(splits.train)
-    train_text = "streamed" if train_rows is None else f"{train_rows}{' streamed' if hasattr(splits.train, 'chunks') else ''}"
-    if hasattr(splits, "vocab"):  # a streaming source: serving and a resumed run map raw values to ids with this
+    from c2al.train.loop import is_streaming
+
+    streamed = is_streaming(splits.train)
+    train_rows = splits.train.rows if streamed else len(splits.train)
+    train_text = "streamed" if train_rows is None else f"{train_rows}{' streamed' if streamed else ''}"
+    if streamed:  # serving and a resumed run map raw values to ids with the vocabulary the stream was read with
         splits.vocab.save(out / "vocab")
     log.info(f"data {s.name}: train {train_text}  valid {len(splits.valid)}  test {len(splits.test)} rows; "
              f"{len(s.sparse)} sparse fields, {len(s.dense)} dense")

@@ -191,3 +191,28 @@ def train_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("train_data") / "clicks.csv"
     df.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def crash_training(monkeypatch: pytest.MonkeyPatch):
+    """`undo = crash_training(n)`: the next training run dies (KeyboardInterrupt, as a killed process) right after
+    its n-th step, counted over every epoch and segment; `undo()` gives the loop its own train_epoch back to resume."""
+    import c2al.train.loop as loop
+
+    original = loop.train_epoch
+
+    def arm(n: int):
+        taken = [0]
+
+        def crashing(*a, on_step=None, **kw):
+            def hook(step: int, loss: float) -> None:
+                on_step(step, loss)
+                taken[0] += 1
+                if taken[0] == n:
+                    raise KeyboardInterrupt("simulated crash")
+            return original(*a, on_step=hook, **kw)
+
+        monkeypatch.setattr(loop, "train_epoch", crashing)
+        return lambda: monkeypatch.setattr(loop, "train_epoch", original)
+
+    return arm

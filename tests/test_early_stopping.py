@@ -68,25 +68,14 @@ def test_resume_after_the_best_epoch_restores_the_best_weights(overfit_run, trai
     assert rep["overall"]["ne"] == overfit_run["overall"]["ne"]
 
 
-def test_resume_mid_epoch_carries_the_loss_sums(train_csv, tmp_path, monkeypatch):
+def test_resume_mid_epoch_carries_the_loss_sums(train_csv, tmp_path, crash_training):
     """A crash mid-epoch and a resume report the same per-epoch training loss as a straight run."""
-    import c2al.train.loop as loop
-
     straight = tmp_path / "straight"
     assert train.main(args(train_csv, straight, "--epochs", "2", "--patience", "0")) == 0
-    original = loop.train_epoch
-
-    def crash_at_step_7(*a, on_step=None, **kw):
-        def hook(n, loss):
-            on_step(n, loss)
-            if n == 7:
-                raise KeyboardInterrupt("simulated crash")
-        return original(*a, on_step=hook, **kw)
-
-    monkeypatch.setattr(loop, "train_epoch", crash_at_step_7)
+    undo = crash_training(7)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(train_csv, tmp_path / "cut", "--epochs", "2", "--patience", "0", "--checkpoint-every", "5"))
-    monkeypatch.setattr(loop, "train_epoch", original)
+    undo()
     assert train.main(args(train_csv, tmp_path / "cut", "--epochs", "2", "--patience", "0", "--checkpoint-every", "5", "--resume")) == 0
     a, b = report(straight)["history"], report(tmp_path / "cut")["history"]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-9)

@@ -78,25 +78,13 @@ def test_parquet_folder_streams_with_the_role_flags(parquet_folder: Path, tmp_pa
     assert rep["overall"]["n"] == 1500  # the last file's second half, bounded by --eval-rows
 
 
-def test_resume_mid_stream_reports_what_a_straight_run_reports(criteo_file: Path, tmp_path: Path, monkeypatch) -> None:
-    import c2al.train.loop as loop
-
+def test_resume_mid_stream_reports_what_a_straight_run_reports(criteo_file: Path, tmp_path: Path, crash_training) -> None:
     flags = ["--data", f"criteo:{criteo_file}", *SMALL, "--checkpoint-every", "5", "--patience", "0"]
     assert train.main([*flags, "--out", str(tmp_path / "straight")]) == 0
-    original, taken = loop.train_epoch, [0]
-
-    def crash_at_step_13(*a, on_step=None, **kw):
-        def hook(n, loss):
-            on_step(n, loss)
-            taken[0] += 1
-            if taken[0] == 13:
-                raise KeyboardInterrupt("simulated crash")
-        return original(*a, on_step=hook, **kw)
-
-    monkeypatch.setattr(loop, "train_epoch", crash_at_step_13)
+    undo = crash_training(13)
     with pytest.raises(KeyboardInterrupt):
         train.main([*flags, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(loop, "train_epoch", original)
+    undo()
     assert (tmp_path / "cut" / "vocab" / "vocab.json").exists()
     assert train.main([*flags, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     a, b = report(tmp_path / "straight"), report(tmp_path / "cut")

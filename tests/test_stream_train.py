@@ -74,27 +74,14 @@ def test_early_stopping_inside_the_pass_keeps_the_best_evaluation(info, streamed
     assert now == pytest.approx(best["valid_ne"], rel=1e-9)
 
 
-def test_resume_mid_stream_continues_at_the_same_row(info, streamed: Splits, tmp_path, monkeypatch) -> None:
+def test_resume_mid_stream_continues_at_the_same_row(info, streamed: Splits, tmp_path, crash_training) -> None:
     """A crash after step 17 (checkpoint at 15) and a resume: the same evaluations and final weights as a straight pass."""
-    import c2al.train.loop as loop
-
     cfg = config(checkpoint_every=5)
     straight = fit(cfg, streamed, seeded_model(cfg, streamed.schema), info, checkpoint=tmp_path / "a.pt")
-    original = loop.train_epoch
-    taken = [0]
-
-    def crash_at_step_17(*a, on_step=None, **kw):
-        def hook(n, loss):
-            on_step(n, loss)
-            taken[0] += 1
-            if taken[0] == 17:
-                raise KeyboardInterrupt("simulated crash")
-        return original(*a, on_step=hook, **kw)
-
-    monkeypatch.setattr(loop, "train_epoch", crash_at_step_17)
+    undo = crash_training(17)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, streamed, seeded_model(cfg, streamed.schema), info, checkpoint=tmp_path / "b.pt")
-    monkeypatch.setattr(loop, "train_epoch", original)
+    undo()
     resumed = fit(dataclasses.replace(cfg, resume=True), streamed, seeded_model(cfg, streamed.schema), info,
                   checkpoint=tmp_path / "b.pt")
     assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]

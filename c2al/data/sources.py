@@ -164,8 +164,9 @@ def load_splits(cfg: Config, saved_vocab: Path | None = None) -> Any:
         saved_vocab: a streaming source's vocabulary directory written by an earlier run (OUT/vocab):
             a resumed run maps raw values to the ids it trained with instead of building them again.
     """
-    if cfg.data.startswith("criteo:") or getattr(cfg, "stream", False):
-        from c2al.data.stream import open_stream
+    from c2al.data.stream import is_stream, open_stream
+
+    if is_stream(cfg):
         from c2al.data.vocab import Vocabulary
 
         # vocab.json is written after vocab.npz: without it a first run died mid-write, and the ids are rebuilt the same way

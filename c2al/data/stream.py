@@ -350,7 +350,7 @@ def _prefetched(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 def is_stream(cfg: Config) -> bool:
     """Whether --data is read as a stream: criteo:PATH always, a table PATH with --stream."""
-    return cfg.data.startswith("criteo:") or bool(getattr(cfg, "stream", False))
+    return cfg.data.startswith("criteo:") or cfg.stream
 
 
 def open_reader(cfg: Config) -> Reader:

@@ -18,11 +18,13 @@ import torch
 from c2al.config import GROUPS, RESUME_FIELDS, Config
 from c2al.data.batch import num_batches
 from c2al.data.schema import Splits
+from c2al.data.stream import is_stream
 from c2al.dist.checkpoint import load_checkpoint
 from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 from c2al.jobs.common import cohort_frame, saved_miner
 from c2al.train.build import build_model
+from c2al.train.loop import is_streaming
 
 
 def _federated_fields() -> tuple[str, ...]:
@@ -60,7 +62,7 @@ def check_command_line(cfg: Config, given: set[str] | None) -> None:
         if wrong:
             raise C2ALError(f"{_flags(wrong)} applies to --federated runs only; this centralized run would ignore it: "
                             "drop it or add --federated")
-    if (cfg.data.startswith("criteo:") or cfg.stream) and "epochs" in given:
+    if is_stream(cfg) and "epochs" in given:
         raise C2ALError("--epochs: a streamed source trains one pass in stream order; drop it (validation every --eval-every "
                         "steps and --patience decide where the pass stops early)")
     if cfg.resume and cfg.overwrite:
@@ -89,7 +91,7 @@ def check_resume(cfg: Config, out: Path, world_size: int = 1) -> None:
     """
     if not cfg.resume or not out.is_dir():
         return
-    streamed = cfg.data.startswith("criteo:") or cfg.stream
+    streamed = is_stream(cfg)
     for path in sorted(out.glob("*.pt")):
         _check_mode(cfg, path)
         payload = load_checkpoint(path, expect_config=cfg.to_dict(), keys=RESUME_FIELDS)
@@ -121,7 +123,7 @@ def _check_mode(cfg: Config, path: Path) -> None:
 
 def check_job(cfg: Config, splits: Splits, info: DistInfo) -> None:
     """What the data decides: the model builds, batches fit, and the C2AL and federated flags apply to it."""
-    if hasattr(splits.train, "chunks"):  # a streamed train split: what it cannot do is said before any other check
+    if is_streaming(splits.train):  # a streamed train split: what it cannot do is said before any other check
         _check_stream(cfg, splits)
     with torch.device("meta"):  # shapes and names only: no memory for the tables
         build_model(cfg, splits.schema)
@@ -143,7 +145,7 @@ def _check_stream(cfg: Config, splits: Splits) -> None:
 
 
 def _check_centralized(cfg: Config, splits: Splits, info: DistInfo) -> None:
-    if not hasattr(splits.train, "chunks") and num_batches(len(splits.train), cfg.batch_size, drop_last=True) == 0:
+    if not is_streaming(splits.train) and num_batches(len(splits.train), cfg.batch_size, drop_last=True) == 0:
         raise C2ALError(f"the train split has {len(splits.train)} rows, fewer than --batch-size {cfg.batch_size}")
     if cfg.table_optimizer == "adam" and info.device.type != "cuda":
         raise C2ALError("--table-optimizer adam needs CUDA; on CPU FBGEMM fuses only sgd, adagrad, rowwise_adagrad")
