@@ -75,18 +75,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import sys
 import tempfile
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import harness
@@ -104,7 +103,7 @@ from c2al.dist.process import DistInfo, init_distributed
 from c2al.errors import C2ALError
 from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
-from c2al.eval.report import format_table
+from c2al.eval.report import format_table, write_json
 from c2al.eval.retrieval import retrieval_metrics
 from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
 from c2al.logs import quiet_libraries
@@ -458,6 +457,10 @@ _SPLITS: dict[str, Splits] = {}  # per process: a worker loads the data once for
 
 def setup_process(threads: int) -> None:
     torch.set_num_threads(threads)
+    quiet_process()
+
+
+def quiet_process() -> None:
     quiet_libraries()
     logging.getLogger("c2al").setLevel(logging.WARNING)  # training's per-epoch lines: many trainings run here
 
@@ -649,6 +652,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                          "rows are identical for any number")
     ap.add_argument("--quick", action="store_true", help="tiny synthetic data, 1 epoch, 2 seeds, few arms (CI)")
     ap.add_argument("--out", default="", help="result JSON path (the PNG goes beside it); required with --quick")
+    ap.add_argument("--parts", type=Path, default=None,
+                    help="folder of the per-(seed, model) task files, kept as each task ends and reused by the next run "
+                         "(default runs/minority_ne/<result name>; none with --quick unless given)")
+    ap.add_argument("--redo", action="store_true", help="train every task again even where its file is in --parts")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line the result file names
     if args.quick and not args.out:
@@ -672,6 +679,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"unknown model/arm {bad}; models {MODELS}, arms {list(ARMS)}")
     if "c2al" not in args.arms:
         args.arms.insert(0, "c2al")
+    if args.parts is None and not args.quick:
+        args.parts = harness.ROOT / "runs" / "minority_ne" / result_path(args).stem
     return args
 
 
@@ -706,34 +715,38 @@ def result_path(args: argparse.Namespace) -> Path:
     return RESULTS / f"minority_ne_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.json"
 
 
+def task_file(parts: Path, cfg: Config, task: tuple[int, str, list[str]]) -> Path:
+    """Where one (seed, model) task's rows are kept: named by what decides them (config, seed, model, arms)."""
+    seed, model, arms = task
+    key = json.dumps({"config": cfg.to_dict(), "seed": seed, "model": model, "arms": arms}, sort_keys=True, default=str)
+    return parts / f"seed{seed}-{model}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
 def run_tasks(cfg: Config, tasks: list[tuple[int, str, list[str]]], args: argparse.Namespace) -> list[list[dict[str, Any]]]:
-    """Every task's rows, in task order, from this process or a pool of spawned workers."""
-    total = sum(1 + len(arms) for _, _, arms in tasks)
-    with tqdm(total=total, desc="trainings", dynamic_ncols=True) as bar:
-        if args.workers == 1:
-            out = []
-            for seed, model, arms in tasks:
-                bar.set_postfix(seed=seed, model=model)
-                out.append(run_task(cfg, seed, model, arms, SimpleNamespace(put=bar.update)))
-            return out
-        ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and process group
-        with ctx.Manager() as manager, ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=setup_process,
-                                                           initargs=(args.threads,)) as pool:
-            progress = manager.Queue()
-            futures = [pool.submit(run_task, cfg, seed, model, arms, progress) for seed, model, arms in tasks]
-            pending = set(futures)
-            try:
-                while pending:
-                    _, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                    while not progress.empty():
-                        bar.update(progress.get())
-                    failed = [f for f in futures if f.done() and f.exception() is not None]
-                    if failed:
-                        raise failed[0].exception()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            return [f.result() for f in futures]
+    """Every task's rows, in task order, from this process or a pool of spawned workers.
+
+    Each task's rows are written to `args.parts` as soon as it ends, and a task whose file is there
+    (same config, seed, model and arms) is read instead of trained again, so a grid of hours can span
+    sessions and a killed run costs only the tasks in flight; `--redo` trains them all again.
+    """
+    files = [task_file(args.parts, cfg, t) for t in tasks] if args.parts else [None] * len(tasks)
+    done = {i: json.loads(f.read_text())["rows"] for i, f in enumerate(files) if f is not None and f.exists() and not args.redo}
+    if done:
+        print(f"{len(done)} of {len(tasks)} (seed, model) tasks read from {args.parts} (--redo trains them again)")
+    todo = [i for i in range(len(tasks)) if i not in done]
+    bar = tqdm(total=len(todo), desc="(seed, model) tasks", dynamic_ncols=True, disable=not todo)
+
+    def keep(j: int, rows: list[dict[str, Any]]) -> None:
+        i = todo[j]
+        if files[i] is not None:
+            write_json({"task": list(tasks[i]), "git": harness.git_state(), "rows": rows}, files[i])
+        bar.update(1)
+
+    with bar:
+        fresh = harness.run_pool(run_task, [(cfg, *tasks[i]) for i in todo], args.workers, args.threads,
+                                 initializer=quiet_process, on_result=keep)
+    done.update(zip(todo, fresh))
+    return [done[i] for i in range(len(tasks))]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -749,7 +762,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_process(args.threads)
     start = time.perf_counter()
     cfg = base_config(args)
-    header = harness.start(__file__, args.argv, {"base": cfg.to_dict(), "args": {k: v for k, v in vars(args).items()},
+    header = harness.start(__file__, args.argv, {"base": cfg.to_dict(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                                  "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
                            torch_threads=args.threads)
     splits = splits_of(cfg)

@@ -196,11 +196,20 @@ def test_unknown_model_or_arm_is_refused_naming_it(capsys):
 
 
 @pytest.mark.slow
-def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_file(train_csv, tmp_path):
+def test_a_csv_with_role_flags_runs_in_process_and_names_its_result_after_the_file(train_csv, tmp_path, capsys):
     flags = ["--data", str(train_csv), "--label", "click", "--sparse", "user,item,city,hour", "--dense", "x1,x2",
              "--user-col", "user", "--cohort-features", "age,city", "--max-share", "0.3"]
-    result = bench.main([*flags, "--seeds", "2", "--models", "afm", "--arms", "least_contrast", "--epochs", "1",
-                         "--workers", "1", "--out", str(tmp_path / "csv.json")])
+    run = [*flags, "--seeds", "2", "--models", "afm", "--arms", "least_contrast", "--epochs", "1",
+           "--workers", "1", "--out", str(tmp_path / "csv.json"), "--parts", str(tmp_path / "parts")]
+    result = bench.main(run)
+    # each (seed, model) task was kept as it ended; the next run reads them instead of training, --redo trains again
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "parts").glob("*.json")) == ["seed0", "seed1"]
+    capsys.readouterr()
+    again = bench.main(run)
+    assert "2 of 2 (seed, model) tasks read from" in capsys.readouterr().out and again["rows"] == result["rows"]
+    redone = bench.main([*run, "--redo"])
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert "tasks read from" not in capsys.readouterr().out and untimed(redone["rows"]) == untimed(result["rows"])  # seeded
     assert result["data"] == str(train_csv) and result["config"]["args"]["workers"] == 1
     assert sorted((r["seed"], r["arm"]) for r in result["rows"]) == [
         (s, a) for s in (0, 1) for a in ("baseline", "c2al", "least_contrast")]
