@@ -51,16 +51,21 @@ COHORT_COLUMNS = ("cat_0", "cat_1")
 # The grid the issue asks for: the AttentionFM (the paper's DHEN / Wukong block) at every size, the AFM
 # (780 pairs of 40 fields) at the two smaller ones.
 GRID = {"attention-fm": (1_000_000, 4_000_000, 16_000_000), "afm": (1_000_000, 4_000_000)}
+# What the model sees of the same world (issue 21: "at one size, 8 fields against 39"): every field, or the 8
+# categorical fields that carry a signal for the minorities (the cohort fields and both cohorts' own pairs) and one
+# of the majority's three pairs, no counts: the minorities' 2 pairs among 28 instead of among 741.
+FIELD_SETS = {"39": (tuple(f"cat_{j}" for j in range(scale.N_SPARSE)), tuple(f"int_{j}" for j in range(scale.N_DENSE))),
+              "8": (("cat_0", "cat_1", "cat_2", "cat_3", "cat_8", "cat_9", "cat_10", "cat_11"), ())}
 
 
 def study_config(folder: Path, model: str, seed: int, args: argparse.Namespace) -> Config:
     """The train.py config of every arm of one world (the arms differ in what they attach, not in these)."""
-    flags = dict(zip(scale.TRAIN_FLAGS[::2], scale.TRAIN_FLAGS[1::2]))
-    return Config(data=str(folder), stream=True, label="label", sparse=tuple(flags["--sparse"].split(",")),
-                  dense=tuple(flags["--dense"].split(",")), cohort_features=COHORT_COLUMNS, model=model, seed=seed,
-                  batch_size=args.batch_size, eval_every=args.eval_every, eval_rows=args.eval_rows, split_by="file",
-                  hash_size=tuple(v + 1 for v in scale.CriteoWorld(rows=1).vocab_sizes), aux_cohorts=2, gate=False,
-                  quiet=True).check()
+    sparse, dense = FIELD_SETS[args.fields]
+    vocab = scale.CriteoWorld(rows=1).vocab_sizes
+    return Config(data=str(folder), stream=True, label="label", sparse=sparse, dense=dense, cohort_features=COHORT_COLUMNS,
+                  model=model, seed=seed, batch_size=args.batch_size, eval_every=args.eval_every, eval_rows=args.eval_rows,
+                  split_by="file", hash_size=tuple(vocab[int(f.removeprefix("cat_"))] + 1 for f in sparse), aux_cohorts=2,
+                  gate=False, quiet=True).check()
 
 
 def planted(frame: Any) -> np.ndarray:
@@ -122,7 +127,7 @@ def run_one(model: str, rows: int, seed: int, arm: str, args: argparse.Namespace
     cfg = study_config(folder, model, seed, args)
     info = init_distributed("cpu")
     splits = open_stream(cfg)
-    keep = args.results / f"mined-{model}-{rows}-s{seed}"
+    keep = args.results / f"mined-{model}-{rows}-s{seed}{fields_tag(args.fields)}"
     frame_test = cohort_frame(cfg, splits, "test")
     truth = planted(frame_test)
     if arm == "baseline":
@@ -193,21 +198,30 @@ def _activity(served: Any, splits: Any, test: Any, schema: Any, truth: np.ndarra
     return out
 
 
-def run_file(results: Path, model: str, rows: int, seed: int, arm: str) -> Path:
-    return results / f"run-{model}-{rows}-s{seed}-{arm}.json"
+def fields_tag(fields: str) -> str:
+    """"" for the full 39-field world (the file names the grid has always had), "-f8" for the 8-field view."""
+    return "" if fields == "39" else f"-f{fields}"
+
+
+def run_file(results: Path, model: str, rows: int, seed: int, arm: str, fields: str = "39") -> Path:
+    return results / f"run-{model}-{rows}-s{seed}-{arm}{fields_tag(fields)}.json"
 
 
 def merge(results: Path) -> dict[str, Any]:
-    """Every run file under `results` as `summary[model][arm][rows]` intervals over seeds, and the runs."""
+    """Every run file under `results` as `summary[model][arm][rows]` intervals over seeds (the 39-field world), the
+    same for each other field set under `by_fields[FIELDS]`, and the runs."""
     runs = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
-    summary: dict[str, Any] = {}
+    by_fields: dict[str, Any] = {}
     activity: dict[str, Any] = {}
     for r in runs:
         c = r["config"]
-        cell = summary.setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), {"runs": []})
+        fields = str(c.get("fields", "39"))
+        cell = by_fields.setdefault(fields, {}).setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), {"runs": []})
         cell["runs"].append(r["result"])
-        activity.setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), []).append(r["result"].get("attention"))
-    for model in summary.values():
+        if fields == "39":
+            activity.setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), []).append(r["result"].get("attention"))
+    summary = by_fields.pop("39", {})
+    for model in [*summary.values(), *(m for f in by_fields.values() for m in f.values())]:
         for arm, by_rows in model.items():
             for cell in by_rows.values():
                 done = [x for x in cell.pop("runs") if "skipped" not in x]
@@ -215,7 +229,7 @@ def merge(results: Path) -> dict[str, Any]:
                 keys = ("ne_overall", "ne_exposed", "ne_planted") if arm == "baseline" else ("overall", "exposed", "planted")
                 for key in keys:
                     cell[key.removeprefix("ne_") if arm != "baseline" else key] = harness.interval([x.get(key) for x in done])
-    return {"summary": summary, "activity": activity,
+    return {"summary": summary, "by_fields": by_fields, "activity": activity,
             "runs": [{"config": r["config"], "result": {k: v for k, v in r["result"].items() if k != "attention"}} for r in runs]}
 
 
@@ -230,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--chunk-rows", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fields", default="39", choices=sorted(FIELD_SETS), help="what the model sees of each world: all 39 fields, "
+                    "or the 8 that carry the minorities' signal and one majority pair (merged under by_fields)")
     ap.add_argument("--redo", action="store_true", help="train runs whose result file exists again")
     ap.add_argument("--merge-only", action="store_true")
     ap.add_argument("--work", type=Path, default=harness.ROOT / "runs" / "scale", help="generated worlds")
@@ -248,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             for rows in sizes:
                 for seed in args.seeds:
                     for arm in arms:
-                        path = run_file(args.results, model, rows, seed, arm)
+                        path = run_file(args.results, model, rows, seed, arm, args.fields)
                         if path.exists() and not args.redo:
                             continue
                         run = harness.start(__file__, argv, config={"model": model, "rows": rows, "seed": seed, "arm": arm,
                                                                    "batch_size": args.batch_size, "eval_rows": args.eval_rows,
-                                                                   "eval_every": args.eval_every})
+                                                                   "eval_every": args.eval_every, "fields": args.fields})
                         result = run_one(model, rows, seed, arm, args)
                         harness.write_result(path, run, {"result": result})
                         print(json.dumps({"model": model, "rows": rows, "seed": seed, "arm": arm,

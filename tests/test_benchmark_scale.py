@@ -71,6 +71,22 @@ def test_a_tiny_grid_runs_every_arm_and_merges(tmp_path: Path) -> None:
     assert scale_study.main([*args, "--merge-only"]) == 0  # the files already there are not trained again
 
 
+@pytest.mark.slow
+def test_the_8_field_view_of_a_world_trains_on_its_own_files_and_merges_apart(tmp_path: Path) -> None:
+    args = ["--rows", "20000", "--chunk-rows", "10000", "--seeds", "0,", "--models", "afm", "--eval-rows", "2000",
+            "--eval-every", "10", "--batch-size", "512", "--threads", "1", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "results"), "--arms", "baseline,c2al"]
+    assert scale_study.main([*args, "--fields", "8"]) == 0
+    run = json.loads((tmp_path / "results" / "run-afm-20000-s0-baseline-f8.json").read_text())
+    assert run["config"]["fields"] == "8" and (tmp_path / "results" / "mined-afm-20000-s0-f8" / "cohorts.json").exists()
+    cfg = scale_study.study_config(tmp_path, "afm", 0, scale_study.argparse.Namespace(fields="8", batch_size=512, eval_every=10,
+                                                                                      eval_rows=2000))
+    assert len(cfg.sparse) == 8 and cfg.dense == () and len(cfg.hash_size) == 8
+    merged = json.loads((tmp_path / "results" / "merged.json").read_text())
+    assert merged["summary"] == {} and set(merged["by_fields"]["8"]["afm"]) == {"baseline", "c2al"}
+    assert not (tmp_path / "results" / "run-afm-20000-s0-baseline.json").exists()  # the 39-field grid's file is untouched
+
+
 def test_study_refuses_an_unknown_arm() -> None:
     with pytest.raises(SystemExit):
         scale_study.main(["--arms", "c2al,magic", "--merge-only"])
