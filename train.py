@@ -144,7 +144,7 @@ def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
 
 def run_job(cfg: Config, splits: Any, info: Any, out: Path) -> dict[str, Any]:
     if cfg.federated:
-        from c2al.jobs.federated import run_federated
+        from c2al.jobs.federated_job import run_federated
 
         return run_federated(cfg, splits, out)
     from c2al.jobs.centralized import run_baseline, run_c2al

@@ -12,7 +12,7 @@ Baseline: a histogram gradient-boosted classifier on the user, item and context 
 the training rows; the miner reads its scores on the held-out rows, as train.py's miner reads the
 baseline's validation scores. (A one-hot logistic regression cannot represent a cohort's opposite
 taste at all: every score inside the cohort would look like the rest's.)
-Sources: `default` is what `--aux-cohorts` runs (jobs/common.mine_cohorts: train.py's Config
+Sources: `default` is what `--aux-cohorts` runs (jobs/pipeline.mine_cohorts: train.py's Config
 defaults, 2 cohorts, seeded by the world); kmeans, gmm, axes and tree use the same settings with one
 source each. Per planted world: ARI of the mined cohort ids against the planted ones on the held-out
 rows, and whether the baseline can see the planted cohorts at all: every planted cohort's held-out

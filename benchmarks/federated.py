@@ -25,7 +25,7 @@
     curve), rounds per second; and the CPU cost of one round with the clients one after another against
     side by side (--parallel-clients). Not part of the default --parts.
 
-Every arm is the federated job's own training (`c2al.jobs.federated.federated_fit`, early-stopped on
+Every arm is the federated job's own training (`c2al.jobs.federated_job.federated_fit`, early-stopped on
 validation: NE, or recall@10 for the two-tower losses) with train.py's federated defaults narrowed to
 fit the budget (DEFAULTS below: fewer clients per round and rounds). Arms run side by side in --workers
 spawned processes of one torch thread each.
@@ -108,7 +108,7 @@ def run_arm(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _federated(cfg: Config, evaluate: Callable[..., dict[str, Any]] | None = None) -> tuple[Any, Any, Any, np.ndarray]:
-    from c2al.jobs.federated import client_tiers, federated_fit, make_clients
+    from c2al.jobs.federated_job import client_tiers, federated_fit, make_clients
     from c2al.train.build import seeded_model
 
     splits = _splits(cfg)
@@ -144,7 +144,7 @@ def two_tower_centralized(cfg: Config) -> dict[str, Any]:
 
 def _tracking(cfg: Config, splits: Any) -> Callable[[Any], dict[str, Any]]:
     """The job's validation, plus each evaluation's item-embedding rows (for the stability measure)."""
-    from c2al.jobs.federated import validation
+    from c2al.jobs.federated_job import validation
 
     snapshots: list[np.ndarray] = []
 
@@ -193,7 +193,7 @@ def embedding_stability(snapshots: Sequence[np.ndarray], rows: np.ndarray | None
 def _afm_metrics(cfg: Config, splits: Any, clients: Any, trained: Any, tiers: np.ndarray, snapshots: Sequence[np.ndarray]) -> dict[str, Any]:
     from c2al.eval.metrics import per_segment, summarize
     from c2al.federated.heterogeneity import TIERS
-    from c2al.jobs.federated import row_tiers
+    from c2al.jobs.federated_job import row_tiers
 
     probs = trained.predict("test", splits, cfg.batch_size)
     test = splits.test
@@ -223,7 +223,7 @@ def afm_federated(cfg: Config) -> dict[str, Any]:
 
 def afm_with_c2al(cfg: Config) -> dict[str, Any]:
     """The FedAvg arm, then federated C2AL on top of it (its own mining, C2AL rounds from the same seed)."""
-    from c2al.jobs.federated import run_federated_c2al
+    from c2al.jobs.federated_job import run_federated_c2al
 
     c2 = replace(cfg, aux_cohorts=cfg.aux_cohorts or 2)
     splits, clients, base, tiers, snapshots = _tracked(c2)
@@ -413,7 +413,7 @@ def round_cost(cfg: Config) -> dict[str, Any]:
     import torch
 
     from c2al.data.sources import load_splits
-    from c2al.jobs.federated import client_tiers, federated_fit, make_clients
+    from c2al.jobs.federated_job import client_tiers, federated_fit, make_clients
     from c2al.train.build import seeded_model
 
     torch.set_num_threads(1)

@@ -59,7 +59,7 @@ _SPLITS: dict[str, Any] = {}  # per worker: the data, loaded once
 def run_row(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """One train.py --federated run in this (worker) process: its test metrics, rejections, time and memory."""
     from c2al.data.sources import load_splits
-    from c2al.jobs.federated import run_federated
+    from c2al.jobs.federated_job import run_federated
 
     cfg = Config.from_dict(cfg_dict)
     if cfg.data not in _SPLITS:

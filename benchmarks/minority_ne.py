@@ -105,7 +105,7 @@ from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, co
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.eval.retrieval import retrieval_metrics
-from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
+from c2al.jobs.pipeline import cohort_frame, make_head, mine_cohorts
 from c2al.logs import quiet_libraries
 from c2al.robust import group_counts, make_objective, robust_model, unwrap
 from c2al.towers import attach_towers, detach_towers
@@ -145,7 +145,7 @@ class Arm:
     # | robust (heads-free Group DRO / CVaR)
     cohorts: str = "mined"  # mined | random | least | kmeans
     k: int = 2
-    head: str = "clone"  # clone | linear | mlp (c2al.jobs.common.make_head)
+    head: str = "clone"  # clone | linear | mlp (c2al.jobs.pipeline.make_head)
     lam: float | None = 0.1  # None: --aux-weight auto's grid, picked on validation
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
     balance: str = "none"  # c2al.balance mode

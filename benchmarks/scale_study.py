@@ -118,7 +118,7 @@ def run_one(model: str, rows: int, seed: int, arm: str, args: argparse.Namespace
     from c2al.cohorts import CohortMiner
     from c2al.data.stream import open_stream
     from c2al.jobs.centralized import fit_c2al, served_model, with_mined_cohorts
-    from c2al.jobs.common import cohort_frame, mine_cohorts
+    from c2al.jobs.pipeline import cohort_frame, mine_cohorts
     from c2al.train.build import seeded_model
     from c2al.train.loop import fit
     from c2al.train.task import predict
@@ -164,7 +164,7 @@ def run_one(model: str, rows: int, seed: int, arm: str, args: argparse.Namespace
 
 def score(p: np.ndarray, splits: Any, miner: Any, truth: np.ndarray, keep: Path, trained: Any, cfg: Config, arm: str) -> dict[str, Any]:
     """Test NE overall, over the exposed and the planted cohorts; NE_diff % against this world's baseline."""
-    from c2al.jobs.common import cohort_frame
+    from c2al.jobs.pipeline import cohort_frame
 
     y = splits.test.labels
     exposed = miner.predict(cohort_frame(cfg, splits, "test")) >= 0 if len(miner.contrast_) else np.zeros(len(y), bool)

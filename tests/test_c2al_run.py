@@ -142,7 +142,7 @@ def test_clone_head_on_a_parameter_free_over_arch_falls_back_to_linear():
     """TwoTower's over arch is a plain sum: cloning it would make every aux logit equal the main logit."""
     from c2al.config import Config
     from c2al.data.sources import load_splits
-    from c2al.jobs.common import make_head
+    from c2al.jobs.pipeline import make_head
     from c2al.train.build import seeded_model
 
     cfg = Config(data=SYNTHETIC, model="two-tower", aux_head="clone")

@@ -15,7 +15,7 @@ from c2al.federated.heterogeneity import TierSpec, assign_tiers
 from c2al.federated.mining import federated_kmeans
 from c2al.federated.simulation import default_client_fn, run_rounds
 from c2al.federated.strategy import RowwiseFedAdam, RowwiseFedAvg, RowwiseFedProx
-from c2al.jobs.federated import make_clients
+from c2al.jobs.federated_job import make_clients
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule
 

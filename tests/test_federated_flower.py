@@ -132,7 +132,7 @@ def test_train_messages_go_only_to_the_sampled_clients(tmp_path, grids):
     from c2al.data.sources import load_splits
     from c2al.federated.heterogeneity import Devices, round_rng
     from c2al.federated.strategy import RowwiseFedAvg
-    from c2al.jobs.federated import client_tiers, make_clients, tier_spec
+    from c2al.jobs.federated_job import client_tiers, make_clients, tier_spec
 
     assert train.main([*TIERED, "--engine", "flower", "--out", str(tmp_path)]) == 0
     grid = grids[0]

@@ -17,7 +17,7 @@ from c2al.federated import aggregate as agg
 from c2al.federated.attacks import ATTACKS, attack_client_fn, choose_attackers, poison
 from c2al.federated.client import FitResult, Layout
 from c2al.federated.strategy import AGGREGATIONS, Aggregation, RowwiseFedAvg
-from c2al.jobs.federated import client_tiers, federated_fit, make_clients
+from c2al.jobs.federated_job import client_tiers, federated_fit, make_clients
 from c2al.train.build import seeded_model
 
 warnings.filterwarnings("ignore")

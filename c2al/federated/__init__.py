@@ -8,5 +8,5 @@ steps side by side) <- `rounds` (the one round body and the one early-stopping r
 rounds as a Flower ServerApp / ClientApp). `heterogeneity` simulates the devices
 (availability, dropout, step budgets), `mining` is the federated cohort miner,
 `attacks` the simulated poisoning, `losses` the two-tower hinge. train.py
---federated runs them through `c2al.jobs.federated`.
+--federated runs them through `c2al.jobs.federated_job`.
 """

@@ -33,7 +33,7 @@ from c2al.eval.compare import (
 )
 from c2al.eval.metrics import per_segment, summarize
 from c2al.eval.report import format_table, write_json
-from c2al.jobs.common import cohort_frame, make_head, mine_cohorts
+from c2al.jobs.pipeline import cohort_frame, make_head, mine_cohorts
 from c2al.plugin import C2ALWrapper
 from c2al.robust import RobustModel, group_counts, make_objective, robust_model, unwrap
 from c2al.towers import attach_towers, detach_towers

@@ -22,7 +22,7 @@ from c2al.data.stream import is_stream
 from c2al.dist.checkpoint import load_checkpoint
 from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
-from c2al.jobs.common import cohort_frame, saved_miner
+from c2al.jobs.pipeline import cohort_frame, saved_miner
 from c2al.train.build import build_model
 from c2al.train.loop import is_streaming
 
@@ -154,7 +154,7 @@ def _check_centralized(cfg: Config, splits: Splits, info: DistInfo) -> None:
 
 
 def _check_federated(cfg: Config, splits: Splits) -> None:
-    from c2al.jobs.federated import check_federated, client_tiers, make_clients
+    from c2al.jobs.federated_job import check_federated, client_tiers, make_clients
 
     clients = make_clients(splits)
     check_federated(cfg, len(clients))

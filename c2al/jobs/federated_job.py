@@ -49,7 +49,7 @@ from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, Evaluate, FedTrained, run_rounds
 from c2al.federated.strategy import Aggregation, make_strategy
-from c2al.jobs.common import cohort_frame, make_head
+from c2al.jobs.pipeline import cohort_frame, make_head
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
 
