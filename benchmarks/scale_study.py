@@ -233,6 +233,58 @@ def merge(results: Path) -> dict[str, Any]:
             "runs": [{"config": r["config"], "result": {k: v for k, v in r["result"].items() if k != "attention"}} for r in runs]}
 
 
+def plot(merged: dict[str, Any], path: Path) -> None:
+    """NE_diff % against rows (log scale) per model, one line per arm with its 95% interval over the seeds, for the
+    exposed cohorts, the planted ones and overall; and the attention on the minorities' fields on planted rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = merged["summary"]
+    models = [m for m in summary if any(a != "baseline" for a in summary[m])]
+    if not models:
+        return
+    panels = ("exposed", "planted", "overall", "attention")
+    fig, axes = plt.subplots(len(models), len(panels), figsize=(4.2 * len(panels), 3.4 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        for ax, key in zip(row, panels):
+            for i, (arm, by_rows) in enumerate(sorted(summary[model].items())):
+                if key == "attention":
+                    points = [(int(r), _planted_attention(merged["activity"][model][arm][r])) for r in by_rows]
+                    points = [(r, v) for r, v in points if v is not None]
+                    if points:
+                        ax.plot(*zip(*sorted(points)), "o-", label=arm)
+                    continue
+                if arm == "baseline":
+                    continue
+                cells = sorted((int(r), c[key]) for r, c in by_rows.items() if c.get(key) and c[key]["n"])
+                if not cells:
+                    continue
+                xs = [r * (1 + 0.04 * (i - 1.5)) for r, _ in cells]  # arms side by side at each size
+                means = [c["mean"] for _, c in cells]
+                err = [[m - c["ci95"][0] for m, (_, c) in zip(means, cells)], [c["ci95"][1] - m for m, (_, c) in zip(means, cells)]]
+                ax.errorbar(xs, means, yerr=err, fmt="o-", capsize=3, label=arm)
+            ax.set_xscale("log")
+            if key != "attention":
+                ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(f"{model}: " + ("attention on the minorities' fields (planted rows)" if key == "attention"
+                                          else f"{key} NE_diff % vs baseline"), fontsize=9)
+            ax.set_xlabel("training rows (one pass)")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle("C2AL as data grows: mean and 95% interval over worlds (world seed = training seed; < 0 is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _planted_attention(runs: list[Any]) -> float | None:
+    """The mean over seeds of the attention scalar on planted rows (AFM pair weight or AttentionFM field share)."""
+    values = [v for a in runs if a for v in (a.get("planted_rows") or {}).values()]
+    return float(np.mean(values)) if values else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(GRID), help="models of the grid (each at its GRID sizes unless --rows)")
@@ -275,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps({"model": model, "rows": rows, "seed": seed, "arm": arm,
                                           **{k: result.get(k) for k in ("overall", "exposed", "planted", "ne_overall")}}), flush=True)
     run = harness.start(__file__, argv, config={"merged_from": str(args.results)})
-    harness.write_result(MERGED if args.results == RESULTS else args.results / "merged.json", run, merge(args.results))
+    merged_path = MERGED if args.results == RESULTS else args.results / "merged.json"
+    merged = merge(args.results)
+    harness.write_result(merged_path, run, merged)
+    plot(merged, merged_path.with_suffix(".png"))
     return 0
 
 

@@ -69,6 +69,7 @@ def test_a_tiny_grid_runs_every_arm_and_merges(tmp_path: Path) -> None:
         result = json.loads((tmp_path / "results" / f"run-attention-fm-20000-s0-{arm}.json").read_text())["result"]
         assert "skipped" in result or np.isfinite(result["overall"]), arm
     assert scale_study.main([*args, "--merge-only"]) == 0  # the files already there are not trained again
+    assert (tmp_path / "results" / "merged.png").stat().st_size > 10_000  # NE_diff against rows, per arm
 
 
 @pytest.mark.slow
