@@ -444,6 +444,44 @@ def scale() -> str:
                    "examples/s = rows trained over the process's whole wall time (start-up, reading, training, the bounded evaluations).")
 
 
+def scale_study() -> str:
+    """benchmarks/scale_study.py: NE_diff % of each arm against its world's baseline as the rows grow (and 8 fields vs 39)."""
+    res = load("scale_study.json")
+
+    def cell(c: dict[str, Any], key: str) -> str:
+        return ci(c[key]) if c.get(key) and c[key].get("n") else "n/a"
+
+    def attention(model: str, arm: str, n_rows: str) -> str:
+        runs = [a for a in res["activity"].get(model, {}).get(arm, {}).get(n_rows, []) if a]
+        values = [v for a in runs for v in (a.get("planted_rows") or {}).values()]
+        return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
+    rows = []
+    for fields, summary in (("39", res["summary"]), *sorted(res.get("by_fields", {}).items())):
+        for model, arms in summary.items():
+            sizes = sorted({r for by_rows in arms.values() for r in by_rows}, key=int)
+            for n_rows in sizes:
+                base = arms.get("baseline", {}).get(n_rows, {})
+                rows.append([model, fields, f"{int(n_rows):,}", "baseline", base.get("n_seeds", 0),
+                             "NE " + (f"{base['ne_exposed']['mean']:.4f}" if base.get("ne_exposed", {}).get("n") else "n/a"),
+                             "NE " + (f"{base['ne_planted']['mean']:.4f}" if base.get("ne_planted", {}).get("n") else "n/a"),
+                             "NE " + (f"{base['ne_overall']['mean']:.4f}" if base.get("ne_overall", {}).get("n") else "n/a"),
+                             attention(model, "baseline", n_rows) if fields == "39" else "n/a"])
+                for arm, by_rows in arms.items():
+                    c = by_rows.get(n_rows)
+                    if arm == "baseline" or c is None:
+                        continue
+                    rows.append([model, fields, f"{int(n_rows):,}", arm, c.get("n_seeds", 0), cell(c, "exposed"), cell(c, "planted"),
+                                 cell(c, "overall"), attention(model, arm, n_rows) if fields == "39" else "n/a"])
+    return md(["model", "fields", "rows (one pass)", "arm", "worlds", "exposed cohorts NE_diff % [95% CI]", "planted cohorts",
+               "overall", "attention on the minorities' fields (planted rows)"], rows) + (
+        "\n\n`python benchmarks/scale_study.py` (`benchmarks/results/scale_study.json` merged from one file per run in "
+        "`benchmarks/results/scale_study/`; figure `scale_study.png`): each world a `CriteoWorld` (world seed = training seed), one "
+        "streamed pass, every arm from the baseline's seeded start; baseline rows give its NE, arm rows the NE_diff % against it "
+        "(negative is better). The attention column is the AFM's softmax weight on the minorities' pairs or the AttentionFM's share "
+        "of |Y| on their fields, mean over worlds.")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
