@@ -17,7 +17,8 @@ NE_diff is comparable across arms). Arms (the paper ran only the first):
   own_labels      multi-task control: head k learns y on cohort k's rows only,
                   no conflicting zero labels (c2al.attach(aux_labels="own"))
   auto            lambda from 0.03 / 0.1 / 0.3 picked on validation (--aux-weight auto's rule)
-  gate, project, magnitude   main-anchored aux gradients (c2al.attach(balance=...))
+  gate, project, magnitude   main-anchored aux gradients (c2al.attach(balance=...); the "gate" arm
+                  spells --aux-balance agree by its old name, so its rows keep their spec)
   kmeans_cohorts  cohorts mined with k-means candidates only (the default mines with
                   kmeans+tree, decision-tree conjunctions included)
   cohort_feature  no heads: the mined cohort id as one more sparse input field
@@ -95,20 +96,19 @@ from harness import paired_ci
 from scipy import stats
 from tqdm.auto import tqdm
 
-import c2al
 from c2al.config import Config, add_config_flags, config_from
 from c2al.data.schema import Splits
 from c2al.data.sources import load_splits
 from c2al.dist.process import DistInfo, init_distributed
 from c2al.errors import C2ALError
-from c2al.eval.compare import AUTO_GRID, attention_report, choose_aux_weight, compare, gate, valid_scores
+from c2al.eval.compare import AUTO_GRID, attention_report, compare, judge_on_validation, valid_scores
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.eval.retrieval import retrieval_metrics
-from c2al.jobs.pipeline import cohort_frame, make_head, mine_cohorts
+from c2al.jobs.pipeline import Candidate, attach_heads, cohort_frame, fit_candidates, mine_cohorts, served_model
 from c2al.logs import quiet_libraries
+from c2al.models import SHARED_AT
 from c2al.robust import group_counts, make_objective, robust_model, unwrap
-from c2al.towers import attach_towers, detach_towers
 from c2al.train.build import seeded_model
 from c2al.train.loop import fit
 from c2al.train.task import predict
@@ -145,7 +145,7 @@ class Arm:
     # | robust (heads-free Group DRO / CVaR)
     cohorts: str = "mined"  # mined | random | least | kmeans
     k: int = 2
-    head: str = "clone"  # clone | linear | mlp (c2al.jobs.pipeline.make_head)
+    head: str = "clone"  # clone | linear | mlp (c2al.jobs.pipeline.make_head, through attach_heads)
     lam: float | None = 0.1  # None: --aux-weight auto's grid, picked on validation
     labels: str = "conflicting"  # conflicting | own (c2al.attach aux_labels)
     balance: str = "none"  # c2al.balance mode
@@ -281,23 +281,37 @@ def least_contrasting(miner: Any, k: int) -> Any:
 # ---------------------------------------------------------------- training and scoring
 
 
-def train_c2al(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm, lam: float, info: DistInfo) -> tuple[Any, dict[str, Any]]:
-    """Attach, fit (early-stopped) from the baseline's seeded start, detach; returns the served model and facts."""
+def train_c2al(cfg: Config, armed: Splits, arm: Arm, lam: float, info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """Attach (the pipeline's `attach_heads`), fit (early-stopped) from the baseline's seeded start on `armed` (the
+    splits carrying the arm's cohort ids), detach; returns the served model and facts."""
     acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(lam,), aux_head=arm_head(cfg, arm))
-    model = seeded_model(acfg, splits.schema)  # same seed: same start as the baseline
-    if arm.towers == "mmoe":
-        wrapper = attach_towers(model, "inter_arch", arm.k, acfg.aux_weights(), make_head(acfg, model), kind="mmoe",
-                                n_experts=cfg.mmoe_experts, aux_labels=arm.labels)
-    else:
-        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=arm.k, aux_weight=acfg.aux_weights(),
-                              head=make_head(acfg, model), aux_labels=arm.labels, balance=arm.balance)
+    model = seeded_model(acfg, armed.schema)  # same seed: same start as the baseline
+    wrapper = attach_heads(acfg, model, acfg.aux_weights(), towers=arm.towers, balance=arm.balance, aux_labels=arm.labels)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
-    trained = fit(acfg, splits.with_cohorts(ids), wrapper, info, tag=arm.name)
+    trained = fit(acfg, armed, wrapper, info, tag=arm.name)
     moved = [float((p.detach() - b).norm()) for p, b in zip(trained.model.heads.parameters(), before)]
     facts = {"train_seconds": trained.seconds, "head": acfg.aux_head, "head_params": len(before), "aux_weight": lam,
              "head_update_norm": float(np.sqrt(np.sum(np.square(moved)))) if moved else 0.0,
              "history": trained.history, "best": trained.best}
-    return detach_towers(trained.model), facts  # shared-bottom: c2al.detach; mmoe: the main gate and experts stay
+    return served_model(trained.model), facts  # shared-bottom: c2al.detach; mmoe: the main gate and experts stay
+
+
+class ArmLoop:
+    """The C2AL pipeline's training loop (`c2al.jobs.pipeline.Loop`) for one head arm: `train_c2al` per lambda, scored
+    by its served model; `fit_candidates` runs it once per lambda and keeps auto's pick, as train.py does."""
+
+    def __init__(self, cfg: Config, splits: Splits, arm: Arm, info: DistInfo) -> None:
+        self.cfg, self.splits, self.arm, self.info = cfg, splits, arm, info
+
+    def fit(self, armed: Splits, aux_weight: list[float], suffix: str) -> Candidate:
+        served, facts = train_c2al(self.cfg, armed, self.arm, aux_weight[0], self.info)
+        return Candidate(facts, served)
+
+    def scores(self, candidate: Candidate, split: str) -> np.ndarray:
+        return predict(candidate.served, getattr(self.splits, split), self.splits.schema, self.cfg.batch_size, self.info)
+
+    def kept(self, trained: Any) -> dict[str, Any]:
+        return {}  # the arm's row keeps its facts (best epoch included) beside its validation scores
 
 
 def train_robust(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], arm: Arm,
@@ -335,18 +349,11 @@ def train_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], mined: di
     if arm.kind == "robust":
         served, facts = train_robust(cfg, splits, ids, arm, info)
         return served, predict(served, splits.test, splits.schema, cfg.batch_size, info), valid_of(cfg, splits, served, mined, info), facts
-    lams = AUTO_GRID if arm.lam is None else (arm.lam,)
-    tried = []
-    for lam in lams:
-        served, facts = train_c2al(cfg, splits, ids, arm, lam, info)
-        tried.append((served, facts, {"aux_weight": lam, **valid_of(cfg, splits, served, mined, info)}))
-    if len(tried) == 1:
-        served, facts, valid = tried[0]
-    else:
-        pick = choose_aux_weight([v for _, _, v in tried], base_valid, cfg.gate_tolerance)
-        served, facts, valid = next(t for t in tried if t[2] is pick)
-        facts = {**facts, "auto_candidates": [v for _, _, v in tried]}
-    return served, predict(served, splits.test, splits.schema, cfg.batch_size, info), valid, facts
+    grid = [[lam] for lam in (AUTO_GRID if arm.lam is None else (arm.lam,))]
+    chosen, search = fit_candidates(cfg, ArmLoop(cfg, splits, arm, info), splits.with_cohorts(ids), grid, mined["valid"],
+                                    splits.valid.labels, base_valid, 2)
+    facts = chosen.trained if search is None else {**chosen.trained, "auto_candidates": search["candidates"]}
+    return chosen.served, predict(chosen.served, splits.test, splits.schema, cfg.batch_size, info), chosen.valid, facts
 
 
 def tuned_regularisation(cfg: Config, splits: Splits, mined: dict[str, np.ndarray], arm: Arm,
@@ -439,7 +446,7 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
     for arm in arms:
         own, arm_ids = arm_cohorts(cfg, splits, ids, miner, arm, trained, info)
         served, p, valid, facts = train_arm(cfg, splits, arm_ids, ids, arm, info, base["valid"])
-        decision = gate(base["valid"], valid, cfg.gate_tolerance)
+        decision = judge_on_validation(base["valid"], valid, cfg.gate_tolerance)
         row = {"seed": cfg.seed, "model": cfg.model, "arm": arm.name, "spec": dataclasses.asdict(arm), **facts,
                "valid": valid, "decision": decision,
                **score_arm(cfg, splits, base, p, own, None if own is None else arm_ids["test"]),
@@ -763,7 +770,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     cfg = base_config(args)
     header = harness.start(__file__, args.argv, {"base": cfg.to_dict(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                                 "two_tower_head": "linear (its output head is a parameter-free sum)", "at": "inter_arch"},
+                                                 "two_tower_head": "linear (its output head is a parameter-free sum)", "at": SHARED_AT},
                            torch_threads=args.threads)
     splits = splits_of(cfg)
     per_seed = plan(args, len(splits.train), cfg.epochs)

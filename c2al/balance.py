@@ -13,15 +13,17 @@ unchanged; the extra cost is a few [B, H] reductions.
 
 Modes (f(a, g) per head; rows are samples, cosines per row of [B, H]):
 - none: a (the plain sum; `split` is then not called at all).
-- gate: a on the rows where cos(a, g) > 0, else 0 (Du et al. 2018, arXiv 1812.02224,
+- agree: a on the rows where cos(a, g) > 0, else 0 (Du et al. 2018, arXiv 1812.02224,
   applied per sample: a cohort head's gradient counts where it agrees with the main task).
+  Earlier versions called it "gate"; that spelling is still accepted (`c2al.config.balance_mode`),
+  while --gate is the validation rule that decides what ships.
 - project: a minus its component along g on the rows where a . g < 0 (PCGrad, Yu et
   al. 2020, one-way: the main gradient is never changed).
 - magnitude: a * (r |g| / |a| + 1 - r), norms over the batch (MetaBalance, He et al.
   WWW 2022, arXiv 2203.06801, with relax factor r; Meta's MultiBalance applies it at the
   shared representation, arXiv 2411.11871). Norms are the current batch's rather than
   moving averages, which keeps the rule stateless (bit-identical resume, nothing to trace).
-- magnitude+gate, magnitude+project: the direction rule first, then the magnitude rule.
+- magnitude+agree, magnitude+project: the direction rule first, then the magnitude rule.
 
 Letters: B batch, H representation width (R may be [B, ...]; it is flattened per row), K heads.
 """
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from c2al.config import BALANCE_MODES
+from c2al.config import BALANCE_MODES, balance_mode
 from c2al.errors import C2ALError
 
 RELAX = 0.7  # MetaBalance's relax factor r: 1 sets |a| to |g|, 0 leaves a as it is
@@ -39,6 +41,8 @@ _EPS = 1e-12
 
 
 def check_mode(mode: str) -> str:
+    """`mode` as one of BALANCE_MODES (an old spelling mapped, e.g. "gate" -> "agree"); anything else is refused."""
+    mode = balance_mode(mode)
     if mode not in BALANCE_MODES:
         raise C2ALError(f"aux balance must be one of {BALANCE_MODES}, got {mode!r}")
     return mode
@@ -50,7 +54,7 @@ def control(aux: torch.Tensor, main: torch.Tensor, mode: str, relax: float = REL
     Args:
         aux: [B, ...] a head's gradient at R.
         main: [B, ...] the main head's gradient at R.
-        mode: one of BALANCE_MODES.
+        mode: one of BALANCE_MODES (or an old spelling of one).
         relax: MetaBalance's r for the magnitude modes.
 
     Returns:
@@ -59,14 +63,14 @@ def control(aux: torch.Tensor, main: torch.Tensor, mode: str, relax: float = REL
     Example:
         >>> g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> a = torch.tensor([[-2.0, 1.0], [0.0, 3.0]])  # row 0 opposes g, row 1 agrees
-        >>> control(a, g, "gate").tolist()
+        >>> control(a, g, "agree").tolist()
         [[0.0, 0.0], [0.0, 3.0]]
         >>> control(a, g, "project").tolist()
         [[0.0, 1.0], [0.0, 3.0]]
     """
-    check_mode(mode)
+    mode = check_mode(mode)
     a, g = aux.reshape(aux.shape[0], -1), main.reshape(main.shape[0], -1)  # [B, H]
-    if mode.endswith("gate"):
+    if mode.endswith("agree"):
         agree = (a * g).sum(1, keepdim=True) > 0  # [B, 1]; cos > 0 <=> dot > 0
         a = torch.where(agree, a, torch.zeros_like(a))
     elif mode.endswith("project"):

@@ -19,9 +19,21 @@ MODELS = ("afm", "attention-fm", "two-tower")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # adam only on CUDA (FBGEMM's CPU kernels)
 SHARDING_TYPES = ("table_wise", "column_wise", "row_wise", "data_parallel")
-BALANCE_MODES = ("none", "gate", "project", "magnitude", "magnitude+gate", "magnitude+project")  # see c2al.balance
+BALANCE_MODES = ("none", "agree", "project", "magnitude", "magnitude+agree", "magnitude+project")  # see c2al.balance
+# Spellings earlier versions took for the agreement rule (they named it "gate", which is also the ship rule --gate).
+BALANCE_ALIASES = {"gate": "agree", "magnitude+gate": "magnitude+agree"}
 OBJECTIVES = ("erm", "group-dro", "cvar")  # c2al.robust.OBJECTIVES (tests/test_robust.py checks they agree)
 TOWERS = ("shared-bottom", "mmoe")  # c2al.towers.TOWERS
+
+
+def balance_mode(name: str) -> str:
+    """An --aux-balance / `c2al.attach(balance=...)` name with its old spelling mapped: the one place aliases resolve.
+
+    Example:
+        >>> balance_mode("magnitude+gate"), balance_mode("project")
+        ('magnitude+agree', 'project')
+    """
+    return BALANCE_ALIASES.get(name, name)
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -137,9 +149,10 @@ class Config:
     aux_head: str = _opt("auxiliary head: clone (the model's own output head, fresh weights), mlp or linear",
                          default="clone", choices=("clone", "mlp", "linear"))
     aux_balance: str = _opt("how each auxiliary head's gradient reaches the shared representation: none (plain sum, the paper), "
-                            "gate (only on samples where it agrees with the main gradient, Du et al. 2018), project (its part "
+                            "agree (only on samples where it agrees with the main gradient, Du et al. 2018), project (its part "
                             "opposing the main gradient removed, one-way PCGrad), magnitude (rescaled toward the main gradient's "
-                            "norm, MetaBalance), or magnitude+gate / magnitude+project", default="none", choices=BALANCE_MODES)
+                            "norm, MetaBalance), or magnitude+agree / magnitude+project (gate and magnitude+gate: the old "
+                            "spellings of agree and magnitude+agree)", default="none", choices=BALANCE_MODES, type=balance_mode)
     aux_towers: str = _opt("how the cohort towers (the --aux-head heads) read the shared representation: shared-bottom (each reads it "
                            "directly: C2AL's heads) or mmoe (Ma et al. 2018: --mmoe-experts experts on it, mixed per task by softmax "
                            "gates; the main task's mixture feeds the model's own head, so the served model keeps the experts and the "
@@ -148,7 +161,7 @@ class Config:
     objective: str = _opt("training loss of the plain model, heads-free: erm (mean BCE), group-dro (Sagawa et al. 2020: exponentiated-"
                           "gradient weights on the mean BCE of each mined cohort and of the rest; needs --aux-cohorts) or cvar (Levy "
                           "et al. 2020: mean of the worst --cvar-alpha share of each batch's losses). With --aux-cohorts and group-dro "
-                          "or cvar, the model compared with the ERM baseline (and shipped by the gate) is the plain model trained "
+                          "or cvar, the model compared with the ERM baseline (and shipped by --gate) is the plain model trained "
                           "under that loss instead of C2AL's heads; without --aux-cohorts, cvar trains the one model", default="erm",
                           choices=OBJECTIVES)
     dro_eta: float = _opt("--objective group-dro: step size eta of the group weights' update q_g <- q_g exp(eta (loss_g + C / sqrt(n_g)))",
@@ -222,6 +235,10 @@ class Config:
                        choices=("none", "nan", "scale", "sign-flip", "label-flip"))
     attack_share: float = _opt("--attack: share F of clients that attack (at least one when > 0)", default=0.1)
     attack_scale: float = _opt("--attack scale / sign-flip: S", default=10.0)
+
+    def __post_init__(self) -> None:
+        # An old --aux-balance spelling, however the Config was made (flags, code, a saved config), is held as the new one.
+        self.aux_balance = balance_mode(self.aux_balance)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-native values (tuples become lists), as saved in checkpoints and reports."""

@@ -352,9 +352,10 @@ def attach(
             row, so positives outside cohort k are pulled to 0. "own": head k learns y on cohort k's
             rows only (a multi-task baseline without conflicting labels; same loss denominator).
         balance: how each head's gradient reaches the trunk at `at` (see `c2al.balance`): "none"
-            (the plain sum), "gate" (only where it agrees with the main gradient), "project"
+            (the plain sum), "agree" (only where it agrees with the main gradient), "project"
             (its component opposing the main gradient removed), "magnitude" (rescaled toward the
-            main gradient's norm), "magnitude+gate", "magnitude+project".
+            main gradient's norm), "magnitude+agree", "magnitude+project"; "gate" and
+            "magnitude+gate", the old spellings of the agree modes, give the same modes.
         relax: the relax factor r of the magnitude modes.
 
     Returns:

@@ -5,12 +5,13 @@ from torch import nn
 
 import c2al
 from c2al.balance import RELAX, control, split
+from c2al.config import Config, parse_args
 from c2al.errors import C2ALError
 
 G = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]])  # the main gradient at R, 3 samples
 
 
-@pytest.mark.parametrize("mode", ["gate", "project", "magnitude+gate", "magnitude+project"])
+@pytest.mark.parametrize("mode", ["agree", "project", "magnitude+agree", "magnitude+project"])
 def test_exactly_opposed_aux_gradient_leaves_the_main_one(mode):
     rep = torch.randn(3, 3, requires_grad=True)
     main, head = split(rep, 1, mode)
@@ -21,9 +22,9 @@ def test_exactly_opposed_aux_gradient_leaves_the_main_one(mode):
     assert torch.equal(rep.grad, alone)
 
 
-def test_gate_keeps_agreeing_rows_and_drops_opposing_ones():
+def test_agree_keeps_agreeing_rows_and_drops_opposing_ones():
     a = torch.tensor([[-1.0, 4.0, 0.0], [0.0, 1.0, 5.0], [1.0, -3.0, 1.0]])  # dots with G: -1, 2, -1
-    assert control(a, G, "gate").tolist() == [[0.0, 0.0, 0.0], [0.0, 1.0, 5.0], [0.0, 0.0, 0.0]]
+    assert control(a, G, "agree").tolist() == [[0.0, 0.0, 0.0], [0.0, 1.0, 5.0], [0.0, 0.0, 0.0]]
 
 
 def test_project_removes_only_the_opposing_component():
@@ -49,6 +50,24 @@ def test_unknown_mode_is_named():
         control(G, G, "sideways")
     with pytest.raises(C2ALError, match="sideways"):
         c2al.attach(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)), at="0", n_cohorts=1, balance="sideways")
+
+
+@pytest.mark.parametrize("old, new", [("gate", "agree"), ("magnitude+gate", "magnitude+agree")])
+def test_old_spelling_of_the_agree_modes_gives_the_same_mode(old, new):
+    """"gate" was the agreement rule's name before --gate (the ship rule) kept it: attach, the rule and the flag
+    map it to the new mode, and the trunk receives the very same gradient."""
+    a = torch.tensor([[-1.0, 4.0, 0.0], [0.0, 1.0, 5.0], [1.0, -3.0, 1.0]])
+    assert torch.equal(control(a, G, old), control(a, G, new))
+    grads_by = {}
+    for mode in (old, new):
+        net, x, y, cohorts = net_and_batch(4)
+        wrapper = c2al.attach(net, at="0", n_cohorts=2, aux_weight=[0.5, 2.0], head=lambda h: nn.Linear(h, 1), balance=mode)
+        assert wrapper.balance == new
+        wrapper.loss(wrapper(x), y, cohorts)[0].backward()
+        grads_by[mode] = grads(net[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads_by[old], grads_by[new]))
+    assert parse_args(["--aux-balance", old]).aux_balance == new
+    assert Config(aux_balance=old).aux_balance == new == Config.from_dict({"aux_balance": old}).aux_balance
 
 
 def net_and_batch(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +98,7 @@ def test_none_matches_the_plain_sum_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(got, grads(net)))
 
 
-@pytest.mark.parametrize("mode", ["gate", "project", "magnitude", "magnitude+project"])
+@pytest.mark.parametrize("mode", ["agree", "project", "magnitude", "magnitude+project"])
 def test_wrapper_backward_applies_the_rule_per_head(mode):
     """The trunk receives g + sum_k control(a_k, g), with g and a_k the gradients at the representation."""
     net, x, y, cohorts = net_and_batch(1)
@@ -109,7 +128,7 @@ def test_wrapper_backward_applies_the_rule_per_head(mode):
 
 def test_heads_still_learn_under_every_mode():
     """The rules act on the trunk's gradient only: every head's own parameters get their full gradient."""
-    for mode in ("gate", "project", "magnitude+gate"):
+    for mode in ("agree", "project", "magnitude+agree"):
         net, x, y, cohorts = net_and_batch(2)
         wrapper = c2al.attach(net, at="0", n_cohorts=2, head=lambda h: nn.Linear(h, 1), balance=mode)
         wrapper.loss(wrapper(x), y, cohorts)[0].backward()

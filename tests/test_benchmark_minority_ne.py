@@ -140,14 +140,14 @@ def test_summary_mean_and_interval_recompute_from_the_per_seed_rows(quick):
 
 @pytest.mark.slow
 def test_gate_decision_recomputes_from_validation_and_shipped_ne_follows_it(quick):
-    from c2al.eval.compare import gate
+    from c2al.eval.compare import judge_on_validation
 
     _, result = quick
     base = {r["seed"]: r["valid"] for r in result["rows"] if r["model"] == "afm" and r["arm"] == "baseline"}
     for r in result["rows"]:
         if r["model"] != "afm" or r["arm"] == "baseline":
             continue
-        assert r["decision"]["shipped"] == gate(base[r["seed"]], r["valid"], 0.0)["shipped"]
+        assert r["decision"]["shipped"] == judge_on_validation(base[r["seed"]], r["valid"], 0.0)["shipped"]
     for arm in bench.QUICK_ARMS:
         s = result["summary"]["afm"][arm]
         rows = sorted((r for r in result["rows"] if r["model"] == "afm" and r["arm"] == arm), key=lambda r: r["seed"])

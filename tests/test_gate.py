@@ -9,7 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from c2al.eval.compare import AUTO_GRID, choose_aux_weight, gate  # noqa: E402
+from c2al.eval.compare import AUTO_GRID, choose_aux_weight, judge_on_validation  # noqa: E402
 
 SYNTHETIC = "synthetic:n_rows=12000,n_users=1500,n_items=200,minority_shares=0.05/0.04"
 FAST = ["--epochs", "2", "--batch-size", "256", "--quiet"]
@@ -17,11 +17,11 @@ BASE = {"ne": 0.80, "cohort_ne": 0.90}
 
 
 def test_gate_ships_c2al_only_when_overall_no_worse_and_cohorts_better():
-    assert gate(BASE, {"ne": 0.80, "cohort_ne": 0.89}, 0.0)["shipped"] == "c2al"
-    assert gate(BASE, {"ne": 0.79, "cohort_ne": 0.90}, 0.0)["shipped"] == "baseline"  # cohorts not better
-    assert gate(BASE, {"ne": 0.8001, "cohort_ne": 0.85}, 0.0)["shipped"] == "baseline"  # overall worse
-    assert gate(BASE, {"ne": 0.8001, "cohort_ne": 0.85}, 0.001)["shipped"] == "c2al"  # within the tolerance
-    d = gate(BASE, {"ne": 0.81, "cohort_ne": 0.85}, 0.0)
+    assert judge_on_validation(BASE, {"ne": 0.80, "cohort_ne": 0.89}, 0.0)["shipped"] == "c2al"
+    assert judge_on_validation(BASE, {"ne": 0.79, "cohort_ne": 0.90}, 0.0)["shipped"] == "baseline"  # cohorts not better
+    assert judge_on_validation(BASE, {"ne": 0.8001, "cohort_ne": 0.85}, 0.0)["shipped"] == "baseline"  # overall worse
+    assert judge_on_validation(BASE, {"ne": 0.8001, "cohort_ne": 0.85}, 0.001)["shipped"] == "c2al"  # within the tolerance
+    d = judge_on_validation(BASE, {"ne": 0.81, "cohort_ne": 0.85}, 0.0)
     assert "worse" in d["reason"] and d["valid_ne_base"] == 0.80 and d["valid_ne_c2al"] == 0.81
 
 
@@ -70,7 +70,7 @@ def test_auto_trains_every_grid_lambda_and_reports_them(tmp_path):
     assert rep["config"]["aux_weight"] == "auto"
 
 
-@pytest.mark.parametrize("balance", ["gate", "magnitude+project"])
+@pytest.mark.parametrize("balance", ["agree", "magnitude+project"])
 def test_balance_modes_run_from_the_cli(tmp_path, balance):
     rep = run(tmp_path, "--aux-balance", balance, "--epochs", "1")
     assert rep["config"]["aux_balance"] == balance and rep["overall"]["ne_c2al"] < 1.0

@@ -95,7 +95,7 @@ def test_detach_after_sharding_returns_model_with_wrapper_logits():
         assert torch.equal(model(batch.dense, batch.sparse), logits)
 
 
-@pytest.mark.parametrize("name, balance", [("afm", "none"), ("dlrm_dcn", "none"), ("afm", "gate"), ("dlrm_dcn", "magnitude+project")])
+@pytest.mark.parametrize("name, balance", [("afm", "none"), ("dlrm_dcn", "none"), ("afm", "agree"), ("dlrm_dcn", "magnitude+project")])
 def test_pipeline_trains_with_aux_heads_then_detaches(name, balance):
     dmp, wrapper, model = sharded(name, head="clone", balance=balance)
     pipeline = TrainPipelineSparseDist(dmp, dense_optimizer(dmp, lr=0.05), torch.device("cpu"))
@@ -137,7 +137,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("balance", ["none", "gate"])
+@pytest.mark.parametrize("balance", ["none", "agree"])
 @pytest.mark.slow
 def test_two_processes_train_with_aux_heads_and_agree_on_loss(tmp_path: Path, balance: str):
     steps = 3

@@ -144,7 +144,7 @@ AUTO_GRID = (0.03, 0.1, 0.3)
 
 
 def valid_scores(p_valid: np.ndarray, labels: np.ndarray, cohort_ids: np.ndarray, k: int) -> dict[str, Any]:
-    """Validation NE overall and the mean over the K exposed cohorts: what auto lambda and the gate read."""
+    """Validation NE overall and the mean over the K exposed cohorts: what auto lambda and --gate read."""
     rows = per_segment(p_valid, labels, cohort_ids, k)
     cohort_ne = [r["ne"] for r in rows if r["ne"] is not None]
     return {"ne": summarize(p_valid, labels)["ne"], "cohort_ne": float(np.mean(cohort_ne)) if cohort_ne else None,
@@ -171,8 +171,8 @@ def choose_aux_weight(candidates: list[dict[str, Any]], base: dict[str, Any], to
     return min(candidates, key=lambda c: c["ne"])
 
 
-def gate(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[str, Any]:
-    """Ship C2AL only when, on validation, its overall NE is no worse than the baseline's (relative
+def judge_on_validation(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """The --gate rule: ship C2AL only when, on validation, its overall NE is no worse than the baseline's (relative
     `tolerance`) and its mean exposed-cohort NE is lower; otherwise ship the baseline.
 
     Returns:
@@ -180,7 +180,7 @@ def gate(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[s
          "valid_cohort_ne_base", "valid_cohort_ne_c2al", "tolerance"}.
 
     Example:
-        >>> gate({"ne": 0.80, "cohort_ne": 0.90}, {"ne": 0.81, "cohort_ne": 0.85}, 0.0)["shipped"]
+        >>> judge_on_validation({"ne": 0.80, "cohort_ne": 0.90}, {"ne": 0.81, "cohort_ne": 0.85}, 0.0)["shipped"]
         'baseline'
     """
     out = {"valid_ne_base": base["ne"], "valid_ne_c2al": c2al["ne"], "valid_cohort_ne_base": base["cohort_ne"],
@@ -196,9 +196,9 @@ def gate(base: dict[str, Any], c2al: dict[str, Any], tolerance: float) -> dict[s
 
 
 def ship_decision(base: dict[str, Any], c2al: dict[str, Any], use_gate: bool, tolerance: float) -> dict[str, Any]:
-    """What the job ships: `gate`'s decision, or C2AL unconditionally with --no-gate."""
+    """What the job ships: `judge_on_validation`'s decision with --gate, or C2AL unconditionally with --no-gate."""
     if use_gate:
-        return gate(base, c2al, tolerance)
+        return judge_on_validation(base, c2al, tolerance)
     return {"shipped": "c2al", "reason": "--no-gate", "valid_ne_base": base["ne"], "valid_ne_c2al": c2al["ne"]}
 
 
