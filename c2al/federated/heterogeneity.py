@@ -14,6 +14,7 @@ Letters: T tiers, N clients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -163,3 +164,110 @@ class Devices:
     def steps(self, cid: int) -> int:
         """The local step budget of client `cid`'s device (0: no cap beyond the local epochs)."""
         return int(self.spec.steps[int(self.tiers[cid])])
+
+
+# ---------------------------------------------------------------- RF^2's own tier rules
+
+
+def rf2_independent_tiers(train_counts: np.ndarray, tiers: int = len(TIERS)) -> np.ndarray:
+    """RF^2's data-independent tiers: clients ranked by training rows (most first, ties in client order), tier = rank mod T.
+
+    Args:
+        train_counts: training rows per client [N].
+        tiers: T.
+
+    Returns:
+        int64 [N], 0 the low end.
+
+    Example:
+        >>> rf2_independent_tiers(np.array([5, 9, 7, 9])).tolist()
+        [0, 0, 2, 1]
+    """
+    order = np.argsort(-np.asarray(train_counts), kind="stable")  # as Python's sorted(reverse=True): stable
+    out = np.empty(len(order), dtype=np.int64)
+    out[order] = np.arange(len(order)) % tiers
+    return out
+
+
+def rf2_dirichlet_tiers(clicked: list[np.ndarray], alpha: float, seed: int, tiers: int = len(TIERS),
+                        draw: Callable[[np.random.Generator], np.ndarray] | None = None) -> np.ndarray:
+    """RF^2's data-correlated tiers (`--tier-selection dirichlet-s1-ALPHA`): tiers follow what users click.
+
+    Items are walked from the most clicked to the least (ties: the larger id first; users
+    without a click form one more group, placed by its size). Each item's users not yet given
+    a tier are shuffled and split by Dirichlet(alpha, ..., alpha) proportions sorted largest
+    first: the largest share goes to the tier that is smallest so far (fewest users; ties the
+    lower tier), the next to the next smallest, the largest tier takes the rest (shares are
+    cut with int() as RF^2 cuts them). A small alpha sends nearly all of an item's new users
+    to one tier, so a tier is a set of users with shared tastes.
+
+    Args:
+        clicked: per client, the item ids it clicked (train and test) [N lists].
+        alpha: the Dirichlet concentration (RF^2: 0.005).
+        seed: seed of the proportions and shuffles.
+        tiers: T.
+        draw: the proportions of one item [T] from the generator (default: Dirichlet(alpha); tests fix them).
+
+    Returns:
+        int64 [N], 0 the low end.
+
+    Example:
+        >>> rf2_dirichlet_tiers([np.array([1]), np.array([1, 2]), np.array([2]), np.array([])], 0.005, 0).tolist()
+        [1, 0, 0, 1]
+    """
+    if alpha <= 0:
+        raise C2ALError(f"RF^2 Dirichlet tiers need alpha > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    holders: dict[int, list[int]] = {}
+    for cid, items in enumerate(clicked):
+        for item in (np.asarray(items, dtype=np.int64).tolist() if len(items) else [-1]):  # -1: the users without a click
+            holders.setdefault(item, []).append(cid)
+    out = np.full(len(clicked), -1, dtype=np.int64)
+    size = np.zeros(tiers, dtype=np.int64)
+    for item in sorted(holders, key=lambda i: (len(holders[i]), i), reverse=True):
+        new = np.unique([c for c in holders[item] if out[c] < 0])
+        if len(new) == 0:
+            continue
+        new = new[rng.permutation(len(new))]
+        share = np.full(tiers, np.nan)
+        while np.isnan(share).any():  # RF^2 redraws a NaN draw (tiny alpha)
+            share = rng.dirichlet([alpha] * tiers) if draw is None else np.asarray(draw(rng), dtype=np.float64)
+        # int() as RF^2 cuts, after 1e-9 so that float noise (a share of 1 - 1e-14) does not move a user
+        cuts = [int(c + 1e-9) for c in np.cumsum(np.sort(share)[::-1] * len(new))[:-1]] + [len(new)]
+        smallest_first = sorted(range(tiers), key=lambda t: (size[t], t))
+        lo = 0
+        for t, hi in zip(smallest_first, cuts):
+            out[new[lo:hi]] = t
+            size[t] += max(hi - lo, 0)
+            lo = max(lo, hi)
+    return out
+
+
+def overselect_round(selected: np.ndarray, tiers: np.ndarray, per_round: int, overselect: float) -> np.ndarray:
+    """RF^2's over-selection: of the `per_round * (1 + overselect)` clients selected, drop the slowest.
+
+    The int(per_round * overselect) clients dropped are taken from the low tier first (the last
+    selected of it), then the middle, then the high one: low-end devices are the stragglers.
+
+    Args:
+        selected: the round's selected clients in selection order.
+        tiers: tier per client [N] (0 the low end).
+        per_round: the clients a round wants.
+        overselect: the extra share selected (RF^2's --overselect; 0: none).
+
+    Returns:
+        The clients that report back, tier by tier from the low end, each tier in selection order.
+
+    Example:
+        >>> overselect_round(np.array([4, 1, 0, 3, 2]), np.array([0, 1, 0, 2, 0]), per_round=4, overselect=0.25).tolist()
+        [4, 0, 1, 3]
+    """
+    selected = np.asarray(selected, dtype=np.int64)
+    drop = min(len(selected), int(per_round * overselect)) if overselect > 0 else 0
+    kept = []
+    for t in range(int(tiers.max()) + 1 if len(tiers) else 0):
+        members = selected[tiers[selected] == t]
+        cut = min(drop, len(members))
+        drop -= cut
+        kept.append(members[: len(members) - cut])
+    return np.concatenate(kept) if kept else selected
