@@ -67,6 +67,8 @@ from c2al.eval.report import machine_info, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("ning", "fedrecgel", "rf2")  # the default --parts
+# Each paper's own protocol is a script of its own: `--parts NAME` runs its main with --seeds (and --data if given).
+PROTOCOLS = {"ning-protocol": "ning_protocol", "rf2-protocol": "rf2_protocol"}
 QUALITY_ROUNDS = 5  # rounds timed per engine in the quality part's round-cost comparison
 # The narrowed federated settings every arm starts from (train.py's federated defaults otherwise).
 # 27 runs (9 a seed, 2 of them two federated phases with mining between) fit about an hour on 2 cores only this narrow;
@@ -456,9 +458,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parts = [p for p in parts if p != "quality"]
         if not parts:
             return {"quality": doc}
+    for part in [p for p in parts if p in PROTOCOLS]:
+        given = ["--data", args.data] if getattr(args, "data", None) else []
+        __import__(PROTOCOLS[part]).main(["--seeds", ",".join(map(str, args.seeds)) + ",", *given])
+    parts = [p for p in parts if p not in PROTOCOLS]
+    if not parts:
+        return {}
     bad = [p for p in parts if p not in PARTS]
     if bad:
-        sys.exit(f"unknown --parts {bad}; choose from {list(PARTS)}")
+        sys.exit(f"unknown --parts {bad}; choose from {list(PARTS) + list(PROTOCOLS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = config_from(args, **{k: v for k, v in DEFAULTS.items() if getattr(args, k, None) is None}, federated=True, quiet=True)
     afm = {k: v for k, v in AFM_DEFAULTS.items() if getattr(args, k, None) is None}

@@ -269,3 +269,15 @@ def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, cl
     assert len(list((tmp_path / "rf2").glob("*.json"))) == 16 and len(result["runs"]) == 16
     again = rf2_protocol.main(argv)  # every run file is reused: the same numbers
     assert again["summary"]["exclude_low"] == result["summary"]["exclude_low"]
+
+
+def test_federated_py_runs_the_protocol_scripts_as_parts(monkeypatch):
+    import federated
+    import ning_protocol
+    import rf2_protocol
+
+    seen = []
+    monkeypatch.setattr(rf2_protocol, "main", lambda argv: seen.append(("rf2", argv)))
+    monkeypatch.setattr(ning_protocol, "main", lambda argv: seen.append(("ning", argv)))
+    assert federated.main(["--parts", "rf2-protocol,ning-protocol", "--seeds", "3,"]) == {}
+    assert seen == [("rf2", ["--seeds", "3,"]), ("ning", ["--seeds", "3,"])]
