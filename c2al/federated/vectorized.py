@@ -8,10 +8,17 @@ of every client that still has a k-th batch is then one lookup, one forward and
 one backward instead of C small ones:
 
 - the EBC lookups run outside vmap on the round tables, each client's ids
-  remapped into its own block (multi-hot features pool as usual);
+  remapped into its own block (multi-hot features pool as usual; a table may
+  serve several features, e.g. one item table for a context bag and a label);
 - the model and its loss (the shared `TrainModule`) run under `torch.func.vmap`
   over the clients, each with its own dense parameters; every EBC is replaced by
   a stand-in that hands back the pooled rows of its client;
+- a client whose block holds EVERY row of a table (a loss over the whole
+  catalog touches every item row, so each client holds the full table) also
+  sees that table whole: the stand-in's `embedding_bags[name].weight` is the
+  client's own copy [N, D], looked up outside vmap like the pooled rows, so
+  model code that reads a table directly (`SequenceTwoTower.catalog`) works
+  unchanged and its gradient reaches only that client's block;
 - the table optimizer steps the round tables row by row (rows are per client,
   so the per-row state is each client's own), the dense optimizer steps the
   stacked parameters elementwise for the clients still training. Both, FedProx's
@@ -41,6 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from c2al.data.batch import Batch, make_batch
 from c2al.dist.sharding import embedding_collections
+from c2al.errors import C2ALError
 from c2al.federated.client import ClientData, FitResult, LocalTrainer, Rows, client_steps, dropout_seeds, normalized
 from c2al.federated.optim import DenseOptimizer, LocalOptimizer, Perturbation, SparseTableOptimizer, sam_perturbation
 from c2al.train.task import optimizer_step
@@ -48,13 +56,33 @@ from c2al.train.task import optimizer_step
 Job = tuple[int, ClientData, dict[str, Rows], dict[str, Any]]
 
 
-class _Pooled(nn.Module):
-    """Stands in for an EmbeddingBagCollection under vmap: returns its client's pooled rows."""
+class _WholeTable:
+    """Stands in for one nn.EmbeddingBag under vmap, for code that reads its weight directly."""
 
-    def __init__(self, keys: list[str], dims: list[int]) -> None:
+    sparse = False  # under vmap the lookup is dense; the gradient reaches the round table sparsely, outside
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rows: torch.Tensor | None = None  # the client's whole table [N, D], set before each call
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.rows is None:
+            raise C2ALError(f"vectorized clients: the model reads table {self.name!r} whole, but a client holds only "
+                            "the rows its examples touch; declare every row touched (as next_item.CatalogTrainer does "
+                            "for whole-catalog losses) or train the clients one by one (parallel 0)")
+        return self.rows
+
+
+class _Pooled(nn.Module):
+    """Stands in for an EmbeddingBagCollection under vmap: returns its client's pooled rows, and its
+    whole tables through `embedding_bags` when the client holds every row."""
+
+    def __init__(self, keys: list[str], dims: list[int], tables: list[str]) -> None:
         super().__init__()
         self.keys, self.dims = keys, dims
         self.values: torch.Tensor | None = None  # [B, sum D], set before each call
+        self.embedding_bags = {name: _WholeTable(name) for name in tables}  # a plain dict: no submodules
 
     def forward(self, features: Any) -> KeyedTensor:
         return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=self.values)
@@ -65,7 +93,8 @@ class _Table:
     """One embedding table of the model, as the runner looks it up."""
 
     param: str  # parameter name in LocalTrainer.params
-    feature: str
+    name: str  # the table's name in its EBC
+    features: list[str]  # every feature the table serves, in the EBC's output order
     bag: nn.EmbeddingBag  # the model's own module: pooling mode, padding
 
 
@@ -77,6 +106,7 @@ class _RoundTable:
     keys: np.ndarray  # [sum_c R_c] sorted: client position * n_rows + row id
     start: np.ndarray  # [C + 1] where each client's block begins
     ids: list[np.ndarray]  # per client, its row ids [R_c]
+    whole: bool  # every client's block holds every row of the table, in order (R_c = N)
 
 
 class VectorizedRunner:
@@ -99,9 +129,10 @@ class VectorizedRunner:
             tables = []
             for cfg in ebc.embedding_bag_configs():
                 name = f"{path}.embedding_bags.{cfg.name}.weight" if path else f"embedding_bags.{cfg.name}.weight"
-                tables.append(_Table(name, cfg.feature_names[0], ebc.embedding_bags[cfg.name]))
+                tables.append(_Table(name, cfg.name, list(cfg.feature_names), ebc.embedding_bags[cfg.name]))
             self.ebcs.append((path, ebc, tables))
-        self.stand_ins = [_Pooled([t.feature for t in tables], [int(t.bag.weight.shape[1]) for t in tables])
+        self.stand_ins = [_Pooled([f for t in tables for f in t.features],
+                                  [int(t.bag.weight.shape[1]) for t in tables for _ in t.features], [t.name for t in tables])
                           for _, _, tables in self.ebcs]
 
     @staticmethod
@@ -137,14 +168,16 @@ class VectorizedRunner:
         if tab.param in t.layout.private:  # the client's own stored rows (ids sorted, as `touched` gives them)
             ids = [np.asarray(private[tab.param][0]) for _, _, private, _ in jobs]
             rows = [private[tab.param][1] for _, _, private, _ in jobs]
-        else:
-            ids = [t.touched(client, tab.feature) for _, client, _, _ in jobs]
+        else:  # the rows the client sends back, as `LocalTrainer._collect` takes them
+            feature = t.layout.tables.get(tab.param, tab.features[0])
+            ids = [t.touched(client, feature) for _, client, _, _ in jobs]
             rows = [np.asarray(params[tab.param])[i] for i in ids]
         n_rows = int(tab.bag.weight.shape[0])
         keys = np.concatenate([c * n_rows + i for c, i in enumerate(ids)]).astype(np.int64)
         start = np.concatenate([[0], np.cumsum([len(i) for i in ids])])
         weight = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)).requires_grad_()
-        return _RoundTable(weight=weight, keys=keys, start=start, ids=ids)
+        whole = all(len(i) == n_rows for i in ids)  # sorted unique ids in [0, N): then exactly 0..N-1
+        return _RoundTable(weight=weight, keys=keys, start=start, ids=ids, whole=whole)
 
     def _optimizer(self, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], params: dict[str, np.ndarray],
                    mu: float) -> LocalOptimizer:
@@ -189,10 +222,25 @@ class VectorizedRunner:
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every stepping client's loss on its batch [A] (and its named parts [A])."""
         B = self.trainer.batch_size
-        pooled = self._lookup(batch, tables, a)
+        pooled, whole = self._lookup(batch, tables, a), self._whole_tables(tables, a)
         fn = torch.func.vmap(self._client_loss, randomness="different")
-        return fn({n: w[:a] for n, w in dense.items()}, pooled, batch.dense.view(a, B, -1),
+        return fn({n: w[:a] for n, w in dense.items()}, pooled, whole, batch.dense.view(a, B, -1),
                   *(x.view(a, B) for x in (batch.labels, batch.user_ids, batch.cohort_ids, batch.weights)))
+
+    def _whole_tables(self, tables: dict[str, _RoundTable], a: int) -> list[dict[str, torch.Tensor]]:
+        """Per EBC, table name -> every stepping client's whole table [A, N, D], for the tables whose
+        clients hold every row (a sparse lookup of the blocks, so the gradient stays row-wise)."""
+        out = []
+        for _, _, tabs in self.ebcs:
+            whole = {}
+            for tab in tabs:
+                table = tables[tab.param]
+                if table.whole:
+                    n_rows = int(tab.bag.weight.shape[0])
+                    rows = F.embedding(torch.arange(a * n_rows), table.weight, sparse=True)  # [A N, D]
+                    whole[tab.name] = rows.view(a, n_rows, -1)
+            out.append(whole)
+        return out
 
     @torch.no_grad()
     def _perturb(self, losses: torch.Tensor, dense: dict[str, torch.Tensor], tables: dict[str, _RoundTable], a: int,
@@ -213,11 +261,13 @@ class VectorizedRunner:
                 rows.append((tables[n].weight, idx, g.values(), owner))
         return sam_perturbation([(dense[n], g) for n, g in zip(layout.dense, grads)], rows, clients, rho)  # applies it
 
-    def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], *tensors: torch.Tensor
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _client_loss(self, dense: dict[str, torch.Tensor], pooled: list[torch.Tensor], whole: list[dict[str, torch.Tensor]],
+                     *tensors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One client's loss on its batch (called under vmap: every tensor is that client's slice)."""
-        for stand_in, values in zip(self.stand_ins, pooled):
+        for stand_in, values, tabs in zip(self.stand_ins, pooled, whole):
             stand_in.values = values
+            for name, bag in stand_in.embedding_bags.items():
+                bag.rows = tabs.get(name)
         x, labels, users, cohorts, weights = tensors
         batch = Batch(sparse=None, dense=x, labels=labels, user_ids=users, cohort_ids=cohorts, weights=weights)
         named = {self.prefix + n: w for n, w in dense.items()}
@@ -232,13 +282,18 @@ class VectorizedRunner:
         for _, _, tabs in self.ebcs:
             pooled = []
             for tab in tabs:
-                jt, table = features[tab.feature], tables[tab.param]
-                lengths = jt.lengths().long()
-                client = torch.arange(a).repeat_interleave(rows_per_client).repeat_interleave(lengths)
-                keys = client.numpy() * int(tab.bag.weight.shape[0]) + jt.values().numpy()
-                pos = torch.from_numpy(np.searchsorted(table.keys, keys))
-                pooled.append(F.embedding_bag(pos, table.weight, jt.offsets().long(), mode=tab.bag.mode, sparse=True,
-                                              include_last_offset=True, padding_idx=tab.bag.padding_idx).float())
+                table = tables[tab.param]
+                for feature in tab.features:
+                    jt = features[feature]
+                    lengths = jt.lengths().long()
+                    client = torch.arange(a).repeat_interleave(rows_per_client).repeat_interleave(lengths)
+                    keys = client.numpy() * int(tab.bag.weight.shape[0]) + jt.values().numpy()
+                    found = np.minimum(np.searchsorted(table.keys, keys), len(table.keys) - 1)
+                    if not np.array_equal(table.keys[found], keys):  # a client would read another row: refuse, never guess
+                        raise C2ALError(f"vectorized clients: feature {feature!r} reads rows of table {tab.name!r} outside "
+                                        "the rows its client sends back (`touched` must cover every feature the table serves)")
+                    pooled.append(F.embedding_bag(torch.from_numpy(found), table.weight, jt.offsets().long(), mode=tab.bag.mode,
+                                                  sparse=True, include_last_offset=True, padding_idx=tab.bag.padding_idx).float())
             out.append(torch.cat(pooled, dim=1).view(a, rows_per_client, -1))
         return out
 
@@ -265,6 +320,8 @@ class VectorizedRunner:
                 m.lean = True
             for s in self.stand_ins:
                 s.values = None
+                for bag in s.embedding_bags.values():
+                    bag.rows = None
 
     @staticmethod
     def _add(sums: list[dict[str, float]], a: int, parts: dict[str, torch.Tensor]) -> None:

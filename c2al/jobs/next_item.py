@@ -12,6 +12,12 @@ subclass turns a batch into the chosen loss, `c2al.train.task.train_epoch` steps
   declares all rows touched for them (the client then sends the full table delta, as
   the paper's TFF clients do).
 
+A round's clients train side by side by default (`FederatedSettings.parallel_clients`,
+`c2al.federated.vectorized`: one vmapped step for all clients, each with its own copy of
+the tower and of its table rows, the whole table for the whole-catalog losses); 0 trains
+them one after another through `LocalTrainer.fit`, the reference the vectorized path is
+tested against.
+
 Losses (LOSSES): batch_softmax (in-batch negatives: the client's own batch), global_softmax
 (every catalog item a negative), hinge_spreadout (squared hinge on the positive, margin 0.9,
 plus spread-out over the whole vocabulary) and spreadout (the spread-out terms alone).
@@ -33,9 +39,10 @@ from c2al.errors import C2ALError
 from c2al.eval.next_item import next_item_metrics
 from c2al.federated.client import ClientData, Layout, LocalTrainer, group_by_user
 from c2al.federated.heterogeneity import TierSpec
+from c2al.federated.rounds import FedTrained
 from c2al.federated.simulation import run_rounds
 from c2al.federated.strategy import make_strategy
-from c2al.losses import global_softmax_loss, in_batch_softmax_loss, positive_hinge_loss, spreadout_terms
+from c2al.losses import in_batch_softmax_loss, positive_hinge_loss, spreadout_terms
 from c2al.models.sequence_two_tower import SequenceTwoTower, build_sequence_two_tower
 from c2al.train.task import TrainModule, train_epoch
 
@@ -86,14 +93,41 @@ class NextItemTrainModule(TrainModule):
         else:
             catalog = self.model.catalog()  # [V, H]
             if kind == "global_softmax":
-                targets = batch.sparse[self.model.label_feature].values() - 1  # [B]: the label key is single-id
-                loss = global_softmax_loss(query, catalog, targets, w, self.spec.temperature)
+                loss = catalog_softmax_loss(query, candidate, catalog, w, self.spec.temperature)
             else:
                 loss = spreadout_terms(query, candidate, catalog, w, self.spec.lambdas)
                 if kind == "hinge_spreadout":
                     loss = loss + positive_hinge_loss(query, candidate, w, self.spec.margin)
         logits = (query * candidate).sum(-1).detach()
         return loss, (loss.detach(), logits, {"main": loss.detach()})
+
+
+def catalog_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, catalog: torch.Tensor, weights: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """`c2al.losses.global_softmax_loss` with the positive's logit taken from the label tower instead of
+    a target index: logsumexp_v(q . e_v / T) - q . c / T (the label tower IS the label's catalog row, so
+    the two are equal up to round-off). Vectorized clients see no KeyedJaggedTensor, hence no target ids.
+
+    Args:
+        query: [B, H] unit context vectors; candidate: [B, H] unit label vectors.
+        catalog: [V, H] unit item vectors.
+        weights: [B] in {0, 1}.
+        temperature: logits are cosine / temperature.
+
+    Returns:
+        Scalar weighted mean over rows; 0 for an all-padding batch.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0]]); items = torch.eye(2)
+        >>> round(float(catalog_softmax_loss(q, items[:1], items, torch.ones(1))), 4)  # -log(e / (e + 1))
+        0.3133
+    """
+    if temperature <= 0:
+        raise C2ALError(f"catalog_softmax_loss: temperature must be > 0, got {temperature}")
+    per_row = torch.logsumexp(query @ catalog.T / temperature, dim=-1) - (query * candidate).sum(-1) / temperature  # [B]
+    w = weights.to(per_row.dtype)
+    total = w.sum()
+    return (per_row * w).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _seeded(num_items: int, seed: int, loss: NextItemLoss) -> NextItemTrainModule:
@@ -154,7 +188,9 @@ def next_item_layout(model: SequenceTwoTower) -> Layout:
 
 class CatalogTrainer(LocalTrainer):
     """LocalTrainer over the shared item table: a client's rows are the items of its examples
-    (context and label), or every item when its loss reaches the whole catalog."""
+    (context and label), or every row of the table when its loss reaches the whole catalog (row 0,
+    never an item, included with a zero delta: a client then holds the full table, which the
+    vectorized runner hands its whole-catalog loss)."""
 
     def __init__(self, *args: Any, whole_catalog: bool, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -165,7 +201,7 @@ class CatalogTrainer(LocalTrainer):
         if key not in self._touched:
             if self.whole_catalog:
                 n = self.params[next(iter(self.layout.tables))].shape[0]
-                self._touched[key] = np.arange(1, n, dtype=np.int64)
+                self._touched[key] = np.arange(n, dtype=np.int64)
             else:
                 parts = [self.train.sparse[f].take(client.train).values for f in self.train.sparse]
                 self._touched[key] = np.unique(np.concatenate(parts))
@@ -182,6 +218,8 @@ class FederatedSettings:
         server_lr, beta1, beta2, tau: the server's Adam (tau: its epsilon; Keras' default 1e-7).
         rounds: most rounds (200: the TFF command of the paper's README; raise it if validation still improves);
             eval_every: rounds between validations; patience: validations without gain.
+        parallel_clients: a round's clients trained side by side, in chunks of this many (`c2al.federated.vectorized`);
+            0 or 1: one after another (the reference path; rounds under `simulation.MIN_SIDE_BY_SIDE` clients too).
     """
 
     clients_per_round: int = 100
@@ -195,6 +233,43 @@ class FederatedSettings:
     rounds: int = 200
     eval_every: int = 10
     patience: int = 5
+    parallel_clients: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("clients_per_round", "local_batch", "local_epochs", "rounds", "eval_every"):
+            if getattr(self, name) < 1:
+                raise C2ALError(f"FederatedSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.parallel_clients < 0 or self.patience < 0:
+            raise C2ALError(f"FederatedSettings: parallel_clients and patience must be >= 0, got "
+                            f"{self.parallel_clients}, {self.patience}")
+
+
+def federated_rounds(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: FederatedSettings, *,
+                     show: bool = False) -> FedTrained:
+    """The federated rounds of `fit_federated` (FedAdam over `CatalogTrainer` clients), early-stopped on
+    validation recall@10; the FedTrained holds the kept global parameters.
+
+    Args:
+        splits, loss, seed, fed, show: as `fit_federated`.
+
+    Returns:
+        The FedTrained of `run_rounds`.
+    """
+    module = _seeded(splits.num_items, seed, loss)
+    layout = next_item_layout(module.model)
+    trainer = CatalogTrainer(module, layout, splits.schema, splits.train, dense_optimizer="sgd", lr=fed.client_lr,
+                             table_optimizer="sgd", table_lr=fed.client_lr, batch_size=fed.local_batch,
+                             whole_catalog=loss.kind in WHOLE_CATALOG)
+    clients = [ClientData(cid=i, user=u, train=rows) for i, (u, rows) in enumerate(group_by_user(splits.train).items())]
+    strategy = make_strategy("fedadam", layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
+                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
+
+    def evaluate(trained: Any) -> dict[str, Any]:  # the installed global model (a FedTrained) -> validation metrics
+        return next_item_metrics(trained.model, splits.valid, splits.schema)
+
+    return run_rounds(trainer, strategy, clients, np.zeros(len(clients), dtype=np.int64), rounds=fed.rounds, seed=seed,
+                      spec=TierSpec.uniform(), evaluate=evaluate, eval_every=fed.eval_every, patience=fed.patience,
+                      criterion=CRITERION, show=show, tag=f"federated {loss.kind}", parallel=fed.parallel_clients)
 
 
 def fit_federated(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: FederatedSettings = FederatedSettings(),
@@ -211,21 +286,7 @@ def fit_federated(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: Fe
     Returns:
         {"valid": best validation metrics, "test": test metrics of the kept state, "rounds", "history", "seconds", "settings"}.
     """
-    module = _seeded(splits.num_items, seed, loss)
-    layout = next_item_layout(module.model)
-    trainer = CatalogTrainer(module, layout, splits.schema, splits.train, dense_optimizer="sgd", lr=fed.client_lr,
-                             table_optimizer="sgd", table_lr=fed.client_lr, batch_size=fed.local_batch,
-                             whole_catalog=loss.kind in WHOLE_CATALOG)
-    clients = [ClientData(cid=i, user=u, train=rows) for i, (u, rows) in enumerate(group_by_user(splits.train).items())]
-    strategy = make_strategy("fedadam", layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
-                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
-
-    def evaluate(trained: Any) -> dict[str, Any]:  # the installed global model (a FedTrained) -> validation metrics
-        return next_item_metrics(trained.model, splits.valid, splits.schema)
-
-    trained = run_rounds(trainer, strategy, clients, np.zeros(len(clients), dtype=np.int64), rounds=fed.rounds, seed=seed,
-                         spec=TierSpec.uniform(), evaluate=evaluate, eval_every=fed.eval_every, patience=fed.patience,
-                         criterion=CRITERION, show=show, tag=f"federated {loss.kind}")
+    trained = federated_rounds(splits, loss, seed, fed, show=show)
     # run_rounds keeps recall@10 only; the kept state's other validation metrics are recomputed here.
     valid = next_item_metrics(trained.model, splits.valid, splits.schema)
     test = next_item_metrics(trained.model, splits.test, splits.schema)
