@@ -86,13 +86,14 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
     from c2al.data.sources import load_splits
     from c2al.dist.outdir import check_out_dir, lock_out_dir
     from c2al.dist.process import init_distributed
-    from c2al.jobs.preflight import check_command_line, check_job, check_overwrite, check_resume, check_world_size
+    from c2al.jobs.preflight import check_command_line, check_job, check_model, check_overwrite, check_resume, check_world_size
     from c2al.logs import quiet_libraries, setup_logging
 
     setup_logging()
     quiet_libraries()
     # 1. validate: nothing is written until the flags, OUT, the checkpoints and the data have passed
     check_command_line(cfg, given)
+    check_model(cfg)
     out = out_dir(cfg)
     if not cfg.out and out != default_out(cfg):
         log.info(f"{default_out(cfg)} holds a previous run; this one writes to {out} (--overwrite replaces it, --resume continues it)")

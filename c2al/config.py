@@ -293,8 +293,6 @@ class Config:
             self.aux_weights()
         if abs(sum(self.tier_shares) - 1) > 1e-6:
             raise C2ALError(f"--tier-shares must sum to 1, got {','.join(map(str, self.tier_shares))}")
-        if self.two_tower_hinge and self.model != "two-tower":
-            raise C2ALError("--two-tower-hinge needs --model two-tower")
         if self.federated and self.engine == "flower" and (self.resume or self.attack != "none"):
             raise C2ALError(f"--{'resume' if self.resume else 'attack'} needs --engine simulation (the flower engine has none)")
         if self.federated and self.engine == "flower":
@@ -304,30 +302,27 @@ class Config:
 
 
 def _check_flower(cfg: Config) -> None:
-    """Flags the flower engine cannot honour (it stops early by the simulation's rule: --patience, --eval-every)."""
+    """Flags the flower engine cannot honour (it stops early by the simulation's rule: --patience, --eval-every;
+    early stopping on recall@10, which depends on the model, is checked by `jobs.preflight.check_model`)."""
     for flag, name in (("--workers", "workers"), ("--parallel-clients", "parallel_clients")):
         if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
             raise C2ALError(f"{flag} is an --engine simulation setting; the flower engine runs its clients on --num-actors Ray actors")
-    if cfg.patience and cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge):
-        raise C2ALError("--patience on validation recall@10 needs --engine simulation (it reads every client's private rows); "
-                        "give --patience 0 to run every round")
 
 
 def _check_objective_and_towers(cfg: Config) -> None:
-    """--objective and --aux-towers: refuse the combinations that could not run or would ignore a flag."""
+    """--objective and --aux-towers: refuse the combinations that could not run or would ignore a flag (those that
+    depend on the model's loss or predictions are `jobs.preflight.check_model`'s: the config does not know the models)."""
     if cfg.objective != "erm":
         if cfg.objective == "group-dro" and not cfg.aux_cohorts:
             raise C2ALError("--objective group-dro needs groups: pass --aux-cohorts K (its groups are the K mined cohorts and the rest)")
-        if cfg.federated or (cfg.model == "two-tower" and cfg.two_tower_loss == "softmax"):
-            raise C2ALError(f"--objective {cfg.objective} weighs pointwise BCE losses in centralized training: not with "
-                            f"{'--federated' if cfg.federated else '--two-tower-loss softmax'}")
+        if cfg.federated:
+            raise C2ALError(f"--objective {cfg.objective} weighs pointwise BCE losses in centralized training: not with --federated")
         if cfg.aux_towers != "shared-bottom" or cfg.aux_balance != "none" or cfg.aux_weight == "auto":
             raise C2ALError(f"--objective {cfg.objective} trains the plain model without heads: --aux-towers, --aux-balance and "
                             f"--aux-weight auto do not apply")
     if cfg.aux_towers == "mmoe":
-        if not cfg.aux_cohorts or cfg.federated or cfg.model == "two-tower":
-            raise C2ALError("--aux-towers mmoe needs --aux-cohorts, centralized training and a ranking model (two-tower retrieval "
-                            "scores u . v, which would bypass the experts)")
+        if not cfg.aux_cohorts or cfg.federated:
+            raise C2ALError("--aux-towers mmoe needs --aux-cohorts and centralized training")
         if cfg.aux_balance != "none":
             raise C2ALError("--aux-towers mmoe with --aux-balance: the towers read the experts' mixtures, not the representation the "
                             "balance modes split; use --aux-balance none")

@@ -253,7 +253,7 @@ def test_registered_model_is_built_by_name() -> None:
     try:
         assert registry.build_model("test-linear", small_schema(3), embedding_dim=5).out_features == 5
     finally:
-        del registry._FACTORIES["test-linear"]
+        del registry._SPECS["test-linear"]
 
 
 def test_two_tower_without_user_and_item_sides_is_refused_by_the_registry() -> None:

@@ -17,6 +17,7 @@ from c2al.data.schema import Splits
 from c2al.dist.process import DistInfo
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table
+from c2al.models.registry import model_spec
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,12 @@ def print_comparison(report: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Splits, cfg: Config, info: DistInfo) -> dict[str, Any]:
-    """Attention-activity scalars and weight histograms for AFM/AttentionFM (empty for two-tower)."""
+    """Attention-activity scalars and weight histograms of models with attention weights (`ModelSpec.attention`:
+    AFM, AttentionFM); empty for the others (the two-tower)."""
     from c2al.data.batch import iter_batches
     from c2al.eval.activity import attention_activity
 
-    if cfg.model == "two-tower":
+    if not model_spec(cfg.model).attention:
         return {}
     batch = next(iter_batches(splits.test, splits.schema, min(cfg.batch_size * 4, len(splits.test) // info.world_size * info.world_size),
                               shuffle=False, rank=info.rank, world_size=info.world_size, drop_last=True)).to(info.device)
@@ -114,7 +116,8 @@ def attention_report(base_model: nn.Module, c2al_model: nn.Module, splits: Split
 
 
 def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInfo, cfg: Config) -> dict[str, Any]:
-    """recall@K / NDCG@K of each two-tower model on the test users' held-out positives; printed on rank 0."""
+    """recall@K / NDCG@K of each retrieval model (`ModelSpec.retrieval`: the two-tower) on the test users' held-out
+    positives; printed on rank 0."""
     from c2al.eval.retrieval import retrieval_metrics
 
     out = {name: retrieval_metrics(m, splits, info, batch_size=max(cfg.batch_size, 1024)) for name, m in models.items()}

@@ -34,6 +34,7 @@ from c2al.eval.compare import (
 from c2al.eval.metrics import per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.jobs.pipeline import cohort_frame, make_head, mine_cohorts
+from c2al.models.registry import model_spec
 from c2al.plugin import C2ALWrapper
 from c2al.robust import RobustModel, group_counts, make_objective, robust_model, unwrap
 from c2al.towers import attach_towers, detach_towers
@@ -64,7 +65,7 @@ def run_baseline(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict
         "train_seconds": trained.seconds,
         "world_size": info.world_size,
     }
-    if cfg.model == "two-tower":
+    if model_spec(cfg.model).retrieval:
         report["retrieval"] = retrieval_report({"model": served_model(trained.model)}, splits, info, cfg)
     if info.is_main:
         log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"],
@@ -110,7 +111,7 @@ def run_c2al(cfg: Config, splits: Splits, info: DistInfo, out: Path) -> dict[str
     report = compare(cfg, splits, cohort_ids["test"], p_base, p_c2al, miner)
     add_traits(report, cohort_frame(cfg, splits, "test"), cohort_ids["test"])
     report["attention"] = attention_report(base.model, served, splits, cfg, info)
-    if cfg.model == "two-tower":
+    if model_spec(cfg.model).retrieval:
         report["retrieval"] = retrieval_report({"baseline": base.model, "c2al": served}, splits, info, cfg)
     report["history"] = {"baseline": base.history, "c2al": trained.history}
     report["best"] = {"baseline": base.best, "c2al": trained.best}

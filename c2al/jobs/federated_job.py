@@ -50,6 +50,7 @@ from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, Evaluate, FedTrained, run_rounds
 from c2al.federated.strategy import Aggregation, make_strategy
 from c2al.jobs.pipeline import cohort_frame, make_head
+from c2al.models.registry import model_spec
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
 
@@ -101,7 +102,7 @@ def train_module(cfg: Config, model: nn.Module) -> TrainModule:
         from c2al.train.task import HingeTrainModule
 
         return HingeTrainModule(model)
-    return TrainModule(model, loss="softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce")
+    return TrainModule(model, loss=model_spec(cfg.model).loss(cfg))  # bce or softmax: the model's registry entry says
 
 
 def aggregation(cfg: Config, spec: TierSpec) -> Aggregation:
@@ -145,7 +146,7 @@ def federated_fit(cfg: Config, splits: Splits, model: nn.Module, clients: list[C
 def retrieval_loss(cfg: Config) -> bool:
     """A two-tower trained for retrieval (in-batch softmax or the hinge): its dot products rank items but are
     no calibrated logits, so it is judged, like the centralized loop judges it, by validation recall@10."""
-    return cfg.model == "two-tower" and (cfg.two_tower_loss == "softmax" or cfg.two_tower_hinge)
+    return model_spec(cfg.model).criterion(cfg) != "ne"
 
 
 def validation(cfg: Config, splits: Splits, fed: FedTrained, criterion: str = "ne") -> dict[str, Any]:

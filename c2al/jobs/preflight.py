@@ -2,7 +2,8 @@
 
 `Config.check` has already refused values no run could use. `check_command_line`
 refuses what only the command line makes wrong (a typed flag the run's mode never
-reads). The other checks need the data, the output directory or the process group:
+reads); `check_model` the flags the model's registry entry (`ModelSpec`: its loss,
+what validation judges it by, what it predicts) cannot honour. The other checks need the data, the output directory or the process group:
 the checkpoints a --resume would read (from this mode), the model the data makes,
 the C2AL flags (cohort features that vary, a saved miner) and the federated
 population. Each raises a one-line C2ALError.
@@ -23,6 +24,7 @@ from c2al.dist.checkpoint import load_checkpoint
 from c2al.dist.process import DistInfo
 from c2al.errors import C2ALError
 from c2al.jobs.pipeline import cohort_frame, saved_miner
+from c2al.models.registry import model_names, model_spec
 from c2al.train.build import build_model
 from c2al.train.loop import is_streaming
 
@@ -67,6 +69,30 @@ def check_command_line(cfg: Config, given: set[str] | None) -> None:
                         "steps and --patience decide where the pass stops early)")
     if cfg.resume and cfg.overwrite:
         raise C2ALError("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
+
+
+def check_model(cfg: Config) -> None:
+    """Flags that cfg.model cannot honour, asked of its registry entry rather than of its name.
+
+    Args:
+        cfg: the run's Config; an unregistered --model is refused here too.
+    """
+    spec = model_spec(cfg.model)
+    if cfg.two_tower_hinge and not spec.retrieval:
+        raise C2ALError(f"--two-tower-hinge needs a retrieval model (--model {' or '.join(_models(retrieval=True))}), not {cfg.model}")
+    if cfg.federated and cfg.engine == "flower" and cfg.patience and spec.criterion(cfg) != "ne":
+        raise C2ALError(f"--patience on validation {spec.criterion(cfg)} needs --engine simulation (it reads every client's private "
+                        "rows); give --patience 0 to run every round")
+    if cfg.objective != "erm" and not cfg.federated and spec.loss(cfg) != "bce":
+        raise C2ALError(f"--objective {cfg.objective} weighs pointwise BCE losses in centralized training: not with "
+                        f"--two-tower-loss {spec.loss(cfg)}")
+    if cfg.aux_towers == "mmoe" and spec.retrieval:
+        raise C2ALError(f"--aux-towers mmoe needs a ranking model: --model {cfg.model}'s retrieval scores u . v would bypass the experts")
+
+
+def _models(retrieval: bool) -> list[str]:
+    """The registered models that are (or are not) retrieval models, for the messages."""
+    return [n for n in model_names() if model_spec(n).retrieval == retrieval]
 
 
 def _flags(names: list[str]) -> str:
@@ -136,12 +162,13 @@ def check_job(cfg: Config, splits: Splits, info: DistInfo) -> None:
 
 
 def _check_stream(cfg: Config, splits: Splits) -> None:
-    """What a streamed train split cannot do: federated clients need every user's rows, the two-tower's
-    logQ correction counts the train split's items ahead of training."""
+    """What a streamed train split cannot do: federated clients need every user's rows, a retrieval model's
+    (the two-tower's) logQ correction counts the train split's items ahead of training."""
     if cfg.federated:
         raise C2ALError(f"--federated needs an in-memory source; {cfg.data!r} streams (drop --stream, or train centrally)")
-    if cfg.model == "two-tower":
-        raise C2ALError(f"--model two-tower needs an in-memory source; {cfg.data!r} streams (use afm or attention-fm)")
+    if model_spec(cfg.model).retrieval:
+        raise C2ALError(f"--model {cfg.model} needs an in-memory source; {cfg.data!r} streams "
+                        f"(use {' or '.join(_models(retrieval=False))})")
 
 
 def _check_centralized(cfg: Config, splits: Splits, info: DistInfo) -> None:

@@ -34,7 +34,8 @@ from c2al.dist.sharding import dense_optimizer, shard
 from c2al.errors import C2ALError
 from c2al.eval.metrics import summarize
 from c2al.eval.retrieval import retrieval_metrics
-from c2al.train.task import TrainModule, predict, step_seed, train_epoch
+from c2al.models.registry import model_spec
+from c2al.train.task import HingeTrainModule, TrainModule, predict, step_seed, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,21 @@ def shard_train_module(cfg: Config, model: nn.Module, info: DistInfo, cohort_bia
     Sharding re-initializes the tables; copying the seeded weights back makes a
     run independent of the world size and lets baseline and C2AL start equal.
     """
-    loss = "softmax" if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" else "bce"
-    module = TrainModule(model, loss=loss, cohort_bias=cohort_bias, item_log_q=item_log_q)
+    module = train_module(cfg, model, cohort_bias, item_log_q)
     init = {k: v.detach().clone() for k, v in module.state_dict().items()}  # unsharded: the same on every rank
     dmp = shard(module, info, table_optimizer=cfg.table_optimizer, table_lr=cfg.table_lr, sharding_type=cfg.sharding)
     copy_full_into(dmp.state_dict(), init)
     return dmp, dense_optimizer(dmp, cfg.dense_optimizer, cfg.lr, cfg.weight_decay)
+
+
+def train_module(cfg: Config, model: nn.Module, cohort_bias: int = 0,
+                 item_log_q: tuple[str, torch.Tensor] | None = None) -> TrainModule:
+    """The train module of the model's training loss under `cfg` (its registry entry's `ModelSpec.loss`):
+    BCE or in-batch softmax in TrainModule, or the squared hinge in HingeTrainModule."""
+    loss = model_spec(cfg.model).loss(cfg)
+    if loss == "hinge":
+        return HingeTrainModule(model)
+    return TrainModule(model, loss=loss, cohort_bias=cohort_bias, item_log_q=item_log_q)
 
 
 def fit(
@@ -177,7 +187,7 @@ def candidate_log_q(cfg: Config, splits: Splits) -> tuple[str, torch.Tensor] | N
     item-side feature) and the log of each of its ids' share of the training rows, the rate at which a
     shuffled batch draws it as a candidate; ids absent from train get the rate of one row. None when
     the run trains no in-batch softmax or the flag is off."""
-    if not (cfg.model == "two-tower" and cfg.two_tower_loss == "softmax" and cfg.two_tower_logq):
+    if not model_spec(cfg.model).log_q(cfg):
         return None
     name = splits.schema.item_features[0]
     counts = np.bincount(splits.train.sparse[name].first(), minlength=splits.schema.feature(name).num_embeddings)
@@ -364,9 +374,9 @@ def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: 
               stats: dict[str, float], steps_per_epoch: int, tag: str) -> None:
     """Validation NE at run.step: append to the history, update the best and the patience count.
 
-    A two-tower trained with in-batch softmax is judged by validation recall@10 instead (higher is
-    better): its dot products rank items but are no calibrated logits, so their NE says nothing (on
-    MovieLens-1M it rose from epoch 1 while recall@10 still rose)."""
+    A model trained with a ranking loss (`ModelSpec.criterion`: a two-tower under in-batch softmax) is
+    judged by validation recall@10 instead (higher is better): its dot products rank items but are no
+    calibrated logits, so their NE says nothing (on MovieLens-1M it rose from epoch 1 while recall@10 still rose)."""
     valid = summarize(predict(dmp, splits.valid, splits.schema, cfg.batch_size, info), splits.valid.labels)
     if valid["ne"] is None or not math.isfinite(valid["ne"]):
         raise C2ALError(f"[{tag}] validation NE is {valid['ne']} at step {run.step}: the validation split needs both labels")
@@ -376,10 +386,11 @@ def _evaluate(cfg: Config, splits: Splits, dmp: DistributedModelParallel, info: 
     if run.progressive.rows:
         entry.update(run.progressive.report(info))
     key, sign = "valid_ne", 1.0
-    if cfg.model == "two-tower" and cfg.two_tower_loss == "softmax":
+    criterion = model_spec(cfg.model).criterion(cfg)
+    if criterion == "recall@10":
         towers = getattr(dmp.module.model, "model", dmp.module.model)  # the two-tower inside a C2AL wrapper
         key, sign = "valid_recall@10", -1.0
-        entry[key] = retrieval_metrics(towers, splits, info, batch_size=max(cfg.batch_size, 1024), ks=(10,), split="valid")["recall@10"]
+        entry[key] = retrieval_metrics(towers, splits, info, batch_size=max(cfg.batch_size, 1024), ks=(10,), split="valid")[criterion]
     run.history.append(entry)
     improved = run.best is None or sign * entry[key] < sign * run.best[key]
     if improved:
