@@ -27,7 +27,8 @@ settings) and the merge goes to `--out`:
     python benchmarks/fedrecgel_protocol.py --quick --data movielens:/tmp/fake --out /tmp/f.json   # the test's
 
 summary = {"plain": {"hr@10": {"mean", "ci95"}, "ndcg@10": {...}, ...}, "sam": {...}, "sam_minus_plain": {...},
-"summary_data": the data set those entries are (MovieLens-1M when run), DATA: {the same per data set}}.
+"summary_data": the data set those entries are (MovieLens-1M when its grid is complete), DATA: {the same per data
+set, and "most_popular": the training popularity ranked on the same candidates}}.
 """
 from __future__ import annotations
 
@@ -96,6 +97,13 @@ def quality(model: NCF, users: PrivateUsers, candidates: np.ndarray) -> dict[str
     return {**hr_ndcg(candidate_ranks(logits), 10), "neg_bce": -bce}
 
 
+def most_popular(data: str, seed: int, n_negatives: int) -> dict[str, float]:
+    """The training positives' popularity scored on the seed's test candidates (ties broken at random, seeded)."""
+    s = split_for(data)
+    counts = np.bincount(s.items, minlength=s.num_items) + np.random.default_rng(seed).uniform(0, 0.5, s.num_items)
+    return hr_ndcg(candidate_ranks(counts[candidates_for(data, seed, n_negatives)[1]]), 10)
+
+
 def run_one(data: str, arm: str, seed: int, settings: dict[str, Any], path: str) -> dict[str, Any]:
     """Train one (data, arm, seed) and write its result file (module level: the pool's workers import it).
 
@@ -155,12 +163,16 @@ def _arm_summary(runs: dict[int, dict[str, Any]], seeds: Sequence[int]) -> dict[
     return out
 
 
-def summarize(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
-    """Per data set and arm the seeds' intervals; SAM minus plain paired per seed; top level = MovieLens-1M (else the first run).
+def summarize(results: Sequence[dict[str, Any]], seeds: Sequence[int], popular: dict[str, dict[int, dict[str, float]]] | None = None) -> dict[str, Any]:
+    """Per data set and arm the seeds' intervals; SAM minus plain paired per seed; most-popular beside them.
+
+    The top-level arms are MovieLens-1M's when every seed of both its arms ran, else those of
+    the data set with the most runs (`summary_data` names it).
 
     Args:
         results: run results.
         seeds: the seeds asked for.
+        popular: data -> seed -> most-popular test metrics.
 
     Returns:
         The summary (module docstring).
@@ -173,9 +185,14 @@ def summarize(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[s
             both = [s for s in seeds if s in runs["plain"] and s in runs["sam"]]
             row["sam_minus_plain"] = {m: harness.interval([runs["sam"][s]["test"][m] - runs["plain"][s]["test"][m] for s in both])
                                       for m in METRICS}
-        row["users"], row["items"] = next(r for r in results if r["data"] == data)["users"], next(r for r in results if r["data"] == data)["items"]
+        first = next(r for r in results if r["data"] == data)
+        row["users"], row["items"] = first["users"], first["items"]
+        row["runs"] = sum(len(runs[a]) for a in ARMS)
+        if popular and data in popular:
+            row["most_popular"] = {m: harness.interval([popular[data][s][m] for s in seeds if s in popular[data]]) for m in METRICS}
         summary[data] = row
-    top = "movielens-1m" if "movielens-1m" in summary else next(iter(summary), None)
+    full = summary.get("movielens-1m", {}).get("runs") == len(ARMS) * len(seeds)
+    top = "movielens-1m" if full else max(summary, key=lambda d: summary[d]["runs"], default=None)
     if top is not None:
         summary |= {k: v for k, v in summary[top].items() if k in (*ARMS, "sam_minus_plain")}
         summary["summary_data"] = top
@@ -197,11 +214,12 @@ def table(summary: dict[str, Any]) -> str:
             r = summary.get(data, {}).get(arm)
             if not r:
                 continue
-            sh = r["sharpness"].get(str(RADII[-1]), {})
-            bce = sh.get("neg_bce")
-            rise = {**bce, "mean": -bce["mean"], "ci95": [-bce["ci95"][1], -bce["ci95"][0]]} if bce else None
+            sh = r["sharpness"].get(str(RADII[-1]), {})  # drops of quality; the drop of -BCE is the rise of BCE
             lines.append(f"| {data} | {arm} | {cell(r['hr@10'])} | {cell(r['ndcg@10'])} | {cell(r['hr@10_at_best_valid'])} "
-                         f"| {cell(r['stability_cosine'])} | {cell(r['stability_drift'])} | {cell(sh.get('hr@10'))} | {cell(rise)} |")
+                         f"| {cell(r['stability_cosine'])} | {cell(r['stability_drift'])} | {cell(sh.get('hr@10'))} | {cell(sh.get('neg_bce'))} |")
+        pop = summary.get(data, {}).get("most_popular")
+        if pop:
+            lines.append(f"| {data} | most popular (no training) | {cell(pop['hr@10'])} | {cell(pop['ndcg@10'])} | | | | | |")
         d = summary.get(data, {}).get("sam_minus_plain")
         if d:
             lines.append(f"| {data} | sam - plain | {cell(d['hr@10'], '{:+.4f}')} | {cell(d['ndcg@10'], '{:+.4f}')} | | | | | |")
@@ -230,6 +248,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--draws", type=int, default=DRAWS, help="random perturbations per sharpness radius")
     ap.add_argument("--workers", type=int, default=1, help="runs side by side (one torch thread each)")
     ap.add_argument("--quick", action="store_true", help=f"tiny settings for the test: {QUICK}")
+    ap.add_argument("--merge-only", action="store_true", help="merge the run files there are; run nothing (a grid still under way)")
     ap.add_argument("--out", default=str(harness.RESULTS / "fedrecgel_protocol.json"))
     ap.add_argument("--runs-dir", default="", help="one file per run (default: runs/fedrecgel_protocol/<out stem>/, git-ignored)")
     args = ap.parse_args(argv)
@@ -259,11 +278,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             done.append(old)
         else:
             todo.append(task)
-    done += harness.run_pool(run_one, todo, workers=args.workers)
-    summary = summarize(done, args.seeds)
+    if args.merge_only:
+        log.info("--merge-only: %d of %d runs have a file; %d left out", len(done), len(grid), len(todo))
+    else:
+        done += harness.run_pool(run_one, todo, workers=args.workers)
+    ran = dict.fromkeys(r["data"] for r in done)
+    popular = {d: {s: most_popular(d, s, settings["eval_negatives"]) for s in args.seeds} for d in ran}
+    summary = summarize(done, args.seeds, popular)
     keep = [{k: r[k] for k in ("data", "arm", "seed", "test", "valid", "test_at_best_valid", "best_valid_round", "stability",
                                "sharpness", "curve", "train_seconds", "seconds")} for r in done]
-    result = harness.write_result(args.out, run, {"summary": summary, "runs": keep, "table": table(summary)})
+    result = harness.write_result(args.out, run, {"summary": summary, "runs": keep, "table": table(summary),
+                                                  "missing_runs": [Path(t[-1]).stem for t in todo] if args.merge_only else []})
     print(result["table"])
     return result
 
