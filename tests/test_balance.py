@@ -70,6 +70,15 @@ def test_old_spelling_of_the_agree_modes_gives_the_same_mode(old, new):
     assert Config(aux_balance=old).aux_balance == new == Config.from_dict({"aux_balance": old}).aux_balance
 
 
+def test_a_checkpoint_written_with_the_old_spelling_resumes_under_the_new_one(tmp_path):
+    from c2al.dist.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "c.pt", model_state={}, config={"aux_balance": "magnitude+gate"}, step=0)
+    load_checkpoint(tmp_path / "c.pt", expect_config={"aux_balance": "magnitude+agree"}, keys=("aux_balance",))
+    with pytest.raises(C2ALError, match=r"aux_balance='magnitude\+gate' \(now 'project'\)"):
+        load_checkpoint(tmp_path / "c.pt", expect_config={"aux_balance": "project"}, keys=("aux_balance",))
+
+
 def net_and_batch(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 1))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
+from c2al.config import balance_mode
 from c2al.dist.atomic import atomic_write
 from c2al.errors import C2ALError
 
@@ -177,7 +178,10 @@ def load_checkpoint(path: str | Path, *, expect_config: dict[str, Any] | None = 
         raise C2ALError(f"{str(path)!r} is not a c2al checkpoint")
     _check_entries(payload, where)
     if expect_config is not None:
-        diff = [k for k in keys if payload["config"].get(k) != expect_config.get(k)]
+        saved = payload["config"]
+        if "aux_balance" in saved:  # a run from before the agree modes' rename reads "gate" as "agree"
+            saved = {**saved, "aux_balance": balance_mode(saved["aux_balance"])}
+        diff = [k for k in keys if saved.get(k) != expect_config.get(k)]
         if diff:
             pairs = ", ".join(f"{k}={payload['config'].get(k)!r} (now {expect_config.get(k)!r})" for k in diff)
             raise C2ALError(f"{where} comes from another config: {pairs}")
