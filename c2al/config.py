@@ -199,14 +199,17 @@ class Config:
     sam_rho: float = _opt("local sharpness-aware minimization radius (FedRecGEL); 0 disables", default=0.0)
     two_tower_hinge: bool = _opt("federated two-tower: batch-insensitive squared hinge + spread-out loss (Ning et al. 2021) "
                                  "instead of --two-tower-loss", default=False)
-    tiers: str = _opt("device tiers: none, independent of the data, or correlated with --tier-feature (RF^2)",
-                      default="correlated", choices=("none", "independent", "correlated"))
+    tiers: str = _opt("device tiers: none, independent of the data, or correlated with --tier-feature (RF^2); or RF^2's own "
+                      "rules: rf2-independent (clients by training rows, tier = rank mod 3), rf2-dirichlet (Dirichlet(0.005) over "
+                      "what users click)", default="correlated",
+                      choices=("none", "independent", "correlated", "rf2-independent", "rf2-dirichlet"))
     tier_feature: str = _opt("user feature tiers correlate with (default: the first numeric cohort feature, else activity)", default="")
     tier_skew: float = _opt("correlated tiers: Dirichlet concentration toward the group's own tier", default=5.0)
     tier_shares: tuple[float, float, float] = _list("low,mid,high population shares (independent tiers)", _numbers(float, 3), (0.3, 0.4, 0.3))
     tier_availability: tuple[float, float, float] = _list("low,mid,high probability of being available in a round", _numbers(float, 3), (0.5, 0.8, 0.95))
     tier_dropout: tuple[float, float, float] = _list("low,mid,high probability of dropping out mid-round", _numbers(float, 3), (0.15, 0.05, 0.02))
     tier_steps: tuple[int, int, int] = _list("low,mid,high local step budget per round (0: uncapped)", _numbers(int, 3), (2, 5, 10))
+    exclude_low: bool = _opt("low-end devices never train (RF^2's --exclude-low); they are still evaluated", default=False)
     kmeans_iters: int = _opt("federated k-means (Lloyd) rounds of cohort mining", default=50)
     workers: int = _opt("simulation engine: run each round's clients over this many forked processes (0: sequential)", default=0)
     parallel_clients: int = _opt("simulation engine: train up to N of a round's clients side by side, each local step of all of them "

@@ -281,3 +281,40 @@ def test_federated_py_runs_the_protocol_scripts_as_parts(monkeypatch):
     monkeypatch.setattr(ning_protocol, "main", lambda argv: seen.append(("ning", argv)))
     assert federated.main(["--parts", "rf2-protocol,ning-protocol", "--seeds", "3,"]) == {}
     assert seen == [("rf2", ["--seeds", "3,"]), ("ning", ["--seeds", "3,"])]
+
+
+# ---------------------------------------------------------------- train.py --federated
+
+
+def test_assign_tiers_offers_rf2s_rules_by_name():
+    from c2al.federated.heterogeneity import TierSpec, assign_tiers
+
+    counts = np.array([3, 10, 7, 10, 1, 7])
+    assert assign_tiers(6, "rf2-independent", TierSpec(), 0, counts=counts).tolist() == rf2_independent_tiers(counts).tolist()
+    clicked = [np.array([1, 2]), np.array([1]), np.array([3]), np.array([], dtype=np.int64)]
+    assert assign_tiers(4, "rf2-dirichlet", TierSpec(), 5, clicked=clicked).tolist() == rf2_dirichlet_tiers(clicked, 0.005, 5).tolist()
+    with pytest.raises(C2ALError, match="clicked-item list per client"):
+        assign_tiers(4, "rf2-dirichlet", TierSpec(), 5)
+
+
+def test_excluded_low_end_devices_are_never_online():
+    from c2al.federated.heterogeneity import Devices, TierSpec
+
+    tiers = np.arange(30) % 3
+    spec = TierSpec(availability=(1.0, 1.0, 1.0), exclude_low=True)
+    online = Devices(tiers, spec).online(np.random.default_rng(0)).online
+    assert sorted(online.tolist()) == np.flatnonzero(tiers > 0).tolist()
+    assert len(Devices(tiers, TierSpec(availability=(1.0, 1.0, 1.0))).online(np.random.default_rng(0)).online) == 30
+
+
+@pytest.mark.slow
+def test_train_py_federated_takes_rf2s_tiers_and_exclude_low(tmp_path):
+    import train
+
+    argv = ["--federated", "--rounds", "2", "--tiers", "rf2-dirichlet", "--exclude-low", "--out", str(tmp_path),
+            "--data", "synthetic:n_rows=4000,n_users=120,n_items=300", "--clients-per-round", "20", "--quiet"]
+    assert train.main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    fed = report["federated"]
+    assert fed["tiers"]["mode"] == "rf2-dirichlet" and sum(fed["tiers"]["clients"]) == 120
+    assert report["config"]["exclude_low"] is True

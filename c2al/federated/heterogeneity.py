@@ -21,7 +21,8 @@ import numpy as np
 from c2al.errors import C2ALError
 
 TIERS = ("low", "mid", "high")
-MODES = ("none", "independent", "correlated")
+MODES = ("none", "independent", "correlated", "rf2-independent", "rf2-dirichlet")
+RF2_ALPHA = 0.005  # RF^2's Dirichlet concentration (--tier-selection dirichlet-s1-0.005)
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class TierSpec:
         availability: probability that a device of the tier can take part in a round.
         dropout: probability that a sampled device drops out mid-round (its update is lost).
         steps: local step budget per round (0: no cap beyond the local epochs).
+        exclude_low: low-end devices never take part (RF^2's --exclude-low); they are still evaluated.
     """
 
     shares: tuple[float, ...] = (0.3, 0.4, 0.3)
     availability: tuple[float, ...] = (0.5, 0.8, 0.95)
     dropout: tuple[float, ...] = (0.15, 0.05, 0.02)
     steps: tuple[int, ...] = (2, 5, 10)
+    exclude_low: bool = False
 
     def __post_init__(self) -> None:
         for name in ("shares", "availability", "dropout", "steps"):
@@ -59,17 +62,21 @@ class TierSpec:
 
 
 def assign_tiers(n: int, mode: str, spec: TierSpec, seed: int, feature: np.ndarray | None = None,
-                 skew: float = 5.0) -> np.ndarray:
+                 skew: float = 5.0, *, counts: np.ndarray | None = None, clicked: list[np.ndarray] | None = None) -> np.ndarray:
     """A tier id (0 low .. T-1 high) per client.
 
     Args:
         n: clients.
-        mode: "none" (all high), "independent" (drawn by `spec.shares`), or "correlated"
-            (users ranked by `feature` into T groups; group g draws from Dirichlet(1 + skew * e_g)).
+        mode: "none" (all high), "independent" (drawn by `spec.shares`), "correlated"
+            (users ranked by `feature` into T groups; group g draws from Dirichlet(1 + skew * e_g)),
+            or RF^2's own rules: "rf2-independent" (`rf2_independent_tiers` of `counts`) and
+            "rf2-dirichlet" (`rf2_dirichlet_tiers` of `clicked`, alpha RF2_ALPHA).
         spec: the tier spec.
         seed: RNG seed.
         feature: one value per client (correlated mode), e.g. age or activity.
         skew: how strongly the group leans to its own tier; 0 makes the mix uniform at random.
+        counts: training rows per client (rf2-independent).
+        clicked: per client, the items it clicked (rf2-dirichlet).
 
     Returns:
         int64 [N].
@@ -84,6 +91,11 @@ def assign_tiers(n: int, mode: str, spec: TierSpec, seed: int, feature: np.ndarr
         return np.full(n, t - 1, dtype=np.int64)
     if mode == "independent":
         return rng.choice(t, size=n, p=np.asarray(spec.shares) / sum(spec.shares)).astype(np.int64)
+    if mode in ("rf2-independent", "rf2-dirichlet"):
+        given = counts if mode == "rf2-independent" else clicked
+        if given is None or len(given) != n:
+            raise C2ALError(f"--tiers {mode} needs one {'training-row count' if mode == 'rf2-independent' else 'clicked-item list'} per client")
+        return rf2_independent_tiers(np.asarray(counts)) if mode == "rf2-independent" else rf2_dirichlet_tiers(list(clicked), RF2_ALPHA, seed)
     if mode != "correlated":
         raise C2ALError(f"--tiers must be one of {MODES}, got {mode!r}")
     if feature is None or len(feature) != n:
@@ -105,7 +117,7 @@ def round_rng(seed: int, rnd: int, salt: int = 0) -> np.random.Generator:
 
 def available(tiers: np.ndarray, spec: TierSpec, rng: np.random.Generator) -> np.ndarray:
     """Indices of the clients whose device is available this round."""
-    p = np.asarray(spec.availability)[tiers]
+    p = np.where((tiers == 0) & spec.exclude_low, 0.0, np.asarray(spec.availability)[tiers])
     return np.flatnonzero(rng.random(len(tiers)) < p)
 
 

@@ -61,7 +61,8 @@ EVAL_EVERY = 5  # rounds between validation evaluations when --eval-every is 0
 def tier_spec(cfg: Config) -> TierSpec:
     if cfg.tiers == "none":
         return TierSpec.uniform()
-    return TierSpec(shares=cfg.tier_shares, availability=cfg.tier_availability, dropout=cfg.tier_dropout, steps=cfg.tier_steps)
+    return TierSpec(shares=cfg.tier_shares, availability=cfg.tier_availability, dropout=cfg.tier_dropout, steps=cfg.tier_steps,
+                    exclude_low=cfg.exclude_low)
 
 
 def make_clients(splits: Splits) -> list[ClientData]:
@@ -94,7 +95,10 @@ def client_tiers(cfg: Config, splits: Splits, clients: list[ClientData]) -> np.n
         col = frame[name]
         values = col.to_numpy(dtype=np.float64) if pd.api.types.is_numeric_dtype(col) else pd.factorize(col)[0].astype(np.float64)
         feature = np.array([values[c.train[0]] for c in clients])
-    return assign_tiers(len(clients), cfg.tiers, spec, cfg.seed, feature=feature, skew=cfg.tier_skew)
+    t = splits.train  # RF^2's rules: training rows per client, the items of its positive training rows
+    clicked = [t.item_ids[c.train][t.labels[c.train] > 0] for c in clients] if cfg.tiers == "rf2-dirichlet" else None
+    return assign_tiers(len(clients), cfg.tiers, spec, cfg.seed, feature=feature, skew=cfg.tier_skew,
+                        counts=np.array([len(c.train) for c in clients]), clicked=clicked)
 
 
 def train_module(cfg: Config, model: nn.Module) -> TrainModule:
