@@ -192,9 +192,9 @@ class Config:
     local_epochs: int = _opt("local passes over a client's rows per round (capped by its tier's step budget)", default=1)
     local_batch_size: int = _opt("client batch size", default=32)
     server_optimizer: str = _opt("server strategy: fedavg, fedprox, fedadam or fedyogi (Reddi et al. 2021; the defaults' validation "
-                                 "measurements are in benchmarks/README.md)",
-                                 default="fedadam", choices=("fedavg", "fedprox", "fedadam", "fedyogi"))
-    server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi)", default=0.0)
+                                 "measurements are in benchmarks/README.md), or fedadagrad (RF^2's server Adagrad)",
+                                 default="fedadam", choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"))
+    server_lr: float = _opt("server learning rate (0: 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi, 0.1 for fedadagrad)", default=0.0)
     proximal_mu: float = _opt("FedProx proximal term mu", default=0.01)
     sam_rho: float = _opt("local sharpness-aware minimization radius (FedRecGEL); 0 disables", default=0.0)
     two_tower_hinge: bool = _opt("federated two-tower: batch-insensitive squared hinge + spread-out loss (Ning et al. 2021) "

@@ -318,3 +318,24 @@ def test_train_py_federated_takes_rf2s_tiers_and_exclude_low(tmp_path):
     fed = report["federated"]
     assert fed["tiers"]["mode"] == "rf2-dirichlet" and sum(fed["tiers"]["clients"]) == 120
     assert report["config"]["exclude_low"] is True
+
+
+def test_the_fedadagrad_server_steps_as_torch_adagrad_on_the_pseudo_gradient():
+    from c2al.federated.strategy import make_strategy
+
+    strategy = make_strategy("fedadagrad", None, 1)
+    w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    torch_opt = torch.optim.Adagrad([w], lr=0.1)
+    params = {"w": w.detach().numpy().copy()}
+    for delta in ([0.2, -0.1, 0.0], [0.4, 0.3, 0.0], [-0.1, 0.0, 0.5]):
+        w.grad = -torch.tensor(delta, dtype=torch.float64)
+        torch_opt.step()
+        params = strategy.server_step(0, params, {"w": (None, np.array(delta))})
+    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=1e-7)
+
+
+def test_train_py_accepts_the_fedadagrad_server():
+    from c2al.config import parse_args
+
+    cfg = parse_args(["--federated", "--server-optimizer", "fedadagrad", "--tiers", "rf2-independent", "--exclude-low"])
+    assert (cfg.server_optimizer, cfg.tiers, cfg.exclude_low) == ("fedadagrad", "rf2-independent", True)

@@ -6,7 +6,7 @@ not the strategy) and says how each trains (seed, local epochs, FedProx's mu, SA
 rho). `aggregate_train` rejects malformed updates, combines the rest with the pure
 functions of `aggregate`, and steps the server optimizer. RowwiseFedAvg (server lr 1:
 the mean model), RowwiseFedProx (FedAvg on the server, a proximal term on the clients),
-RowwiseFedAdam and RowwiseFedYogi (Reddi et al. 2021) are provided; "Rowwise" because
+RowwiseFedAdam and RowwiseFedYogi (Reddi et al. 2021) and RowwiseFedAdagrad (RF^2's server) are provided; "Rowwise" because
 shared embedding tables are averaged and stepped row by row over the clients that
 touched each row, and so that they do not shadow Flower's own FedAvg / FedProx / FedAdam,
 which `flower_strategy` lets a user swap in. How the accepted updates are combined before
@@ -347,8 +347,46 @@ class RowwiseFedYogi(RowwiseFedAdam):
         return out
 
 
-STRATEGIES = {"fedavg": RowwiseFedAvg, "fedprox": RowwiseFedProx, "fedadam": RowwiseFedAdam, "fedyogi": RowwiseFedYogi}
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+class RowwiseFedAdagrad(RowwiseFedAvg):
+    """FedAdagrad: Adagrad on the pseudo-gradient -delta, as torch.optim.Adagrad steps RF^2's server (Maeng et al. 2022).
+
+    v += delta^2; param += lr * delta / (sqrt(v) + tau). A row no client touched has delta 0 and
+    keeps its state, so stepping only the touched rows is exact. tau defaults to torch's eps.
+
+    Example:
+        >>> s = RowwiseFedAdagrad(None, 1, server_lr=0.1)
+        >>> [round(float(s.server_step(0, {"w": np.zeros(1)}, {"w": (None, np.array([d]))})["w"][0]), 4) for d in (2.0, 2.0)]
+        [0.1, 0.0707]
+    """
+
+    name = "fedadagrad"
+
+    def __init__(self, layout: Layout, clients_per_round: int, *, tau: float = 1e-10, **kw: Any) -> None:
+        super().__init__(layout, clients_per_round, **kw)
+        self.tau = tau
+        self.v: dict[str, np.ndarray] = {}
+
+    def server_step(self, rnd: int, params: Params, deltas: dict[str, tuple[np.ndarray | None, np.ndarray]]) -> Params:
+        out = dict(params)
+        for n, (ids, delta) in deltas.items():
+            v = self.v.setdefault(n, np.zeros(params[n].shape))
+            sel = slice(None) if ids is None else ids
+            new = params[n].astype(np.float64)
+            v[sel] += delta * delta
+            new[sel] += self.server_lr * delta / (np.sqrt(v[sel]) + self.tau)
+            out[n] = new.astype(params[n].dtype)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v": dict(self.v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.v = {k: np.asarray(v, dtype=np.float64) for k, v in state.get("v", {}).items()}
+
+
+STRATEGIES = {"fedavg": RowwiseFedAvg, "fedprox": RowwiseFedProx, "fedadam": RowwiseFedAdam, "fedyogi": RowwiseFedYogi,
+              "fedadagrad": RowwiseFedAdagrad}
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedprox": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 
 
 def make_strategy(name: str, layout: Layout, clients_per_round: int, *, server_lr: float = 0.0,
