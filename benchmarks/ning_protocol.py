@@ -57,7 +57,9 @@ from c2al.jobs.next_item import LOSSES, FederatedSettings, NextItemLoss, fit_cen
 
 MODES = ("centralized", "federated")
 METRICS = tuple(f"recall@{k}" for k in KS) + ("mean_rank",)
-QUICK = {"rounds": 3, "eval_every": 1, "patience": 2, "clients_per_round": 4, "centralized_eval_every": 20, "max_evals": 2}
+# local_batch 4: the test's users hold 9 examples, and clients drop their last partial batch (as TFF's)
+QUICK = {"rounds": 3, "eval_every": 1, "patience": 2, "clients_per_round": 4, "centralized_eval_every": 20, "max_evals": 2,
+         "local_batch": 4}
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,7 +89,8 @@ def run_one(data: str, mode: str, loss: str, seed: int, settings: dict[str, Any]
     else:
         fed = FederatedSettings(clients_per_round=settings["clients_per_round"], server_lr=settings["server_lr"],
                                 rounds=settings["rounds"], eval_every=settings["eval_every"], patience=settings["patience"],
-                                parallel_clients=settings.get("parallel_clients", FederatedSettings().parallel_clients))
+                                parallel_clients=settings.get("parallel_clients", FederatedSettings().parallel_clients),
+                                local_batch=settings.get("local_batch", FederatedSettings().local_batch))
         out = fit_federated(splits, NextItemLoss(loss), seed, fed)
     result = {"data": data, "mode": mode, "loss": loss, "seed": seed, "settings": settings, **out}
     write_json(result, path)

@@ -182,6 +182,7 @@ def test_whole_catalog_clients_send_every_item_row_and_batch_clients_only_their_
     table, schema, _ = _batch()
     client = ClientData(cid=0, user=7, train=np.array([0, 1]))
     for kind, expected in (("spreadout", list(range(7))), ("batch_softmax", [1, 2, 3, 5])):  # row 0: a zero delta
+        torch.manual_seed(0)
         module = NextItemTrainModule(build_sequence_two_tower(6, 4, (4,)), NextItemLoss(kind))
         layout = next_item_layout(module.model)
         assert layout.private == {} and list(layout.tables) == ["embedding_bag_collection.embedding_bags.item.weight"]
@@ -243,21 +244,23 @@ def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, fa
 
 
 def _random_splits(users: int = 25, num_items: int = 12, seed: int = 0):
-    """Timelines of 3..40 items over a tiny catalog: clients take 1 to 3 local steps of 16."""
+    """Timelines of 17..60 items over a tiny catalog: clients take 1 to 3 full local batches of 16."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, 41, size=users)
+    lengths = rng.integers(17, 61, size=users)
     items = rng.integers(1, num_items + 1, size=int(lengths.sum()))
     return next_item_splits(Timelines(users=np.arange(users), items=items, lengths=lengths, num_items=num_items), seed=0)
 
 
-@pytest.mark.parametrize("kind", ["batch_softmax", "hinge_spreadout", "global_softmax", "spreadout"])
-def test_clients_side_by_side_give_the_global_model_of_clients_one_by_one(kind):
+@pytest.mark.parametrize("kind,full_table", [("batch_softmax", True), ("batch_softmax", False), ("hinge_spreadout", True),
+                                             ("global_softmax", True), ("spreadout", True)])
+def test_clients_side_by_side_give_the_global_model_of_clients_one_by_one(kind, full_table):
     from c2al.federated.simulation import MIN_SIDE_BY_SIDE
     from c2al.federated.vectorized import VectorizedRunner
     from c2al.jobs.next_item import FederatedSettings, federated_rounds
 
     splits = _random_splits()
-    fed = dict(clients_per_round=MIN_SIDE_BY_SIDE, rounds=1, eval_every=1, patience=0)  # the paper's client SGD and server Adam 1.0
+    # the paper's client SGD and server Adam 1.0; full_table False: each client holds (and sends) only the rows it touches
+    fed = dict(clients_per_round=MIN_SIDE_BY_SIDE, rounds=1, eval_every=1, patience=0, full_table_updates=full_table)
     one_by_one = federated_rounds(splits, NextItemLoss(kind), 0, FederatedSettings(**fed, parallel_clients=0))
     vectorized, fit = [], VectorizedRunner.fit
     with pytest.MonkeyPatch.context() as mp:  # count the side-by-side fits: a silent fallback would compare one path with itself
@@ -312,3 +315,26 @@ def test_federated_settings_refuse_impossible_values(knob):
 
     with pytest.raises(C2ALError, match=next(iter(knob))):
         FederatedSettings(**knob)
+
+
+def test_full_table_updates_send_zero_deltas_for_the_rows_a_batch_softmax_client_never_touched():
+    table, schema, _ = _batch()
+    client = ClientData(cid=0, user=7, train=np.array([0, 1]))  # items 1, 2, 3 (context) and 3, 5 (label)
+    torch.manual_seed(0)  # D = 16: a tiny D can leave a context with every ReLU unit off, and so without a gradient
+    module = NextItemTrainModule(build_sequence_two_tower(6, 16, (16,)), NextItemLoss("batch_softmax"))
+    trainer = CatalogTrainer(module, next_item_layout(module.model), schema, table, dense_optimizer="sgd", lr=0.01,
+                             table_optimizer="sgd", table_lr=0.5, batch_size=2, whole_catalog=True)
+    res = trainer.fit(client, {n: p.detach().numpy().copy() for n, p in trainer.params.items()}, {},
+                      {"seed": 0, "epochs": 1, "max_steps": 0, "dropout_seed": 0, "dropout_stream": 0})
+    ids, deltas = res.rows["embedding_bag_collection.embedding_bags.item.weight"]
+    moved = np.flatnonzero(np.abs(deltas).sum(1) > 0)
+    assert ids.tolist() == list(range(7)) and ids[moved].tolist() == [1, 2, 3, 5]
+
+
+def test_drop_last_trains_only_full_local_batches_as_their_client_datasets():
+    from c2al.federated.client import client_steps
+
+    steps = client_steps(np.arange(20), batch_size=16, seed=0, max_steps=0, epochs=1, drop_last=True)
+    assert len(steps) == 1 and steps[0][1].sum() == 16  # 4 of 20 examples dropped, as batch(16, drop_remainder=True)
+    padded = client_steps(np.arange(20), batch_size=16, seed=0, max_steps=0, epochs=1)
+    assert len(padded) == 2 and padded[1][1].sum() == 4

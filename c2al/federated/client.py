@@ -112,18 +112,20 @@ def group_by_user(table: Table) -> dict[int, np.ndarray]:
     return {int(u): rows for u, rows in zip(users, np.split(order, starts[1:]))}
 
 
-def client_steps(rows: np.ndarray, batch_size: int, seed: int, max_steps: int, epochs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def client_steps(rows: np.ndarray, batch_size: int, seed: int, max_steps: int, epochs: int,
+                 drop_last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """(row indices [B], weights [B]) of each local step: `epochs` shuffled passes over the client's
     rows (epoch e seeded seed + e, as the centralized loop seeds its epochs), cut as `iter_batches`
-    cuts them (the tail padded with weight-0 rows), stopped after `max_steps` (0: no cap)."""
-    passes = (batch_rows(np.asarray(rows), batch_size, shuffle=True, seed=seed + e) for e in range(epochs))
+    cuts them (the tail padded with weight-0 rows, or dropped with `drop_last`), stopped after
+    `max_steps` (0: no cap)."""
+    passes = (batch_rows(np.asarray(rows), batch_size, shuffle=True, seed=seed + e, drop_last=drop_last) for e in range(epochs))
     return list(itertools.islice(itertools.chain.from_iterable(passes), max_steps or None))
 
 
 def local_batches(table: Table, schema: Schema, rows: np.ndarray, batch_size: int, seed: int,
-                  max_steps: int, epochs: int) -> Iterator[Batch]:
+                  max_steps: int, epochs: int, drop_last: bool = False) -> Iterator[Batch]:
     """The batches of `client_steps`, collated."""
-    return (make_batch(table, schema, r, w) for r, w in client_steps(rows, batch_size, seed, max_steps, epochs))
+    return (make_batch(table, schema, r, w) for r, w in client_steps(rows, batch_size, seed, max_steps, epochs, drop_last))
 
 
 @dataclass
@@ -177,11 +179,12 @@ class LocalTrainer:
         dense_optimizer, lr, table_optimizer, table_lr: the local optimizers (as the config's).
         batch_size: local batch size.
         normalized: send `normalized` updates (per local step, weighted by training rows).
+        drop_last: drop a client's last partial batch instead of padding it (TFF's `batch(drop_remainder=True)`).
     """
 
     def __init__(self, module: TrainModule, layout: Layout, schema: Schema, train: Table, *, dense_optimizer: str = "adam",
                  lr: float = 3e-3, table_optimizer: str = "rowwise_adagrad", table_lr: float = 0.05, batch_size: int = 32,
-                 weight_decay: float = 0.0, normalized: bool = False) -> None:
+                 weight_decay: float = 0.0, normalized: bool = False, drop_last: bool = False) -> None:
         self.module, self.layout, self.schema, self.train = module, layout, schema, train
         self.params = dict(module.model.named_parameters()) if hasattr(module, "model") else dict(module.named_parameters())
         missing = [n for n in [*layout.private, *layout.shared] if n not in self.params]
@@ -190,7 +193,7 @@ class LocalTrainer:
         use_sparse_gradients(module)
         self.dense_optimizer, self.lr, self.weight_decay = dense_optimizer, lr, weight_decay
         self.table_optimizer, self.table_lr, self.batch_size = table_optimizer, table_lr, batch_size
-        self.normalized = normalized
+        self.normalized, self.drop_last = normalized, drop_last
         self._touched: dict[tuple[int, str], np.ndarray] = {}
         self.writes = 0  # bumped whenever the working model's parameters change (FedTrained caches by it)
         self.initial_private: dict[str, np.ndarray] = {}  # seeded private tables, for clients seen first (Flower engine)
@@ -247,7 +250,7 @@ class LocalTrainer:
         prox = [(p[n], torch.from_numpy(np.asarray(state[n]))) for n in self.layout.shared]
         opt = LocalOptimizer(dense, tables, prox=prox, mu=float(config.get("proximal_mu", 0.0)), sam=sam)
         batches = list(local_batches(self.train, self.schema, client.train, self.batch_size, int(config["seed"]),
-                                     int(config.get("max_steps", 0)), int(config.get("epochs", 1))))
+                                     int(config.get("max_steps", 0)), int(config.get("epochs", 1)), self.drop_last))
         stats = train_epoch(module, opt, batches, total=len(batches), show=False, desc=f"client {client.user}", step_seed=seed_of_step)
         res = self._collect(client, state, num_examples=int(sum(float(b.weights.sum()) for b in batches)), metrics=stats)
         return normalized(res, len(batches), len(client.train)) if self.normalized else res

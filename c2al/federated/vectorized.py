@@ -149,8 +149,8 @@ class VectorizedRunner:
     def fit(self, jobs: list[Job], params: dict[str, np.ndarray]) -> list[tuple[int, FitResult | str]]:
         """Train every job's client from the global `params`; results (or failure reasons) in job order."""
         t = self.trainer
-        plans = [client_steps(c.train, t.batch_size, int(conf["seed"]), int(conf.get("max_steps", 0)), int(conf.get("epochs", 1)))
-                 for _, c, _, conf in jobs]
+        plans = [client_steps(c.train, t.batch_size, int(conf["seed"]), int(conf.get("max_steps", 0)), int(conf.get("epochs", 1)),
+                              t.drop_last) for _, c, _, conf in jobs]
         order = sorted(range(len(jobs)), key=lambda i: -len(plans[i]))  # longest first: the stepping clients are a prefix
         jobs, plans = [jobs[i] for i in order], [plans[i] for i in order]
         dense = {n: torch.from_numpy(np.asarray(params[n])).expand(len(jobs), *params[n].shape).clone().requires_grad_()

@@ -8,9 +8,10 @@ subclass turns a batch into the chosen loss, `c2al.train.task.train_epoch` steps
 - the item table serves two features (context bag and label), which `model_layout` refuses
   (one feature per table), so the layout is written out (`next_item_layout`);
 - a client's update covers the table rows its examples touch, but the whole-catalog losses
-  (global softmax, spread-out over the vocabulary) move EVERY row, so `CatalogTrainer`
-  declares all rows touched for them (the client then sends the full table delta, as
-  the paper's TFF clients do).
+  (global softmax, spread-out over the vocabulary) move EVERY row, and the paper's TFF
+  clients send the whole model anyway, so `CatalogTrainer` declares all rows touched
+  (`FederatedSettings.full_table_updates`): the server's mean and Adam then run over the
+  whole table as TFF's dense FedAvg does.
 
 A round's clients train side by side by default (`FederatedSettings.parallel_clients`,
 `c2al.federated.vectorized`: one vmapped step for all clients, each with its own copy of
@@ -41,7 +42,7 @@ from c2al.federated.client import ClientData, Layout, LocalTrainer, group_by_use
 from c2al.federated.heterogeneity import TierSpec
 from c2al.federated.rounds import FedTrained
 from c2al.federated.simulation import run_rounds
-from c2al.federated.strategy import make_strategy
+from c2al.federated.strategy import Aggregation, make_strategy
 from c2al.losses import in_batch_softmax_loss, positive_hinge_loss, spreadout_terms
 from c2al.models.sequence_two_tower import SequenceTwoTower, build_sequence_two_tower
 from c2al.train.task import TrainModule, train_epoch
@@ -188,9 +189,9 @@ def next_item_layout(model: SequenceTwoTower) -> Layout:
 
 class CatalogTrainer(LocalTrainer):
     """LocalTrainer over the shared item table: a client's rows are the items of its examples
-    (context and label), or every row of the table when its loss reaches the whole catalog (row 0,
-    never an item, included with a zero delta: a client then holds the full table, which the
-    vectorized runner hands its whole-catalog loss)."""
+    (context and label), or with `whole_catalog` every row of the table (a loss that reaches the whole
+    catalog, or full-table updates as TFF sends; row 0, never an item, included with a zero delta:
+    a client then holds the full table, which the vectorized runner hands a whole-catalog loss)."""
 
     def __init__(self, *args: Any, whole_catalog: bool, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -220,6 +221,14 @@ class FederatedSettings:
             eval_every: rounds between validations; patience: validations without gain.
         parallel_clients: a round's clients trained side by side, in chunks of this many (`c2al.federated.vectorized`);
             0 or 1: one after another (the reference path; rounds under `simulation.MIN_SIDE_BY_SIDE` clients too).
+        full_table_updates: every client sends its delta of the WHOLE item table (zero on rows it did not
+            touch), as TFF's FedAvg sends the whole model (`tff.learning.build_federated_averaging_process` in
+            dual_encoder/movielens/model_launcher_tff.py): the server then averages each row over all the
+            round's clients and its Adam steps every row every round (Keras' dense Adam: momentum keeps moving
+            a row no client touched this round). False: c2al's row-wise mean over the clients that touched a
+            row and lazy Adam (the AFM's federated path). The whole-catalog losses send every row either way.
+        drop_last: a client's last partial local batch is dropped, as their client datasets are cut
+            (`batch(batch_size, drop_remainder=True)` in movielens_data_gen.create_tf_datasets); False pads it.
     """
 
     clients_per_round: int = 100
@@ -234,6 +243,8 @@ class FederatedSettings:
     eval_every: int = 10
     patience: int = 5
     parallel_clients: int = 100
+    full_table_updates: bool = True
+    drop_last: bool = True
 
     def __post_init__(self) -> None:
         for name in ("clients_per_round", "local_batch", "local_epochs", "rounds", "eval_every"):
@@ -259,10 +270,11 @@ def federated_rounds(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed:
     layout = next_item_layout(module.model)
     trainer = CatalogTrainer(module, layout, splits.schema, splits.train, dense_optimizer="sgd", lr=fed.client_lr,
                              table_optimizer="sgd", table_lr=fed.client_lr, batch_size=fed.local_batch,
-                             whole_catalog=loss.kind in WHOLE_CATALOG)
+                             whole_catalog=loss.kind in WHOLE_CATALOG or fed.full_table_updates, drop_last=fed.drop_last)
     clients = [ClientData(cid=i, user=u, train=rows) for i, (u, rows) in enumerate(group_by_user(splits.train).items())]
+    # TFF weighs a client by its examples, uncapped (c2al's default caps a count at 5x the round's median against liars)
     strategy = make_strategy("fedadam", layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
-                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau)
+                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau, aggregation=Aggregation("mean", count_cap=0.0))
 
     def evaluate(trained: Any) -> dict[str, Any]:  # the installed global model (a FedTrained) -> validation metrics
         return next_item_metrics(trained.model, splits.valid, splits.schema)
