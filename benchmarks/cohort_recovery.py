@@ -24,25 +24,21 @@ ARI of each seed, their mean, the exposed rules and the mining seconds, and the 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import harness
 import numpy as np
+from linear_baseline import one_hot
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # linear_baseline, run as a script from anywhere
-
-from linear_baseline import one_hot
 
 from c2al.cohorts import CohortMiner
 from c2al.config import Config
 from c2al.data.synthetic import SyntheticConfig, make_synthetic_splits
-from c2al.eval.report import format_table, machine_info, write_json
+from c2al.eval.report import format_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = harness.RESULTS
 DATA = {"minority": {}, "conjunction": {"conjunctions": True}}
 CANDIDATES = ("kmeans", "axes", "tree", "kmeans+tree", "kmeans+axes", "kmeans+axes+tree", "gmm")
 
@@ -69,14 +65,15 @@ def mine(candidates: str, seed: int, frame: Any, labels: np.ndarray, truth: np.n
             "exposed": len(miner.cohorts_), "seconds": seconds}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
+    harness.add_seeds_flag(ap, "0,1,2", what="the synthetic worlds")
     ap.add_argument("--rows", type=int, default=200_000, help="synthetic rows per seed (valid: 10%%)")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated candidate sets")
     ap.add_argument("--out", default=str(RESULTS / "cohort_recovery.json"))
-    args = ap.parse_args()
-    seeds, grid = [int(s) for s in args.seeds.split(",")], args.candidates.split(",")
+    args = ap.parse_args(argv)
+    seeds, grid = args.seeds, args.candidates.split(",")
+    run = harness.start(__file__, argv, config={"rows_per_seed": args.rows, "seeds": seeds, "grid": grid})
     start = time.perf_counter()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {d: {c: [] for c in grid} for d in DATA}
     for data in DATA:
@@ -87,9 +84,9 @@ def main() -> None:
     rows = [{"data": d, "candidates": c, "ari_mean": float(np.mean([r["ari"] for r in rs])),
              **{f"ari_seed{r['seed']}": r["ari"] for r in rs}} for d, by in runs.items() for c, rs in by.items()]
     print(format_table(rows, list(rows[0]), title="adjusted Rand index of mined vs planted cohorts (validation rows)"))
-    write_json({"command": "python benchmarks/cohort_recovery.py " + " ".join(sys.argv[1:]), "rows_per_seed": args.rows,
-                "seeds": seeds, "grid": grid, "baseline": "one-hot logistic regression, C=1 (benchmarks/linear_baseline.py)",
-                "table": rows, "runs": runs, "seconds": time.perf_counter() - start, "machine": machine_info()}, args.out)
+    harness.write_result(args.out, run, {"rows_per_seed": args.rows, "seeds": seeds, "grid": grid,
+                                         "baseline": "one-hot logistic regression, C=1 (benchmarks/linear_baseline.py)",
+                                         "table": rows, "runs": runs, "seconds": time.perf_counter() - start})
     print(f"wrote {args.out}")
 
 

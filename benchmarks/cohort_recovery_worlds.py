@@ -27,11 +27,11 @@ keeps the worlds it finished.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import harness
 import numpy as np
 import pandas as pd
 from scipy.stats import ks_2samp
@@ -41,9 +41,9 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from c2al.cohorts import CohortMiner
 from c2al.config import Config
 from c2al.data.worlds import World, make_world
-from c2al.eval.report import format_table, machine_info, write_json
+from c2al.eval.report import format_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = harness.RESULTS
 SOURCES = ("default", "kmeans", "gmm", "axes", "tree")
 # (planted seeds, null seeds) per set; the sets share no seed
 SEEDS = {"report": (range(0, 24), range(1000, 1010)), "tune": (range(500, 516), range(1500, 1512))}
@@ -116,23 +116,23 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="report", choices=tuple(SEEDS), help="which seeds: the reported worlds or the tuning ones")
     ap.add_argument("--rows", type=int, default=100_000, help="rows per world (20%% held out for mining)")
     ap.add_argument("--limit", type=int, default=0, help="first N planted and N null worlds only (0: all)")
     ap.add_argument("--out", default="", help="default: results/cohort_recovery_worlds.json (_tune for --set tune)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out or RESULTS / f"cohort_recovery_worlds{'' if args.set == 'report' else '_' + args.set}.json")
     planted, null = (list(s)[:args.limit or None] for s in SEEDS[args.set])
+    run = harness.start(__file__, argv, config={"set": args.set, "rows_per_world": args.rows, "limit": args.limit})
     start, rows = time.perf_counter(), []
     for kind, seeds in (("planted", planted), ("null", null)):
         for seed in seeds:
             rows += run_world(make_world(seed, planted=kind == "planted", n_rows=args.rows), kind)
-            write_json({"command": "python benchmarks/cohort_recovery_worlds.py " + " ".join(sys.argv[1:]), "set": args.set,
-                        "seeds": {"planted": planted, "null": null}, "rows_per_world": args.rows, "visible_p": VISIBLE_P,
-                        "summary": summarize(rows), "worlds": rows, "seconds": time.perf_counter() - start,
-                        "machine": machine_info()}, out)
+            harness.write_result(out, run, {"set": args.set, "seeds": {"planted": planted, "null": null}, "rows_per_world": args.rows,
+                                            "visible_p": VISIBLE_P, "summary": summarize(rows), "worlds": rows,
+                                            "seconds": time.perf_counter() - start})
             print(format_table([r for r in rows if r["world"] == seed], ["world", "kind", "source", "visible", "ari", "exposed"]),
                   flush=True)
     table = [{"source": s, **{f"{k}_{m}": v.get(m) for k, v in by.items() for m in ("n_worlds", "median_ari", "exposed_worlds") if m in v}}

@@ -45,27 +45,22 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import harness
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from c2al.config import Config, add_config_flags, config_from
 
-from c2al.config import Config, add_config_flags, config_from  # noqa: E402
-from c2al.eval.report import machine_info, write_json  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = harness.ROOT
+RESULTS = harness.RESULTS
 PARTS = ("ning", "fedrecgel", "rf2")  # the default --parts
 # Each paper's own protocol is a script of its own: `--parts NAME` runs its main with --seeds (and --data if given).
 PROTOCOLS = {"ning-protocol": "ning_protocol", "rf2-protocol": "rf2_protocol"}
@@ -97,12 +92,13 @@ def _splits(cfg: Config) -> Any:
     return _SPLITS[cfg.data]
 
 
+def quiet_worker() -> None:
+    """Each harness worker's set-up: only warnings from the libraries (its torch threads the pool sets)."""
+    logging.basicConfig(level=logging.WARNING)
+
+
 def run_arm(task: dict[str, Any]) -> dict[str, Any]:
     """One task in a worker process: {"part", "arm", "seed", "cfg"} -> its metrics."""
-    import torch
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
     cfg = Config.from_dict(task["cfg"])
     start = time.perf_counter()
     out = ARMS[task["kind"]](cfg)
@@ -273,10 +269,8 @@ def tasks(base: Config, parts: Sequence[str], seeds: Sequence[int], afm: dict[st
 
 # ------------------------------------------------------------------------------------------ summaries
 def interval(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and 95% t-interval over seeds (`minority_ne.paired_ci`)."""
-    from minority_ne import paired_ci
-
-    mean, lo, hi = paired_ci(list(values))
+    """Mean and 95% t-interval over seeds (`harness.paired_ci`); n counts the seeds given."""
+    mean, lo, hi = harness.paired_ci(list(values))
     return {"mean": mean, "ci95": [lo, hi], "n": len(values), "values": list(values)}
 
 
@@ -436,7 +430,7 @@ def round_cost(cfg: Config) -> dict[str, Any]:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}, or quality (the default run, timed)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (3 or more for intervals)")
+    harness.add_seeds_flag(ap, "0,1,2", what="every arm (3 or more for intervals)")
     ap.add_argument("--workers", type=int, default=2, help="arms side by side, one torch thread each")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where federated_<part>.json go")
     add_config_flags(ap, TRAIN_FLAGS, "train.py flags every arm starts from (defaults: DEFAULTS above)")
@@ -450,10 +444,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data = getattr(args, "data", None) or DEFAULTS["data"]
         given = {k: getattr(args, k) for k in TRAIN_FLAGS if k != "data" and getattr(args, k, None) is not None}
         extra = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), str(v))]  # train.py flags given here
+        run = harness.start(__file__, argv, config={})
         doc, table = quality(data, extra)
         flags = "".join(f"_{k.replace('_', '-')}-{v}" for k, v in given.items())  # a what-if run does not overwrite the default one
         path = Path(args.out_dir) / f"federated_quality_{data}{flags}.json"
-        write_json({"benchmark": "federated_quality", **doc, "flags": extra, "machine": machine_info(), "table": table}, path)
+        run.config = doc.pop("config")  # the train.py run's config; its command line is the job's
+        harness.write_result(path, run, {"job_command": doc.pop("command"), **doc, "flags": extra, "table": table})
         print(f"{table}\n\nwrote {path}", flush=True)
         parts = [p for p in parts if p != "quality"]
         if not parts:
@@ -467,29 +463,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         sys.exit(f"unknown --parts {bad}; choose from {list(PARTS) + list(PROTOCOLS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = args.seeds
     base = config_from(args, **{k: v for k, v in DEFAULTS.items() if getattr(args, k, None) is None}, federated=True, quiet=True)
     afm = {k: v for k, v in AFM_DEFAULTS.items() if getattr(args, k, None) is None}
     grid = tasks(base, parts, seeds, afm)
     print(f"{len(grid)} runs on {args.workers} workers: {', '.join(parts)}; seeds {seeds}", flush=True)
+    run = harness.start(__file__, argv, config=base.to_dict(), torch_threads=1, workers=args.workers)
     start = time.perf_counter()
-    results = []
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        heavy_first = sorted(grid, key=lambda t: t["kind"] != "afm_with_c2al")  # the longest runs start first
-        for r in pool.map(run_arm, heavy_first):
-            print(f"  {r['part']:9s} {r['arm']:40s} seed {r['seed']}  {r['seconds']:.0f} s", flush=True)
-            results.append(r)
+    heavy_first = sorted(grid, key=lambda t: t["kind"] != "afm_with_c2al")  # the longest runs start first
+
+    def done(_: int, r: dict[str, Any]) -> None:
+        print(f"  {r['part']:9s} {r['arm']:40s} seed {r['seed']}  {r['seconds']:.0f} s", flush=True)
+
+    results = harness.run_pool(run_arm, [(t,) for t in heavy_first], args.workers, initializer=quiet_worker, on_result=done)
     wall = time.perf_counter() - start
     written = {}
     for part in parts:
         summary, table = SUMMARIES[part](results)
-        doc = {"benchmark": f"federated_{part}", "command": "python benchmarks/federated.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "config": base.to_dict(), "afm_arms_override": afm if part != "ning" else {},
-               "seeds": seeds, "wall_seconds_all_parts": wall, "machine": {**machine_info(), "torch_threads": 1,
-               "workers": args.workers}, "runs": [r for r in results if r["part"] == part or (part == "fedrecgel" and r["arm"] == "fedavg/correlated")],
-               "summary": summary, "table": table}
+        body = {"afm_arms_override": afm if part != "ning" else {}, "seeds": seeds, "wall_seconds_all_parts": wall,
+                "runs": [r for r in results if r["part"] == part or (part == "fedrecgel" and r["arm"] == "fedavg/correlated")],
+                "summary": summary, "table": table}
         path = Path(args.out_dir) / f"federated_{part}.json"
-        write_json(doc, path)
+        doc = harness.write_result(path, run, body)
         written[part] = doc
         print(f"\n{table}\n\nwrote {path}", flush=True)
     print(f"all parts: {wall:.0f} s", flush=True)

@@ -73,12 +73,13 @@ def seed_list(text: str | int) -> list[int]:
         raise C2ALError(f"--seeds: expected a count N (seeds 0..N-1) or a comma-separated list like 0,1,2, got {text!r}") from None
 
 
-def add_seeds_flag(ap: Any, default: str, flag: str = "--seeds", what: str = "") -> None:
+def add_seeds_flag(ap: Any, default: str | None, flag: str = "--seeds", what: str = "") -> None:
     """Add a seeds flag parsed by `seed_list` (an argparse error, naming the flag, on a bad value).
 
     Args:
         ap: the script's argparse.ArgumentParser.
-        default: the default value as a user would type it ("0,1,2" or "5").
+        default: the default value as a user would type it ("0,1,2" or "5"); None leaves the flag None when it is
+            not given (a script whose default depends on another flag, such as --quick, fills it in).
         flag: the flag's name (e.g. "--afm-seeds" where only some runs are seeded).
         what: which runs the seeds apply to, for the help text.
     """
@@ -90,9 +91,9 @@ def add_seeds_flag(ap: Any, default: str, flag: str = "--seeds", what: str = "")
         except C2ALError as err:
             raise argparse.ArgumentTypeError(str(err).replace("--seeds", flag, 1)) from None
 
-    ap.add_argument(flag, type=parse, default=parse(default),
-                    help=f"seeds{' of ' + what if what else ''}: a comma-separated list (0,1,2) or a count N for 0..N-1 "
-                         f"(default {default})")
+    ap.add_argument(flag, type=parse, default=None if default is None else parse(default),
+                    help=f"seeds{' of ' + what if what else ''}: a comma-separated list (0,1,2) or a count N for 0..N-1"
+                         + ("" if default is None else f" (default {default})"))
 
 
 # ---------------------------------------------------------------- paired interval

@@ -646,7 +646,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help=f"movielens-100k (default), synthetic (here: {SYNTHETIC}), "
                                                   "synthetic:opts, or a CSV/Parquet PATH")
     add_config_flags(ap, DATA_FLAGS + MINER_FLAGS + TRAIN_FLAGS + BASELINE_FLAGS)
-    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5; --quick 2)")
+    harness.add_seeds_flag(ap, None, what="every (model, arm) (default 5, i.e. 0..4; --quick 2)")
     ap.add_argument("--models", default=None, help=f"comma-separated from {MODELS} (default all; --quick afm,two-tower)")
     ap.add_argument("--arms", default=None, help=f"arms run on the --control-models, from {list(ARMS)} (default all)")
     ap.add_argument("--control-models", default=None,
@@ -674,7 +674,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, value in narrowed.items():
         if getattr(args, name, None) is None:  # train.py flags are absent when not given, the tool's own are None
             setattr(args, name, value)
-    args.seeds = args.seeds or (2 if args.quick else 5)
+    args.seeds = args.seeds or harness.seed_list(2 if args.quick else 5)
     args.models = [m.strip() for m in (args.models or ("afm,two-tower" if args.quick else ",".join(MODELS))).split(",")]
     args.arms = [a.strip() for a in (args.arms or (",".join(QUICK_ARMS) if args.quick else ",".join(ARMS))).split(",")]
     args.control_models = [m.strip() for m in (args.control_models or ("afm" if args.quick else ",".join(args.models))).split(",")]
@@ -707,9 +707,9 @@ def plan(args: argparse.Namespace, n_train: int, epochs: int) -> list[tuple[str,
     skipped = [f"{a} on {m}" for m in args.models if m in args.control_models for a in args.arms if a in NOT_ON.get(m, ())]
     if skipped:
         print(f"skipped (the model cannot run the arm): {', '.join(skipped)}")
-    runs = args.seeds * sum(1 + len(arms) for _, arms in per_seed)
-    est = args.seeds * sum((1 + len(arms)) * EPOCH_SECONDS[m] * epochs * n_train / 81_000 + 4 for m, arms in per_seed)
-    print(f"plan: {args.seeds} seeds x " + ", ".join(f"{m}: baseline + {[a.name for a in arms]}" for m, arms in per_seed))
+    runs = len(args.seeds) * sum(1 + len(arms) for _, arms in per_seed)
+    est = len(args.seeds) * sum((1 + len(arms)) * EPOCH_SECONDS[m] * epochs * n_train / 81_000 + 4 for m, arms in per_seed)
+    print(f"plan: {len(args.seeds)} seeds x " + ", ".join(f"{m}: baseline + {[a.name for a in arms]}" for m, arms in per_seed))
     print(f"      {runs} trainings of {epochs} epoch(s) on {n_train} train rows, estimated {est / 60 / args.workers:.1f} min "
           f"on {args.workers} worker(s) of {args.threads} thread(s) on an idle machine")
     return per_seed
@@ -774,15 +774,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            torch_threads=args.threads)
     splits = splits_of(cfg)
     per_seed = plan(args, len(splits.train), cfg.epochs)
-    tasks = [(seed, model, [a.name for a in arms]) for seed in range(args.seeds) for model, arms in per_seed]
+    tasks = [(seed, model, [a.name for a in arms]) for seed in args.seeds for model, arms in per_seed]
     rows = [row for task_rows in run_tasks(cfg, tasks, args) for row in task_rows]
     summary = summarize_rows(rows)
-    print_summary(summary, args.seeds)
+    print_summary(summary, len(args.seeds))
     path = result_path(args)
     header.config["arms"] = {a.name: dataclasses.asdict(a) for _, arms in per_seed for a in arms}
-    result = harness.write_result(path, header, {"data": args.data, "seeds": list(range(args.seeds)), "quick": args.quick,
+    result = harness.write_result(path, header, {"data": args.data, "seeds": list(args.seeds), "quick": args.quick,
                                                  "seconds": time.perf_counter() - start, "summary": summary, "rows": rows})
-    plot(summary, path.with_suffix(".png"), f"C2AL vs baseline, {args.data}, {args.seeds} seeds (95% CI)")
+    plot(summary, path.with_suffix(".png"), f"C2AL vs baseline, {args.data}, {len(args.seeds)} seeds (95% CI)")
     print(f"wrote {path} and {path.with_suffix('.png')} in {result['seconds'] / 60:.1f} min")
     return result
 

@@ -185,13 +185,14 @@ def c2al_sharded(kind: str, sizes: Sizes, *, lean: bool = True, heads: bool = Fa
     import c2al
     from c2al.dist.process import init_distributed
     from c2al.dist.sharding import dense_optimizer, shard
+    from c2al.models import SHARED_AT
     from c2al.train.task import TrainModule
 
     model = build_c2al_model(kind, sizes, lean=lean, dropout=sizes.dropout, device="meta")
     params = None
     inner: nn.Module = model
     if heads:
-        inner = c2al.attach(model, "inter_arch", 2, head=model.over_arch)
+        inner = c2al.attach(model, SHARED_AT, 2, head=model.over_arch)
     info = init_distributed("cpu")
     dmp = shard(TrainModule(inner), info, table_optimizer="rowwise_adagrad", table_lr=0.05, sharding_type=sharding)
     opt = dense_optimizer(dmp, "adam", 3e-3)

@@ -47,6 +47,15 @@ def test_the_seeds_flag_names_itself_in_argparse_errors(capsys) -> None:
     assert "--afm-seeds: expected a count" in capsys.readouterr().err
 
 
+def test_a_seeds_flag_without_default_is_none_until_given() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    harness.add_seeds_flag(ap, None)
+    assert ap.parse_args([]).seeds is None
+    assert ap.parse_args(["--seeds", "3"]).seeds == [0, 1, 2] and ap.parse_args(["--seeds", "5,9"]).seeds == [5, 9]
+
+
 def test_paired_ci_of_one_to_five_is_the_hand_computed_t_interval() -> None:
     # mean 3, sd sqrt(2.5), se sqrt(2.5 / 5); t(0.975, 4) = 2.776445105...
     mean, lo, hi = harness.paired_ci([1.0, 2.0, 3.0, 4.0, 5.0])
