@@ -6,7 +6,8 @@ timelines under 3 dropped; at most 300 examples per user; users split 80/10/10),
 over ONE item table of dimension 16 (context tower: mean of the context embeddings -> dense 16 +
 ReLU; label tower: the embedding; cosine), recall@1/5/10 over the full catalog. Centralized:
 Adam 0.01, batch 16, early-stopped on validation recall@10. Federated: 1 client = 1 user,
-100 clients a round, local batch 16, 1 local epoch, client SGD 0.01, server Adam 1.0, rounds
+100 clients a round, local batch 16 (the last partial batch dropped), 1 local epoch, client SGD 0.01,
+whole-model deltas averaged by example counts, server Adam 1.0 (Keras' betas and epsilon 1e-7), rounds
 while validation recall@10 improves. Most-popular is scored on the same test examples.
 
 Grid: LOSSES x {centralized, federated} x seeds. Every run writes its own file under
@@ -22,18 +23,18 @@ summary = {"most_popular": {"recall@10": mean, ...}, LOSS: {"federated": {"recal
 
 Cost. A round's 100 clients train side by side (`--parallel-clients 100`, the default; 0 trains them one
 after another, the reference path). Measured once per loss on MovieLens-1M (4832 training users, 3706
-items; 3 rounds, seed 0, nice 15, load average 15-16 on the 2-core machine from other work), seconds per
+items; 3 rounds, seed 0, nice 15, load average 15-18 on the 2-core machine from other work), seconds per
 round of 100 clients, validation excluded:
 
-    loss              side by side    one by one (earlier session, load ~9)
-    batch_softmax     1.09            18.8
-    hinge_spreadout   6.2             49
+    loss              side by side                                   one by one (earlier session, load ~9)
+    batch_softmax     1.3 (full-table updates; 1.09 touched rows)    18.8 (touched rows)
+    hinge_spreadout   6.2                                            49
 
 A validation (recall@10 of ~10% of the users' examples over the whole catalog) took 6.6 s; every
 `--eval-every 10` rounds that is 22 over 200 rounds (20 plus the kept state's valid and test). Projected
 federated grid, every run at the 200-round cap (early stopping only shortens it), global_softmax and
-spreadout costed as hinge_spreadout (the same whole-table round): batch_softmax 200 x 1.09 + 22 x 6.6
-= 6 min, each whole-catalog loss 200 x 6.2 + 145 = 23 min, so 75 min a seed and 3.8 h for 3 seeds
+spreadout costed as hinge_spreadout (the same whole-table round): batch_softmax 200 x 1.3 + 22 x 6.6
+= 7 min, each whole-catalog loss 200 x 6.2 + 145 = 23 min, so 76 min a seed and 3.8 h for 3 seeds
 (was about 30 h one by one); the centralized runs come on top (not timed here).
 """
 from __future__ import annotations
