@@ -84,15 +84,16 @@ def run_one(data: str, mode: str, loss: str, seed: int, settings: dict[str, Any]
         The result written.
     """
     splits = splits_for(data, seed)
+    spec = NextItemLoss(loss, table_spreadout=settings.get("table_spreadout", 0.0))
     if mode == "centralized":
-        out = fit_centralized(splits, NextItemLoss(loss), seed, eval_every=settings["centralized_eval_every"],
+        out = fit_centralized(splits, spec, seed, eval_every=settings["centralized_eval_every"],
                               patience=settings["patience"], max_evals=settings["max_evals"])
     else:
         fed = FederatedSettings(clients_per_round=settings["clients_per_round"], server_lr=settings["server_lr"],
                                 rounds=settings["rounds"], eval_every=settings["eval_every"], patience=settings["patience"],
                                 parallel_clients=settings.get("parallel_clients", FederatedSettings().parallel_clients),
                                 local_batch=settings.get("local_batch", FederatedSettings().local_batch))
-        out = fit_federated(splits, NextItemLoss(loss), seed, fed)
+        out = fit_federated(splits, spec, seed, fed)
     result = {"data": data, "mode": mode, "loss": loss, "seed": seed, "settings": settings, **out}
     write_json(result, path)
     return result
@@ -160,7 +161,7 @@ def table(summary: dict[str, Any]) -> str:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The knobs that make a run's numbers (saved in every run file; a rerun reuses a file only if they match)."""
     out = {k: getattr(args, k) for k in ("rounds", "eval_every", "patience", "clients_per_round", "server_lr",
-                                         "centralized_eval_every", "max_evals", "parallel_clients")}
+                                         "centralized_eval_every", "max_evals", "parallel_clients", "table_spreadout")}
     return {**out, **QUICK} if args.quick else out
 
 
@@ -178,6 +179,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--server-lr", type=float, default=fed.server_lr, help="the server Adam's learning rate")
     ap.add_argument("--parallel-clients", type=int, default=fed.parallel_clients,
                     help="a round's clients trained side by side (0: one after another, the reference path)")
+    ap.add_argument("--table-spreadout", type=float, default=0.0,
+                    help="spread-out over the whole item table added to every loss (their Keras embedding regularizer; "
+                         "their README's TFF command: 0.001)")
     ap.add_argument("--centralized-eval-every", type=int, default=10_000, help="centralized steps between validations")
     ap.add_argument("--max-evals", type=int, default=100, help="most centralized validations")
     ap.add_argument("--workers", type=int, default=1, help="runs side by side (one torch thread each)")
@@ -210,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarize(done, popular)
     keep = [{k: r[k] for k in ("mode", "loss", "seed", "valid", "test", "seconds") if k in r}
             | {k: r[k] for k in ("rounds", "kept_round", "steps") if k in r} for r in done]
+    losses = dataclasses.asdict(NextItemLoss(table_spreadout=args.table_spreadout))
     result = harness.write_result(args.out, run, {"summary": summary, "most_popular_per_seed": popular, "runs": keep,
-                                                  "table": table(summary), "loss_settings": dataclasses.asdict(NextItemLoss())})
+                                                  "table": table(summary), "loss_settings": losses})
     print(result["table"])
     return result
 

@@ -251,9 +251,10 @@ def _random_splits(users: int = 25, num_items: int = 12, seed: int = 0):
     return next_item_splits(Timelines(users=np.arange(users), items=items, lengths=lengths, num_items=num_items), seed=0)
 
 
-@pytest.mark.parametrize("kind,full_table", [("batch_softmax", True), ("batch_softmax", False), ("hinge_spreadout", True),
-                                             ("global_softmax", True), ("spreadout", True)])
-def test_clients_side_by_side_give_the_global_model_of_clients_one_by_one(kind, full_table):
+@pytest.mark.parametrize("kind,full_table,table_spreadout", [
+    ("batch_softmax", True, 0.0), ("batch_softmax", False, 0.0), ("batch_softmax", False, 1e-3),
+    ("hinge_spreadout", True, 0.0), ("global_softmax", True, 0.0), ("spreadout", True, 0.0)])
+def test_clients_side_by_side_give_the_global_model_of_clients_one_by_one(kind, full_table, table_spreadout):
     from c2al.federated.simulation import MIN_SIDE_BY_SIDE
     from c2al.federated.vectorized import VectorizedRunner
     from c2al.jobs.next_item import FederatedSettings, federated_rounds
@@ -261,11 +262,12 @@ def test_clients_side_by_side_give_the_global_model_of_clients_one_by_one(kind, 
     splits = _random_splits()
     # the paper's client SGD and server Adam 1.0; full_table False: each client holds (and sends) only the rows it touches
     fed = dict(clients_per_round=MIN_SIDE_BY_SIDE, rounds=1, eval_every=1, patience=0, full_table_updates=full_table)
-    one_by_one = federated_rounds(splits, NextItemLoss(kind), 0, FederatedSettings(**fed, parallel_clients=0))
+    loss = NextItemLoss(kind, table_spreadout=table_spreadout)  # > 0: every client holds the whole table even when full_table is off
+    one_by_one = federated_rounds(splits, loss, 0, FederatedSettings(**fed, parallel_clients=0))
     vectorized, fit = [], VectorizedRunner.fit
     with pytest.MonkeyPatch.context() as mp:  # count the side-by-side fits: a silent fallback would compare one path with itself
         mp.setattr(VectorizedRunner, "fit", lambda self, jobs, params: vectorized.append(len(jobs)) or fit(self, jobs, params))
-        side_by_side = federated_rounds(splits, NextItemLoss(kind), 0, FederatedSettings(**fed, parallel_clients=MIN_SIDE_BY_SIDE))
+        side_by_side = federated_rounds(splits, loss, 0, FederatedSettings(**fed, parallel_clients=MIN_SIDE_BY_SIDE))
     assert vectorized == [MIN_SIDE_BY_SIDE]
     assert one_by_one.history[0]["aggregated"] == side_by_side.history[0]["aggregated"] == MIN_SIDE_BY_SIDE
     assert side_by_side.history[0]["loss"] == pytest.approx(one_by_one.history[0]["loss"], rel=1e-5)
@@ -338,3 +340,20 @@ def test_drop_last_trains_only_full_local_batches_as_their_client_datasets():
     assert len(steps) == 1 and steps[0][1].sum() == 16  # 4 of 20 examples dropped, as batch(16, drop_remainder=True)
     padded = client_steps(np.arange(20), batch_size=16, seed=0, max_steps=0, epochs=1)
     assert len(padded) == 2 and padded[1][1].sum() == 4
+
+
+def test_table_spreadout_adds_the_whole_tables_off_diagonal_cosine_norm_to_any_loss():
+    _, _, batch = _batch()
+    torch.manual_seed(0)
+    module = NextItemTrainModule(build_sequence_two_tower(6, 16, (16,)), NextItemLoss("batch_softmax"))
+    plain, _ = module(batch)
+    module.spec = NextItemLoss("batch_softmax", table_spreadout=0.5)
+    regularized, _ = module(batch)
+    catalog = module.model.catalog()
+    assert module.spec.whole_catalog and not NextItemLoss("batch_softmax").whole_catalog
+    assert float(regularized - plain) == pytest.approx(0.5 * _offdiag(catalog @ catalog.T), rel=1e-5)
+
+
+def test_a_negative_table_spreadout_is_refused():
+    with pytest.raises(C2ALError, match="--table-spreadout"):
+        NextItemLoss("hinge_spreadout", table_spreadout=-1.0)
