@@ -89,8 +89,8 @@ def clients_of(data: str, valid_frac: float) -> tuple[np.ndarray, list[np.ndarra
         table = getattr(s, split)
         ids = np.zeros(0, dtype=np.int64) if table is None else table.user_ids
         order = np.argsort(ids, kind="stable")
-        bounds = np.searchsorted(ids[order], np.r_[users, users[-1] + 1] if len(users) else users)
-        rows[split] = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        lo, hi = np.searchsorted(ids[order], users, side="left"), np.searchsorted(ids[order], users, side="right")
+        rows[split] = [order[a:b] for a, b in zip(lo, hi)]  # a user without rows here gets none
     return users, rows["train"], rows
 
 
