@@ -357,3 +357,19 @@ def test_table_spreadout_adds_the_whole_tables_off_diagonal_cosine_norm_to_any_l
 def test_a_negative_table_spreadout_is_refused():
     with pytest.raises(C2ALError, match="--table-spreadout"):
         NextItemLoss("hinge_spreadout", table_spreadout=-1.0)
+
+
+def test_vectorized_clients_refuse_a_feature_whose_rows_the_client_does_not_hold():
+    from c2al.federated.client import Layout, LocalTrainer
+    from c2al.federated.vectorized import VectorizedRunner
+
+    table, schema, _ = _batch()
+    torch.manual_seed(0)
+    module = NextItemTrainModule(build_sequence_two_tower(6, 16, (16,)), NextItemLoss("batch_softmax"))
+    full = next_item_layout(module.model)
+    labels_only = Layout(private={}, tables={n: "label" for n in full.tables}, dense=full.dense)  # the context's items missing
+    trainer = LocalTrainer(module, labels_only, schema, table, dense_optimizer="sgd", lr=0.01, table_optimizer="sgd", batch_size=2)
+    params = {n: p.detach().numpy().copy() for n, p in trainer.params.items()}
+    job = (0, ClientData(cid=0, user=7, train=np.array([0, 1])), {}, {"seed": 0, "epochs": 1})
+    with pytest.raises(C2ALError, match="feature 'context' reads rows of table 'item'"):
+        VectorizedRunner(trainer).fit([job], params)
