@@ -230,7 +230,9 @@ class FederatedSettings:
     Attributes:
         clients_per_round: users sampled a round.
         local_batch, local_epochs, client_lr: each client's SGD.
-        server_lr, beta1, beta2, tau: the server's Adam (tau: its epsilon; Keras' default 1e-7).
+        server_lr, beta1, beta2, tau: the server's Adam (tau: its epsilon; Keras' defaults 0.9, 0.999, 1e-7, their
+            optimizer_utils builds tf.keras.optimizers.Adam from them; `aggregate.fedadam_step` is Keras' form:
+            epsilon on the uncorrected sqrt(v), step lr sqrt(1 - b2^t) / (1 - b1^t)).
         rounds: most rounds (200: the TFF command of the paper's README; raise it if validation still improves);
             eval_every: rounds between validations; patience: validations without gain.
         parallel_clients: a round's clients trained side by side, in chunks of this many (`c2al.federated.vectorized`);
