@@ -515,6 +515,22 @@ def scale_study() -> str:
         "of |Y| on their fields, mean over worlds.")
 
 
+def fedrecgel_protocol(name: str) -> Callable[[], str]:
+    """benchmarks/fedrecgel_protocol.py: NCF with private user rows on FedRecGEL's own protocol, one plain or one SAM step per client."""
+    def render() -> str:
+        r = load(name)
+        cfg, runs = r["config"], r["runs"]
+        minutes = sum(x["seconds"] for x in runs) / 60
+        text = r["table"] + (
+            f"\n\n`{r['command'].strip()}` (`benchmarks/results/{name}`; {cfg['rounds']} rounds of {cfg['fraction']:.0%} of the users, "
+            f"server Adam {cfg['server_lr']}, test positive among {cfg['eval_negatives']} sampled unrated items, seeds "
+            f"{', '.join(map(str, cfg['seeds']))}, evaluations every {cfg['eval_every']} rounds); 95% t-intervals over seeds in brackets; "
+            f"sharpness over {cfg['draws']} random directions per radius; the runs took {minutes:.0f} min together, niced, on {machine(r['machine'])}.")
+        missing = r.get("missing_runs") or []
+        return text + (f" Not run: {', '.join(missing)}." if missing else "")
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
@@ -542,6 +558,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "flower_engine": flower_engine,
     "scale": scale,
     "cohort_recovery_worlds": cohort_recovery_worlds,
+    "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
