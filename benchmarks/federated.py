@@ -63,7 +63,7 @@ ROOT = harness.ROOT
 RESULTS = harness.RESULTS
 PARTS = ("ning", "fedrecgel", "rf2")  # the default --parts
 # Each paper's own protocol is a script of its own: `--parts NAME` runs its main with --seeds (and --data if given).
-PROTOCOLS = {"ning-protocol": "ning_protocol", "rf2-protocol": "rf2_protocol"}
+PROTOCOLS = {"ning-protocol": "ning_protocol", "rf2-protocol": "rf2_protocol", "fedrecgel-protocol": "fedrecgel_protocol"}
 QUALITY_ROUNDS = 5  # rounds timed per engine in the quality part's round-cost comparison
 # The narrowed federated settings every arm starts from (train.py's federated defaults otherwise).
 # 27 runs (9 a seed, 2 of them two federated phases with mining between) fit about an hour on 2 cores only this narrow;

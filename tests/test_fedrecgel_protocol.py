@@ -204,3 +204,13 @@ def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, fa
     assert again["summary"]["sam"] == result["summary"]["sam"]
     merged = fedrecgel_protocol.main([*argv[:4], "0,1,5", *argv[5:], "--merge-only"])  # seed 5 never ran: left out, not run
     assert sorted(merged["missing_runs"]) == ["ml_plain_seed5", "ml_sam_seed5"] and len(merged["runs"]) == 4
+
+
+def test_the_federated_benchmark_runs_this_protocol_as_a_part(monkeypatch):
+    import federated
+    import fedrecgel_protocol
+
+    seen = []
+    monkeypatch.setattr(fedrecgel_protocol, "main", lambda argv: seen.append(argv))
+    assert federated.main(["--parts", "fedrecgel-protocol", "--seeds", "0,1"]) == {}
+    assert seen == [["--seeds", "0,1,"]]
