@@ -559,6 +559,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "scale": scale,
     "cohort_recovery_worlds": cohort_recovery_worlds,
     "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
+    "fedrecgel_protocol_server-lr": fedrecgel_protocol("fedrecgel_protocol_server-lr-0.01.json"),
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
