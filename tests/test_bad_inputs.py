@@ -443,9 +443,9 @@ def test_each_mode_only_flag_is_read_by_its_mode_and_never_by_the_other() -> Non
     that the centralized loop reads would need to move to another group)."""
     from c2al.jobs.preflight import CENTRALIZED_ONLY, FEDERATED_ONLY
 
-    federated = _reads([*(ROOT / "c2al" / "federated").glob("*.py"), ROOT / "c2al" / "jobs" / "federated.py"])
+    federated = _reads([*(ROOT / "c2al" / "federated").glob("*.py"), ROOT / "c2al" / "jobs" / "federated_job.py"])
     centralized = _reads([*(ROOT / "c2al" / "train").glob("*.py"), ROOT / "c2al" / "jobs" / "centralized.py",
-                          ROOT / "c2al" / "jobs" / "common.py", *(ROOT / "c2al" / "data").glob("*.py")])
+                          ROOT / "c2al" / "jobs" / "pipeline.py", *(ROOT / "c2al" / "data").glob("*.py")])
     assert {"rounds", "tiers", "server_optimizer", "num_actors"} <= set(FEDERATED_ONLY) and "federated" not in FEDERATED_ONLY
     assert not set(FEDERATED_ONLY) & centralized, "the centralized code reads a federated-only field"
     assert not set(CENTRALIZED_ONLY) & federated, "the federated code reads a centralized-only field"
