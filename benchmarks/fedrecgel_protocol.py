@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import sys
 import time
@@ -201,11 +200,7 @@ def summarize(results: Sequence[dict[str, Any]], seeds: Sequence[int], popular: 
 
 def table(summary: dict[str, Any]) -> str:
     """Markdown: per data set and arm, test HR@10 / NDCG@10 (final and at best validation), stability, sharpness."""
-    def cell(c: dict[str, Any] | None, fmt: str = "{:.4f}") -> str:
-        if not c or c.get("n", 0) == 0:
-            return "-"
-        lo, hi = c["ci95"]
-        return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c["n"] > 1 else "")
+    cell = harness.format_interval
 
     lines = ["| data | arm | HR@10 | NDCG@10 | HR@10 at best valid | item cosine between evals | drift | "
              f"sharpness: valid HR@10 drop at r={RADII[-1]} | valid BCE rise at r={RADII[-1]} |", "|---|---|---|---|---|---|---|---|---|"]
@@ -270,14 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                 "protocol": asdict(PrivateRoundSettings())}, workers=args.workers)
     grid = [(d, arm, s, settings, str(runs_dir / f"{Path(d).name.replace(':', '_')}_{arm}_seed{s}.json"))
             for d in datas for s in args.seeds for arm in args.arms.split(",")]
-    done, todo = [], []
-    for task in grid:
-        path = Path(task[-1])
-        old = json.loads(path.read_text()) if path.is_file() else None
-        if old is not None and old.get("settings") == settings:
-            done.append(old)
-        else:
-            todo.append(task)
+    done, todo = harness.split_finished(grid, settings)
     if args.merge_only:
         log.info("--merge-only: %d of %d runs have a file; %d left out", len(done), len(grid), len(todo))
     else:

@@ -22,6 +22,7 @@ plus the load average at start and at end), wall_s (seconds from start() to the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import multiprocessing
 import os
@@ -219,6 +220,36 @@ def _collect(futures: dict[Future, int], pool: ProcessPoolExecutor, on_result: C
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     return results
+
+
+def split_finished(grid: Sequence[tuple[Any, ...]], settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """(results already written, tasks still to run) of a grid whose tasks end with their run file's path.
+
+    A run file counts as finished when it exists and was written with the same `settings` (its
+    "settings" key), so a rerun of a grid skips what is done and redoes what changed.
+    """
+    done, todo = [], []
+    for task in grid:
+        path = Path(task[-1])
+        old = json.loads(path.read_text()) if path.is_file() else None
+        if old is not None and old.get("settings") == settings:
+            done.append(old)
+        else:
+            todo.append(task)
+    return done, todo
+
+
+def format_interval(c: dict[str, Any] | None, fmt: str = "{:.4f}") -> str:
+    """An `interval()` cell as "mean [lo, hi]" ("mean" alone for one value, "-" for none).
+
+    Example:
+        >>> format_interval({"mean": 0.5, "ci95": [0.4, 0.6], "n": 3}), format_interval(None)
+        ('0.5000 [0.4000, 0.6000]', '-')
+    """
+    if not c or c.get("n", 0) == 0:
+        return "-"
+    lo, hi = c["ci95"]
+    return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c["n"] > 1 else "")
 
 
 # ---------------------------------------------------------------- result-file header

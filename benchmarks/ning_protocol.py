@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -142,11 +141,7 @@ def summarize(results: Sequence[dict[str, Any]], popular: dict[int, dict[str, fl
 
 def table(summary: dict[str, Any]) -> str:
     """The README's markdown table: test recall@10 per loss and mode, gain and gap."""
-    def cell(c: dict[str, Any] | None, fmt: str = "{:.4f}") -> str:
-        if not c or c.get("n", 0) == 0:
-            return "-"
-        lo, hi = c["ci95"]
-        return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c["n"] > 1 else "")
+    cell = harness.format_interval
 
     lines = [f"most-popular test recall@10: {summary['most_popular']['recall@10']:.4f}", "",
              "| loss | centralized recall@10 | federated recall@10 | gain over batch softmax (%) | gap to centralized (%) |",
@@ -204,11 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run = harness.start(__file__, argv, config={"data": args.data, "seeds": args.seeds, **settings}, workers=args.workers)
     grid = [(args.data, m, loss, s, settings, str(runs_dir / f"{m}_{loss}_seed{s}.json"))
             for s in args.seeds for m in args.modes.split(",") for loss in args.losses.split(",")]
-    done, todo = [], []
-    for task in grid:
-        path = Path(task[-1])
-        old = json.loads(path.read_text()) if path.is_file() else None
-        (done if old is not None and old.get("settings") == settings else todo).append(old if old and old.get("settings") == settings else task)
+    done, todo = harness.split_finished(grid, settings)
     done += harness.run_pool(run_one, todo, workers=args.workers)
     popular = {s: most_popular(args.data, s) for s in args.seeds}
     summary = summarize(done, popular)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import sys
@@ -350,14 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run = harness.start(__file__, argv, config={"data": args.data, "seeds": args.seeds, **settings}, workers=args.workers)
     grid = [(args.data, m, arm, s, settings, str(runs_dir / f"{m}_{arm}_seed{s}.json"))
             for s in args.seeds for m in args.tiers.split(",") for arm in args.arms.split(",")]
-    done, todo = [], []
-    for task in grid:
-        path = Path(task[-1])
-        old = json.loads(path.read_text()) if path.is_file() else None
-        if old is not None and old.get("settings") == settings:
-            done.append(old)
-        else:
-            todo.append(task)
+    done, todo = harness.split_finished(grid, settings)
     done += harness.run_pool(run_one, todo, workers=args.workers)
     summary = summarize(done, args.seeds)
     keep = [{k: r[k] for k in ("mode", "arm", "seed", "test", "tier_clients", "kept_epoch", "rounds", "seconds")} for r in done]
