@@ -557,6 +557,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "federated_robust": federated_robust,
     "flower_engine": flower_engine,
     "scale": scale,
+    "scale_study": scale_study,
     "cohort_recovery_worlds": cohort_recovery_worlds,
     "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
     "fedrecgel_protocol_server-lr": fedrecgel_protocol("fedrecgel_protocol_server-lr-0.01.json"),

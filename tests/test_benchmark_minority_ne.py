@@ -185,7 +185,7 @@ def test_rows_from_the_spawned_workers_equal_an_in_process_run(quick, tmp_path):
     assert sorted(r["arm"] for r in rows) == sorted(want)
     for r in rows:
         assert (r["ne"] if r["arm"] == "baseline" else r["overall"]["ne_c2al"]) == pytest.approx(
-            want[r["arm"]]["ne"] if r["arm"] == "baseline" else want[r["arm"]]["overall"]["ne_c2al"], abs=1e-12)
+            want[r["arm"]]["ne"] if r["arm"] == "baseline" else want[r["arm"]]["overall"]["ne_c2al"], abs=1e-8)  # workers and this process may sum in another thread order
 
 
 def test_unknown_model_or_arm_is_refused_naming_it(capsys):
