@@ -117,8 +117,8 @@ def run_one(model: str, rows: int, seed: int, arm: str, args: argparse.Namespace
     """Train one arm on one world; the baseline also mines and saves its cohorts and test scores for the arms."""
     from c2al.cohorts import CohortMiner
     from c2al.data.stream import open_stream
-    from c2al.jobs.centralized import fit_c2al, served_model, with_mined_cohorts
-    from c2al.jobs.pipeline import cohort_frame, mine_cohorts
+    from c2al.jobs.centralized import fit_c2al, with_mined_cohorts
+    from c2al.jobs.pipeline import cohort_frame, mine_cohorts, served_model
     from c2al.train.build import seeded_model
     from c2al.train.loop import fit
     from c2al.train.task import predict

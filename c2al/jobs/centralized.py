@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-import c2al
 from c2al.config import Config
 from c2al.data.schema import Splits
 from c2al.dist.checkpoint import save_checkpoint
@@ -33,11 +32,9 @@ from c2al.eval.compare import (
 )
 from c2al.eval.metrics import per_segment, summarize
 from c2al.eval.report import format_table, write_json
-from c2al.jobs.pipeline import cohort_frame, make_head, mine_cohorts
+from c2al.jobs.pipeline import attach_heads, cohort_frame, mine_cohorts, served_model
 from c2al.models.registry import model_spec
-from c2al.plugin import C2ALWrapper
-from c2al.robust import RobustModel, group_counts, make_objective, robust_model, unwrap
-from c2al.towers import attach_towers, detach_towers
+from c2al.robust import group_counts, make_objective, robust_model
 from c2al.train.build import seeded_model
 from c2al.train.loop import Trained, fit, is_streaming
 from c2al.train.task import predict
@@ -170,12 +167,7 @@ def fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo, 
         objective = make_objective(cfg.objective, counts=group_counts(ids, k), eta=cfg.dro_eta,
                                    adjust=cfg.dro_adjust, alpha=cfg.cvar_alpha)
         return fit(cfg, splits, robust_model(model, objective), info, checkpoint=checkpoint, tag=cfg.objective)
-    if cfg.aux_towers == "mmoe":
-        wrapper = attach_towers(model, "inter_arch", k, aux_weight, make_head(cfg, model), kind="mmoe",
-                                n_experts=cfg.mmoe_experts)
-    else:
-        wrapper = c2al.attach(model, at="inter_arch", n_cohorts=k, aux_weight=aux_weight, head=make_head(cfg, model),
-                              balance=cfg.aux_balance)
+    wrapper = attach_heads(cfg, model, aux_weight, towers=cfg.aux_towers, balance=cfg.aux_balance)
     tag = "c2al" if checkpoint is None or checkpoint.name == "c2al_train.pt" else f"c2al lambda={aux_weight[0]:g}"
     return fit(cfg, splits, wrapper, info, checkpoint=checkpoint, tag=tag)
 
@@ -185,11 +177,3 @@ def _valid(cfg: Config, splits: Splits, module: Any, cohort_ids: dict[str, np.nd
     p = predict(module, splits.valid, splits.schema, cfg.batch_size, info)
     return valid_scores(p, splits.valid.labels, cohort_ids["valid"], k)
 
-
-def served_model(model: Any) -> Any:
-    """What ships from a trained model: C2AL's heads or the cohort towers detached, a robust objective unwrapped."""
-    if isinstance(model, RobustModel):
-        return unwrap(model)
-    if isinstance(model, C2ALWrapper):
-        return detach_towers(model)
-    return model

@@ -49,7 +49,7 @@ from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, Evaluate, FedTrained, run_rounds
 from c2al.federated.strategy import Aggregation, make_strategy
-from c2al.jobs.pipeline import cohort_frame, make_head
+from c2al.jobs.pipeline import attach_heads, cohort_frame, served_model
 from c2al.models.registry import model_spec
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
@@ -321,14 +321,11 @@ def fit_c2al_arms(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clien
 def fit_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: list[ClientData], tiers: np.ndarray,
             aux_weight: list[float], checkpoint: Path, tag: str) -> Arm:
     """One federated C2AL training from the baseline's seeded start, with lambda `aux_weight` (one per cohort)."""
-    import c2al
-
     model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = c2al.attach(model, at="inter_arch", n_cohorts=cfg.aux_cohorts, aux_weight=aux_weight, head=make_head(cfg, model),
-                          balance=cfg.aux_balance)
+    wrapper = attach_heads(cfg, model, list(aux_weight), balance=cfg.aux_balance)
     trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, checkpoint, tag)
     trained.install()
-    arm = Arm(trained, c2al.detach(wrapper), {})
+    arm = Arm(trained, served_model(wrapper), {})
     scores = valid_scores(arm_scores(cfg, splits, arm, "valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
     lam = aux_weight[0] if len(set(aux_weight)) == 1 else aux_weight
     arm.valid.update(aux_weight=lam, **scores, best_round=trained.best.get("rounds"))
