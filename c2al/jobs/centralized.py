@@ -160,11 +160,10 @@ def fit_c2al(cfg: Config, splits: Any, aux_weight: list[float], info: DistInfo, 
     lambda per exposed cohort in `aux_weight`); with --objective group-dro / cvar the plain model under that loss
     instead, with --aux-towers mmoe MMoE towers."""
     model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    k = len(aux_weight)
     if cfg.objective != "erm":
         # n_g of Group DRO's adjustment: the train rows per group; a stream's are not counted ahead, validation's shares stand in
         ids = splits.valid.cohort_ids if is_streaming(splits.train) else splits.train.cohort_ids
-        objective = make_objective(cfg.objective, counts=group_counts(ids, k), eta=cfg.dro_eta,
+        objective = make_objective(cfg.objective, counts=group_counts(ids, len(aux_weight)), eta=cfg.dro_eta,
                                    adjust=cfg.dro_adjust, alpha=cfg.cvar_alpha)
         return fit(cfg, splits, robust_model(model, objective), info, checkpoint=checkpoint, tag=cfg.objective)
     wrapper = attach_heads(cfg, model, aux_weight, towers=cfg.aux_towers, balance=cfg.aux_balance)

@@ -322,7 +322,7 @@ def fit_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: li
             aux_weight: list[float], checkpoint: Path, tag: str) -> Arm:
     """One federated C2AL training from the baseline's seeded start, with lambda `aux_weight` (one per cohort)."""
     model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = attach_heads(cfg, model, list(aux_weight), balance=cfg.aux_balance)
+    wrapper = attach_heads(cfg, model, aux_weight, balance=cfg.aux_balance)
     trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, checkpoint, tag)
     trained.install()
     arm = Arm(trained, served_model(wrapper), {})
