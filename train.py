@@ -18,12 +18,15 @@ import argparse
 import logging
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from c2al.config import Config, add_config_flags, parse_args
 from c2al.errors import C2ALError
+
+_OTHER_RANK_GRACE_S = 5.0  # how long a non-main rank waits for the main rank to report the same error
 
 log = logging.getLogger("c2al")
 
@@ -161,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(parse_args(argv, description=__doc__), given=typed_flags(argv))
     except C2ALError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        if os.environ.get("RANK", "0") != "0":
+            # Under torchrun every rank usually fails alike and the main one says so. Another rank waits first:
+            # torchrun stops it as soon as the main rank exits, so its line is printed only when the main rank
+            # did not fail (without the wait a fast rank exiting 2 got the main rank killed before it printed).
+            time.sleep(_OTHER_RANK_GRACE_S)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -377,15 +377,20 @@ def test_bad_input_is_one_error_line_and_exit_2(case: Case, files: Files, tmp_pa
     assert after == before, "a failing command changed OUT"
 
 
-def test_rank_other_than_0_fails_silently(files: Files, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under torchrun every rank hits the same error; only rank 0 prints it."""
+def test_a_rank_other_than_0_waits_for_rank_0_before_it_reports(files: Files, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank hits the same error: rank 0 prints it at once; another rank waits first (torchrun
+    stops it when rank 0 exits) and prints only if it is still alive, i.e. when rank 0 did not fail."""
     monkeypatch.setenv("WORLD_SIZE", "3")
-    for rank, lines in (("0", 1), ("1", 0)):
+    waits: list[float] = []
+    monkeypatch.setattr(train.time, "sleep", waits.append)
+    for rank, slept in (("0", []), ("1", [train._OTHER_RANK_GRACE_S])):
         monkeypatch.setenv("RANK", rank)
+        waits.clear()
         assert train.main(on(files.csv, "--out", str(tmp_path))) == 2
         err = capsys.readouterr().err
-        assert len([line for line in err.splitlines() if "not divisible by world size 3" in line]) == lines, err
+        assert waits == slept
+        assert len([line for line in err.splitlines() if "not divisible by world size 3" in line]) == 1, err
 
 
 @pytest.mark.slow  # starts 2 torchrun processes
