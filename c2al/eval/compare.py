@@ -130,16 +130,22 @@ def retrieval_report(models: dict[str, nn.Module], splits: Splits, info: DistInf
     return out if len(out) > 1 else next(iter(out.values()))
 
 
-def kept(best: dict[str, Any] | None) -> str:
-    """'epoch 3 kept' for a training's best (or last) evaluation, as printed above tables."""
-    return f"epoch {best['epoch']} kept" if best else "last epoch"
+def kept(best: dict[str, Any] | None, unit: str = "epoch") -> str:
+    """'epoch 3 kept' (a federated training's best: 'round 40 kept') for a training's best evaluation, as printed
+    above tables; 'last epoch' (`unit`) when nothing was evaluated."""
+    if best and "epoch" in best:
+        return f"epoch {best['epoch']} kept"
+    if best and "rounds" in best:
+        return f"round {best['rounds']} kept"
+    return f"last {unit}"
 
 
 def kept_both(report: dict[str, Any]) -> str:
     best = report.get("best") or {}
     if not best:
         return ""
-    return f"; baseline {kept(best.get('baseline'))}, C2AL {kept(best.get('c2al'))}"
+    unit = "round" if "federated" in report else "epoch"
+    return f"; baseline {kept(best.get('baseline'), unit)}, C2AL {kept(best.get('c2al'), unit)}"
 
 
 # --aux-weight auto tries these lambdas (each a full early-stopped C2AL training).

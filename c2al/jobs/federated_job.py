@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,19 +21,8 @@ from torch import nn
 
 from c2al.config import RESUME_FIELDS, Config
 from c2al.data.schema import Splits, Table
-from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
-from c2al.eval.compare import (
-    AUTO_GRID,
-    add_traits,
-    attention_report,
-    choose_aux_weight,
-    compare,
-    print_comparison,
-    record_decision,
-    ship_decision,
-    valid_scores,
-)
+from c2al.eval.compare import kept
 from c2al.eval.metrics import ne_diff_pct, per_segment, summarize
 from c2al.eval.report import format_table, write_json
 from c2al.federated.aggregate import mdac
@@ -49,7 +38,7 @@ from c2al.federated.heterogeneity import TIERS, TierSpec, assign_tiers
 from c2al.federated.mining import FederatedCohortMiner
 from c2al.federated.simulation import CPU, Evaluate, FedTrained, run_rounds
 from c2al.federated.strategy import Aggregation, make_strategy
-from c2al.jobs.pipeline import attach_heads, cohort_frame, served_model
+from c2al.jobs.pipeline import Candidate, attach_heads, cohort_frame, publish, run_c2al_pipeline, served_model
 from c2al.models.registry import model_spec
 from c2al.train.build import seeded_model
 from c2al.train.task import TrainModule, predict
@@ -164,11 +153,6 @@ def validation(cfg: Config, splits: Splits, fed: FedTrained, criterion: str = "n
     return out
 
 
-def kept_round(best: dict[str, Any]) -> str:
-    """'round 40 kept' for a federated training's best (or last) evaluation, as printed above tables."""
-    return f"round {best['rounds']} kept" if best else "last round"
-
-
 def row_tiers(table: Table, clients: list[ClientData], tiers: np.ndarray) -> np.ndarray:
     """Tier of each row's user (-1 for users without a client)."""
     lookup = {c.user: int(tiers[c.cid]) for c in clients}
@@ -224,7 +208,7 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
     report = {"config": cfg.to_dict(), "overall": summarize(probs, test.labels), "segments": segments, "tiers": tier_table,
               "best": trained.best, "federated": federated_summary(cfg, clients, tiers, {"train": trained}, tier_table)}
     log.info(format_table([report["overall"]], ["n", "plr", "ne", "auc", "logloss", "calibration"],
-                          title=f"test split ({cfg.model}, federated, {kept_round(trained.best)})"))
+                          title=f"test split ({cfg.model}, federated, {kept(trained.best, 'round')})"))
     log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "auc_base"], title="per device tier"))
     write_json(report, out / "report.json")
     log.info(f"wrote {out / 'report.json'}")
@@ -234,110 +218,87 @@ def run_federated(cfg: Config, splits: Splits, out: Path) -> dict[str, Any]:
 def run_federated_c2al(cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path,
                        base: FedTrained | None = None) -> dict[str, Any]:
     """Baseline rounds (or the given `base`, trained with this cfg and seed), federated mining, C2AL rounds
-    (one lambda, or each of --aux-weight auto's), the validation gate, report."""
-    if base is None:
-        base = federated_fit(cfg, splits, seeded_model(cfg, splits.schema), clients, tiers, out / "fed_baseline.pt", "baseline")
-    p_valid = base.predict("valid", splits, cfg.batch_size)
-    frame = cohort_frame(cfg, splits, "valid")
-    # each client mines from its own validation rows: features, the baseline's scores, labels
-    fed = FederatedCohortMiner(cfg.aux_cohorts, n_clusters=cfg.n_clusters, divergence=cfg.divergence, min_share=cfg.min_share,
-                               max_share=cfg.max_share, iters=cfg.kmeans_iters, random_state=cfg.seed)
-    fed.fit([frame.iloc[c.valid] for c in clients], [splits.valid.labels[c.valid] for c in clients], [p_valid[c.valid] for c in clients])
-    agreement = mining_agreement(cfg, splits, fed, frame, p_valid)
-    # clients compute their own cohort ids from the broadcast centroids (vectorized here)
-    ids = {s: fed.predict(cohort_frame(cfg, splits, s)) for s in ("train", "valid", "test")}
-    # the centralized job's choice of lambda and validation gate, on the clients' validation rows
-    v_base = valid_scores(p_valid, splits.valid.labels, ids["valid"], cfg.aux_cohorts)
-    arm, search = fit_c2al_arms(cfg, splits, ids, clients, tiers, out, v_base)
-    trained, served = arm.trained, arm.served
-    decision = ship_decision(v_base, arm.valid, cfg.gate, cfg.gate_tolerance)
-    shipped = served if decision["shipped"] == "c2al" else base.model
-    save_checkpoint(out / "c2al.pt", model_state=shipped.state_dict(), config=cfg.to_dict(), step=-1,
-                    extra={"stripped": True, "shipped": decision["shipped"]})
-
-    p_base = base.predict("test", splits, cfg.batch_size)
-    p_c2al = arm_scores(cfg, splits, arm, "test")
-    report = compare(cfg, splits, ids["test"], p_base, p_c2al, fed)
-    report["miner"]["federated"] = True
-    add_traits(report, cohort_frame(cfg, splits, "test"), ids["test"])
+    (one lambda, or each of --aux-weight auto's), the validation gate, report: `pipeline.run_c2al_pipeline`
+    with federated rounds, plus per-tier NE, MDAC and the agreement of federated with centralized mining."""
+    loop = FederatedLoop(cfg, splits, clients, tiers, out, base)
+    run = run_c2al_pipeline(cfg, splits, loop, out)
+    report = run.report
+    p_base = run.p_test["baseline"] if run.chosen is not None else loop.scores(run.base, "test")
+    p_c2al = run.p_test.get("c2al")
     tier_table = tier_rows(p_base, p_c2al, splits.test.labels, row_tiers(splits.test, clients, tiers))
+    phases = {"baseline": run.base.trained} | ({"c2al": run.chosen.trained} if run.chosen is not None else {})
     report["tiers"] = tier_table
-    report["attention"] = attention_report(base.model, served, splits, cfg, CPU)
-    report["history"] = {"baseline": base.history, "c2al": trained.history}
-    report["train_seconds"] = {"baseline": base.seconds, "c2al": trained.seconds}
-    report["world_size"] = 1
-    report["federated"] = federated_summary(cfg, clients, tiers, {"baseline": base, "c2al": trained}, tier_table)
-    report["federated"]["mining"] = agreement
-    record_decision(report, decision)
-    if search:
-        report["aux_weight_search"] = search
-    print_comparison(report)
-    log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"], title="per device tier (NE_diff % < 0 is better)"))
-    log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
-    log.info(f"federated vs centralized mining on validation rows: ARI {agreement['ari']:.3f} of the exposed cohorts, "
-          f"{agreement.get('kmeans_ari', float('nan')):.3f} of the k-means clusters")
-    write_json(report, out / "report.json")
-    try:
-        from c2al.eval.plots import plot_report
+    report["federated"] = federated_summary(cfg, clients, tiers, phases, tier_table)
+    report["federated"]["mining"] = loop.agreement
+    report.setdefault("miner", {})["federated"] = True
 
-        plot_report(report, out / "report.png")
-    except ImportError:
-        pass
-    log.info(f"wrote {out / 'report.json'}, {out / 'c2al.pt'}")
+    def federated_lines() -> None:
+        log.info(format_table(tier_table, ["tier", "n", "share", "plr", "ne_base", "ne_c2al", "ne_diff_pct"],
+                              title="per device tier (NE_diff % < 0 is better)"))
+        log.info(f"MDAC (largest pairwise tier difference of the relative NE change): {report['federated']['mdac']:.6f}")
+        log.info(f"federated vs centralized mining on validation rows: ARI {loop.agreement['ari']:.3f} of the exposed cohorts, "
+                 f"{loop.agreement.get('kmeans_ari', float('nan')):.3f} of the k-means clusters")
+
+    publish(run, out, CPU, f"{out / 'c2al.pt'}", then=federated_lines)
     return report
 
 
-class Arm(NamedTuple):
-    """One federated C2AL training: its rounds, the stripped model, and its validation scores."""
+class FederatedLoop:
+    """`pipeline.Loop` of train.py's federated job: rounds over the clients, early-stopped on their validation rows.
 
-    trained: FedTrained
-    served: nn.Module  # heads detached: the serving model
-    valid: dict[str, Any]  # aux_weight, validation ne / cohort_ne / cohorts (valid_scores), best_round
-
-
-def fit_c2al_arms(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: list[ClientData], tiers: np.ndarray,
-                  out: Path, v_base: dict[str, Any]) -> tuple[Arm, dict[str, Any] | None]:
-    """C2AL rounds with --aux-weight, or once per lambda of AUTO_GRID (--aux-weight auto) and the arm
-    `choose_aux_weight` keeps on validation (the centralized job's rule).
-
-    Args:
-        ids: mined cohort id per row of each split ("train", "valid", "test").
-        v_base: the baseline's validation scores (`valid_scores`), what auto compares with.
-
-    Returns:
-        (the arm to gate and report, the search {"candidates", "chosen", "baseline"} or None for one lambda).
+    The baseline trains to OUT/fed_baseline.pt (or is given); the miner is `FederatedCohortMiner` over each client's
+    own validation rows (features, the baseline's scores, labels), its agreement with the centralized miner kept in
+    `agreement`; clients compute their own cohort ids from the broadcast centroids (vectorized here). Each C2AL
+    training goes to OUT/fed_c2al{suffix}.pt and is installed, its served model detached at once: the federated
+    scores (`FedTrained.predict`, or the scores the Flower clients computed) are the served model's.
     """
-    if cfg.aux_weight != "auto":
-        return fit_arm(cfg, splits, ids, clients, tiers, cfg.aux_weights(), out / "fed_c2al.pt", "c2al"), None
-    arms = [fit_arm(cfg, splits, ids, clients, tiers, [lam] * cfg.aux_cohorts, out / f"fed_c2al_lambda{lam:g}.pt", f"c2al lambda={lam:g}")
-            for lam in AUTO_GRID]
-    chosen = choose_aux_weight([a.valid for a in arms], v_base, cfg.gate_tolerance)
-    arm = next(a for a in arms if a.valid is chosen)
-    tried = ", ".join(f"{a.valid['aux_weight']:g}: valid NE {a.valid['ne']:.4f}" for a in arms)
-    log.info(f"--aux-weight auto: lambda {chosen['aux_weight']:g} kept on validation (tried {tried})")
-    return arm, {"candidates": [a.valid for a in arms], "chosen": chosen["aux_weight"], "baseline": v_base}
 
+    info = CPU
 
-def fit_arm(cfg: Config, splits: Splits, ids: dict[str, np.ndarray], clients: list[ClientData], tiers: np.ndarray,
-            aux_weight: list[float], checkpoint: Path, tag: str) -> Arm:
-    """One federated C2AL training from the baseline's seeded start, with lambda `aux_weight` (one per cohort)."""
-    model = seeded_model(cfg, splits.schema)  # same seed: same start as the baseline
-    wrapper = attach_heads(cfg, model, aux_weight, balance=cfg.aux_balance)
-    trained = federated_fit(cfg, splits.with_cohorts(ids), wrapper, clients, tiers, checkpoint, tag)
-    trained.install()
-    arm = Arm(trained, served_model(wrapper), {})
-    scores = valid_scores(arm_scores(cfg, splits, arm, "valid"), splits.valid.labels, ids["valid"], cfg.aux_cohorts)
-    lam = aux_weight[0] if len(set(aux_weight)) == 1 else aux_weight
-    arm.valid.update(aux_weight=lam, **scores, best_round=trained.best.get("rounds"))
-    return arm
+    def __init__(self, cfg: Config, splits: Splits, clients: list[ClientData], tiers: np.ndarray, out: Path,
+                 base: FedTrained | None = None) -> None:
+        self.cfg, self.splits, self.clients, self.tiers, self.out = cfg, splits, clients, tiers, out
+        self.given = base
+        self.base: Candidate | None = None
+        self.agreement: dict[str, Any] = {}
 
+    def baseline(self) -> Candidate:
+        cfg, splits = self.cfg, self.splits
+        trained = self.given or federated_fit(cfg, splits, seeded_model(cfg, splits.schema), self.clients, self.tiers,
+                                              self.out / "fed_baseline.pt", "baseline")
+        self.base = Candidate(trained, trained.model)
+        return self.base
 
-def arm_scores(cfg: Config, splits: Splits, arm: Arm, split: str) -> np.ndarray:
-    """Probabilities of an arm's served model for `split`; --engine flower: the scores the clients computed
-    with the wrapper's main output (equal to the stripped model's)."""
-    if split in arm.trained.scores:
-        return arm.trained.scores[split]
-    return predict(arm.served, getattr(splits, split), splits.schema, cfg.batch_size)
+    def mine(self, p_valid: np.ndarray) -> Any:
+        cfg, splits, clients = self.cfg, self.splits, self.clients
+        frame = cohort_frame(cfg, splits, "valid")
+        miner = FederatedCohortMiner(cfg.aux_cohorts, n_clusters=cfg.n_clusters, divergence=cfg.divergence, min_share=cfg.min_share,
+                                     max_share=cfg.max_share, iters=cfg.kmeans_iters, random_state=cfg.seed)
+        miner.fit([frame.iloc[c.valid] for c in clients], [splits.valid.labels[c.valid] for c in clients], [p_valid[c.valid] for c in clients])
+        self.agreement = mining_agreement(cfg, splits, miner, frame, p_valid)
+        return miner
+
+    def with_cohorts(self, miner: Any, ids: dict[str, np.ndarray]) -> Any:
+        return self.splits.with_cohorts({"train": miner.predict(cohort_frame(self.cfg, self.splits, "train")), **ids})
+
+    def fit(self, splits: Any, aux_weight: list[float], suffix: str) -> Candidate:
+        wrapper = attach_heads(self.cfg, seeded_model(self.cfg, splits.schema), aux_weight, balance=self.cfg.aux_balance)  # the baseline's seed
+        tag = f"c2al lambda={aux_weight[0]:g}" if suffix else "c2al"
+        trained = federated_fit(self.cfg, splits, wrapper, self.clients, self.tiers, self.out / f"fed_c2al{suffix}.pt", tag)
+        trained.install()
+        return Candidate(trained, served_model(wrapper))
+
+    def scores(self, candidate: Candidate, split: str) -> np.ndarray:
+        """The global model's probabilities with every client's rows; --engine flower: a C2AL candidate's scores
+        as its clients computed them with the wrapper's main output (equal to the stripped model's)."""
+        if candidate is self.base:
+            return candidate.trained.predict(split, self.splits, self.cfg.batch_size)
+        if split in candidate.trained.scores:
+            return candidate.trained.scores[split]
+        return predict(candidate.served, getattr(self.splits, split), self.splits.schema, self.cfg.batch_size)
+
+    def kept(self, trained: FedTrained) -> dict[str, Any]:
+        return {"best_round": trained.best.get("rounds")}
 
 
 def mining_agreement(cfg: Config, splits: Splits, fed: FederatedCohortMiner, frame: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:

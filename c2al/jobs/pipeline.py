@@ -131,7 +131,8 @@ def run_c2al_pipeline(cfg: Config, splits: Any, loop: Loop, out: Path) -> C2ALRu
         The report (`compare`'s per-cohort table, attention, history, best, train_seconds, decision) and its parts.
     """
     base = loop.baseline()
-    miner = loop.mine(loop.scores(base, "valid"))
+    p_valid = loop.scores(base, "valid")
+    miner = loop.mine(p_valid)
     k = exposed(miner)
     if k == 0:
         return C2ALRun(baseline_ships(cfg, splits, loop, base, miner, out), base, miner)
@@ -140,7 +141,7 @@ def run_c2al_pipeline(cfg: Config, splits: Any, loop: Loop, out: Path) -> C2ALRu
                  f"C2AL trains {k} head(s)")
     ids = {s: miner.predict(cohort_frame(cfg, splits, s)) for s in ("valid", "test")}
     armed = loop.with_cohorts(miner, ids)
-    v_base = valid_scores(loop.scores(base, "valid"), splits.valid.labels, ids["valid"], k)
+    v_base = valid_scores(p_valid, splits.valid.labels, ids["valid"], k)
     chosen, search = fit_candidates(cfg, loop, armed, lambda_grid(cfg, k), ids["valid"], splits.valid.labels, v_base, k)
     decision = ship_decision(v_base, chosen.valid, cfg.gate, cfg.gate_tolerance)
     shipped = chosen.served if decision["shipped"] == "c2al" else base.served
