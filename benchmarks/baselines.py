@@ -55,6 +55,7 @@ from c2al.eval.metrics import summarize
 from c2al.eval.report import format_table, write_json
 from c2al.eval.retrieval import retrieval_metrics
 from c2al.logs import quiet_libraries, setup_logging
+from c2al.models.registry import model_spec
 from c2al.train.build import seeded_model
 from c2al.train.loop import fit
 from c2al.train.task import predict
@@ -106,7 +107,7 @@ def train_one(name: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "epoch_seconds": trained.seconds / max(len(trained.history), 1), "train_seconds": trained.seconds,
         "load_seconds": load_seconds, "config": cfg.to_dict(),
     }
-    if cfg.model == "two-tower":
+    if model_spec(cfg.model).retrieval:
         row["retrieval"] = retrieval_metrics(trained.model, splits, info, ks=RETRIEVAL_KS)
     row["seconds"] = time.perf_counter() - start
     row["load_avg_1m"] = os.getloadavg()[0]  # the machine is shared: its load when this run ended, next to its seconds

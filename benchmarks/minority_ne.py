@@ -108,6 +108,7 @@ from c2al.eval.retrieval import retrieval_metrics
 from c2al.jobs.pipeline import Candidate, attach_heads, cohort_frame, fit_candidates, mine_cohorts, served_model
 from c2al.logs import quiet_libraries
 from c2al.models import SHARED_AT
+from c2al.models.registry import model_spec
 from c2al.robust import group_counts, make_objective, robust_model, unwrap
 from c2al.train.build import seeded_model
 from c2al.train.loop import fit
@@ -284,7 +285,7 @@ def least_contrasting(miner: Any, k: int) -> Any:
 def train_c2al(cfg: Config, armed: Splits, arm: Arm, lam: float, info: DistInfo) -> tuple[Any, dict[str, Any]]:
     """Attach (the pipeline's `attach_heads`), fit (early-stopped) from the baseline's seeded start on `armed` (the
     splits carrying the arm's cohort ids), detach; returns the served model and facts."""
-    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(lam,), aux_head=arm_head(cfg, arm))
+    acfg = dataclasses.replace(cfg, aux_cohorts=arm.k, aux_weight=(lam,), aux_head=arm.head)  # make_head maps clone to linear where over_arch has no parameters
     model = seeded_model(acfg, armed.schema)  # same seed: same start as the baseline
     wrapper = attach_heads(acfg, model, acfg.aux_weights(), towers=arm.towers, balance=arm.balance, aux_labels=arm.labels)
     before = [p.detach().clone() for p in wrapper.heads.parameters()]
@@ -371,11 +372,6 @@ def tuned_regularisation(cfg: Config, splits: Splits, mined: dict[str, np.ndarra
         {"train_seconds": trained.seconds, "best": trained.best, "regularisation": params}
 
 
-def arm_head(cfg: Config, arm: Arm) -> str:
-    # TwoTower's over_arch is a parameter-free sum: a clone would make every aux logit the main logit
-    return "linear" if cfg.model == "two-tower" and arm.head == "clone" else arm.head
-
-
 def retrieval(model: Any, splits: Splits, info: DistInfo, k: int = RECALL_K) -> dict[str, float]:
     """recall@k / NDCG@k of test users' positive items over every item, train/valid items filtered."""
     got = retrieval_metrics(model, splits, info, ks=(k,))
@@ -429,6 +425,7 @@ def score_arm(cfg: Config, splits: Splits, base: dict[str, Any], p: np.ndarray, 
 
 def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick: Callable[[], Any]) -> list[dict[str, Any]]:
     """Baseline, mining, then every arm, for one (seed, model); tick() after each training."""
+    spec = model_spec(cfg.model)  # what the model is judged by and predicts: its registry entry
     trained = fit(cfg, splits, seeded_model(cfg, splits.schema), info, tag="baseline")
     tick()
     with tempfile.TemporaryDirectory() as tmp:
@@ -441,7 +438,7 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
     rows = [{"seed": cfg.seed, "model": cfg.model, "arm": "baseline", "train_seconds": trained.seconds,
              "ne": summarize(base["p_test"], splits.test.labels)["ne"], "valid": base["valid"], "best": trained.best,
              "mined": [{k: c[k] for k in ("rule", "share", "plr", "contrast")} for c in miner.cohorts_],
-             "retrieval": retrieval(trained.model, splits, info) if cfg.model == "two-tower" else {},
+             "retrieval": retrieval(trained.model, splits, info) if spec.retrieval else {},
              "history": trained.history}]
     for arm in arms:
         own, arm_ids = arm_cohorts(cfg, splits, ids, miner, arm, trained, info)
@@ -450,9 +447,8 @@ def run_model(cfg: Config, splits: Splits, arms: list[Arm], info: DistInfo, tick
         row = {"seed": cfg.seed, "model": cfg.model, "arm": arm.name, "spec": dataclasses.asdict(arm), **facts,
                "valid": valid, "decision": decision,
                **score_arm(cfg, splits, base, p, own, None if own is None else arm_ids["test"]),
-               "attention": attention_scalars(trained.model, served, splits, cfg, info)
-               if cfg.model != "two-tower" and served is not None else {}}
-        if cfg.model == "two-tower" and served is not None:
+               "attention": attention_scalars(trained.model, served, splits, cfg, info) if served is not None else {}}
+        if spec.retrieval and served is not None:
             row["retrieval"] = retrieval(served, splits, info)
         rows.append(row)
         tick()
