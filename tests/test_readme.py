@@ -17,7 +17,7 @@ BENCH_README = ROOT / "benchmarks" / "README.md"
 
 USER_TABLES = {"c2al_movielens", "afm_vs_linear", "headline", "federated_headline"}  # at least these; the evidence is in benchmarks/README.md
 NOT_TRAIN_FLAGS = {"--nproc_per_node", "--no-deps", "--doctest-modules", "--write"}  # torchrun's, pip's, pytest's, readme_tables.py's
-MOST_LINES = 280  # issue 18: the user README stays "under about 250 lines"; this guards against it growing back into lab notes
+MOST_LINES = 250  # issue 18: the user README stays "under about 250 lines"; this guards against it growing back into lab notes
 
 
 def train_commands(text: str) -> list[list[str]]:
