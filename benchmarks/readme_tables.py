@@ -484,8 +484,9 @@ def scale_study() -> str:
     def cell(c: dict[str, Any], key: str) -> str:
         return ci(c[key]) if c.get(key) and c[key].get("n") else "n/a"
 
-    def attention(model: str, arm: str, n_rows: str) -> str:
-        runs = [a for a in res["activity"].get(model, {}).get(arm, {}).get(n_rows, []) if a]
+    def attention(model: str, arm: str, n_rows: str, fields: str) -> str:
+        activity = res["activity"] if fields == "39" else res.get("activity_by_fields", {}).get(fields, {})
+        runs = [a for a in activity.get(model, {}).get(arm, {}).get(n_rows, []) if a]
         values = [v for a in runs for v in (a.get("planted_rows") or {}).values()]
         return f"{sum(values) / len(values):.3f}" if values else "n/a"
 
@@ -499,13 +500,13 @@ def scale_study() -> str:
                              "NE " + (f"{base['ne_exposed']['mean']:.4f}" if base.get("ne_exposed", {}).get("n") else "n/a"),
                              "NE " + (f"{base['ne_planted']['mean']:.4f}" if base.get("ne_planted", {}).get("n") else "n/a"),
                              "NE " + (f"{base['ne_overall']['mean']:.4f}" if base.get("ne_overall", {}).get("n") else "n/a"),
-                             attention(model, "baseline", n_rows) if fields == "39" else "n/a"])
+                             attention(model, "baseline", n_rows, fields)])
                 for arm, by_rows in arms.items():
                     c = by_rows.get(n_rows)
                     if arm == "baseline" or c is None:
                         continue
                     rows.append([model, fields, f"{int(n_rows):,}", arm, c.get("n_seeds", 0), cell(c, "exposed"), cell(c, "planted"),
-                                 cell(c, "overall"), attention(model, arm, n_rows) if fields == "39" else "n/a"])
+                                 cell(c, "overall"), attention(model, arm, n_rows, fields)])
     return md(["model", "fields", "rows (one pass)", "arm", "worlds", "exposed cohorts NE_diff % [95% CI]", "planted cohorts",
                "overall", "attention on the minorities' fields (planted rows)"], rows) + (
         "\n\n`python benchmarks/scale_study.py` (`benchmarks/results/scale_study.json` merged from one file per run in "

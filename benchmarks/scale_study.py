@@ -209,7 +209,8 @@ def run_file(results: Path, model: str, rows: int, seed: int, arm: str, fields: 
 
 def merge(results: Path) -> dict[str, Any]:
     """Every run file under `results` as `summary[model][arm][rows]` intervals over seeds (the 39-field world), the
-    same for each other field set under `by_fields[FIELDS]`, and the runs."""
+    same for each other field set under `by_fields[FIELDS]` (the attention scalars under `activity` and
+    `activity_by_fields[FIELDS]`), and the runs."""
     runs = [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
     by_fields: dict[str, Any] = {}
     activity: dict[str, Any] = {}
@@ -218,8 +219,8 @@ def merge(results: Path) -> dict[str, Any]:
         fields = str(c.get("fields", "39"))
         cell = by_fields.setdefault(fields, {}).setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), {"runs": []})
         cell["runs"].append(r["result"])
-        if fields == "39":
-            activity.setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), []).append(r["result"].get("attention"))
+        activity.setdefault(fields, {}).setdefault(c["model"], {}).setdefault(c["arm"], {}).setdefault(str(c["rows"]), []).append(
+            r["result"].get("attention"))
     summary = by_fields.pop("39", {})
     for model in [*summary.values(), *(m for f in by_fields.values() for m in f.values())]:
         for arm, by_rows in model.items():
@@ -229,7 +230,7 @@ def merge(results: Path) -> dict[str, Any]:
                 keys = ("ne_overall", "ne_exposed", "ne_planted") if arm == "baseline" else ("overall", "exposed", "planted")
                 for key in keys:
                     cell[key.removeprefix("ne_") if arm != "baseline" else key] = harness.interval([x.get(key) for x in done])
-    return {"summary": summary, "by_fields": by_fields, "activity": activity,
+    return {"summary": summary, "by_fields": by_fields, "activity": activity.pop("39", {}), "activity_by_fields": activity,
             "runs": [{"config": r["config"], "result": {k: v for k, v in r["result"].items() if k != "attention"}} for r in runs]}
 
 

@@ -54,6 +54,18 @@ def test_merge_gives_intervals_over_seeds_per_model_arm_and_rows(tmp_path: Path)
     assert len(merged["activity"]["afm"]["c2al"]["1000"]) == 2
 
 
+def test_merge_keeps_another_field_set_apart_with_its_attention(tmp_path: Path) -> None:
+    for fields, diff in (("39", -1.0), ("8", -5.0)):
+        (tmp_path / f"run-afm-1000-s0-c2al{scale_study.fields_tag(fields)}.json").write_text(json.dumps(
+            {"config": {"model": "afm", "rows": 1000, "seed": 0, "arm": "c2al", "fields": fields},
+             "result": {"overall": diff, "exposed": diff, "planted": diff, "attention": {"planted_rows": {"share": float(fields)}}}}))
+    merged = scale_study.merge(tmp_path)
+    assert merged["summary"]["afm"]["c2al"]["1000"]["overall"]["mean"] == -1.0
+    assert merged["by_fields"]["8"]["afm"]["c2al"]["1000"]["overall"]["mean"] == -5.0
+    assert merged["activity"]["afm"]["c2al"]["1000"] == [{"planted_rows": {"share": 39.0}}]
+    assert merged["activity_by_fields"]["8"]["afm"]["c2al"]["1000"] == [{"planted_rows": {"share": 8.0}}]
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_runs_every_arm_and_merges(tmp_path: Path) -> None:
     args = ["--rows", "20000", "--chunk-rows", "10000", "--seeds", "0,", "--models", "attention-fm", "--eval-rows", "2000",
