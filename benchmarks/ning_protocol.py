@@ -144,20 +144,65 @@ def table(summary: dict[str, Any]) -> str:
     cell = harness.format_interval
 
     lines = [f"most-popular test recall@10: {summary['most_popular']['recall@10']:.4f}", "",
-             "| loss | centralized recall@10 | federated recall@10 | gain over batch softmax (%) | gap to centralized (%) |",
-             "|---|---|---|---|---|"]
+             "| loss | centralized recall@10 | federated recall@10 | gain over batch softmax (%) | gap to centralized (%) "
+             "| server lr: first seed's valid recall@10 |",
+             "|---|---|---|---|---|---|"]
     for loss in LOSSES:
-        r = summary[loss]
+        r, lr = summary[loss], summary.get("server_lr", {}).get(loss)
+        trials = "" if not lr else ", ".join(f"{'**' + k + '**' if float(k) == lr['chosen'] else k}: {v['valid_recall@10']:.4f}"
+                                             for k, v in lr["candidates"].items())
         lines.append(f"| {loss} | {cell(r.get('centralized', {}).get('recall@10'))} | {cell(r.get('federated', {}).get('recall@10'))} "
-                     f"| {cell(r['gain_over_batch_softmax_pct'], '{:.1f}')} | {cell(r['gap_to_centralized_pct'], '{:.1f}')} |")
+                     f"| {cell(r['gain_over_batch_softmax_pct'], '{:.1f}')} | {cell(r['gap_to_centralized_pct'], '{:.1f}')} | {trials} |")
     return "\n".join(lines)
 
 
-def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The knobs that make a run's numbers (saved in every run file; a rerun reuses a file only if they match)."""
-    out = {k: getattr(args, k) for k in ("rounds", "eval_every", "patience", "clients_per_round", "server_lr",
-                                         "centralized_eval_every", "max_evals", "parallel_clients", "table_spreadout")}
-    return {**out, **QUICK} if args.quick else out
+CENTRALIZED_KNOBS = ("centralized_eval_every", "max_evals", "patience", "table_spreadout")
+FEDERATED_KNOBS = ("rounds", "eval_every", "patience", "clients_per_round", "parallel_clients", "table_spreadout", "local_batch")
+
+
+def settings_of(args: argparse.Namespace, mode: str, server_lr: float | None = None) -> dict[str, Any]:
+    """The knobs that make one `mode` run's numbers (saved in its run file; a rerun reuses a file only if they match).
+
+    A centralized run's file holds only centralized knobs, so a change of the federated settings
+    (or of the server learning rates tried) leaves the centralized runs done.
+    """
+    every = {k: getattr(args, k, None) for k in CENTRALIZED_KNOBS + FEDERATED_KNOBS}
+    every = {**every, **QUICK} if args.quick else every
+    knobs = CENTRALIZED_KNOBS if mode == "centralized" else FEDERATED_KNOBS
+    out = {k: every[k] for k in knobs if every.get(k) is not None}
+    return out if mode == "centralized" else {**out, "server_lr": server_lr}
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--server-lr: expected comma-separated numbers, got {text!r}") from None
+    if not lrs or any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise argparse.ArgumentTypeError(f"--server-lr: expected distinct numbers > 0, got {text!r}")
+    return lrs
+
+
+def choose_server_lr(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per loss, the server learning rate whose first-seed federated run has the highest validation recall@10.
+
+    Args:
+        results: the first seed's federated runs ({"loss", "settings": {"server_lr"}, "valid", "test"}), one per candidate.
+
+    Returns:
+        {loss: {"chosen": lr, "candidates": {lr as text: {"valid_recall@10", "test_recall@10", "kept_round"}}}};
+        a tie keeps the candidate listed first.
+    """
+    out: dict[str, Any] = {}
+    for r in results:
+        row = out.setdefault(r["loss"], {"chosen": None, "candidates": {}})
+        lr = r["settings"]["server_lr"]
+        row["candidates"][f"{lr:g}"] = {"valid_recall@10": r["valid"]["recall@10"], "test_recall@10": r["test"]["recall@10"],
+                                        "kept_round": r.get("kept_round")}
+        best = row["candidates"].get(f"{row['chosen']:g}") if row["chosen"] is not None else None
+        if best is None or r["valid"]["recall@10"] > best["valid_recall@10"]:
+            row["chosen"] = lr
+    return out
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -171,7 +216,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=fed.eval_every, help="federated rounds between validations")
     ap.add_argument("--patience", type=int, default=fed.patience, help="validations without a higher recall@10 before stopping")
     ap.add_argument("--clients-per-round", type=int, default=fed.clients_per_round)
-    ap.add_argument("--server-lr", type=float, default=fed.server_lr, help="the server Adam's learning rate")
+    ap.add_argument("--server-lr", dest="server_lrs", type=_lrs, default=[0.1, fed.server_lr],
+                    help="the server Adam's learning rate; a comma list is a choice made on validation: the first seed runs "
+                         "every value, each loss keeps the one with the highest validation recall@10 and the other seeds run "
+                         f"that one (default 0.1,{fed.server_lr:g}: their TFF command's {fed.server_lr:g} and a tenth of it)")
     ap.add_argument("--parallel-clients", type=int, default=fed.parallel_clients,
                     help="a round's clients trained side by side (0: one after another, the reference path)")
     ap.add_argument("--table-spreadout", type=float, default=0.0,
@@ -194,20 +242,37 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    settings = settings_of(args)
     runs_dir = Path(args.runs_dir or Path(args.out).with_suffix(""))
-    run = harness.start(__file__, argv, config={"data": args.data, "seeds": args.seeds, **settings}, workers=args.workers)
-    grid = [(args.data, m, loss, s, settings, str(runs_dir / f"{m}_{loss}_seed{s}.json"))
-            for s in args.seeds for m in args.modes.split(",") for loss in args.losses.split(",")]
-    done, todo = harness.split_finished(grid, settings)
-    done += harness.run_pool(run_one, todo, workers=args.workers)
+    modes, losses, first = args.modes.split(","), args.losses.split(","), args.seeds[0]
+    config = {"data": args.data, "seeds": args.seeds, "server_lrs": args.server_lrs,
+              **{m: settings_of(args, m, None) for m in MODES}}
+    run = harness.start(__file__, argv, config=config, workers=args.workers)
+
+    def task(mode: str, loss: str, seed: int, lr: float | None = None) -> tuple[Any, ...]:
+        name = f"{mode}_{loss}_seed{seed}.json" if lr is None else f"{mode}_{loss}_lr{lr:g}_seed{seed}.json"
+        return args.data, mode, loss, seed, settings_of(args, mode, lr), str(runs_dir / name)
+
+    def finish(tasks: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:  # run what no file with the same settings holds
+        done, todo = [], []
+        for t in tasks:
+            d, left = harness.split_finished([t], t[4])
+            done, todo = done + d, todo + left
+        return done + harness.run_pool(run_one, todo, workers=args.workers)
+
+    fed = "federated" in modes
+    trials = finish([task("federated", loss, first, lr) for loss in losses for lr in args.server_lrs] * fed
+                    + [task("centralized", loss, s) for s in args.seeds for loss in losses] * ("centralized" in modes))
+    lr_choice = choose_server_lr([r for r in trials if r["mode"] == "federated"])
+    later = finish([task("federated", loss, s, lr_choice[loss]["chosen"]) for s in args.seeds[1:] for loss in losses] * fed)
+    chosen = [r for r in trials if r["mode"] == "centralized" or r["settings"]["server_lr"] == lr_choice[r["loss"]]["chosen"]] + later
     popular = {s: most_popular(args.data, s) for s in args.seeds}
-    summary = summarize(done, popular)
+    summary = {**summarize(chosen, popular), "server_lr": lr_choice}
     keep = [{k: r[k] for k in ("mode", "loss", "seed", "valid", "test", "seconds") if k in r}
-            | {k: r[k] for k in ("rounds", "kept_round", "steps") if k in r} for r in done]
-    losses = dataclasses.asdict(NextItemLoss(table_spreadout=args.table_spreadout))
+            | {k: r[k] for k in ("rounds", "kept_round", "steps") if k in r}
+            | ({"server_lr": r["settings"]["server_lr"]} if r["mode"] == "federated" else {}) for r in trials + later]
+    losses_used = dataclasses.asdict(NextItemLoss(table_spreadout=args.table_spreadout))
     result = harness.write_result(args.out, run, {"summary": summary, "most_popular_per_seed": popular, "runs": keep,
-                                                  "table": table(summary), "loss_settings": losses})
+                                                  "table": table(summary), "loss_settings": losses_used})
     print(result["table"])
     return result
 

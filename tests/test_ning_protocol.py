@@ -235,9 +235,38 @@ def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, fa
         for mode in ("federated", "centralized"):
             cell = summary[loss][mode]["recall@10"]
             assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0 and len(cell["ci95"]) == 2
-    assert len(list((tmp_path / "ning").glob("*.json"))) == 16 and len(result["runs"]) == 16
+    # the first seed's federated runs try both default server learning rates: 4 losses x (2 + 1) + 4 x 2 centralized
+    assert len(list((tmp_path / "ning").glob("*.json"))) == 20 and len(result["runs"]) == 20
+    for loss, lr in summary["server_lr"].items():
+        assert set(lr["candidates"]) == {"0.1", "1"} and lr["chosen"] in (0.1, 1.0)
+        best = max(c["valid_recall@10"] for c in lr["candidates"].values())
+        assert lr["candidates"][f"{lr['chosen']:g}"]["valid_recall@10"] == best
+        seed1 = [r for r in result["runs"] if r["loss"] == loss and r["mode"] == "federated" and r["seed"] == 1]
+        assert [r["server_lr"] for r in seed1] == [lr["chosen"]]  # the other seeds run the choice only
     again = ning_protocol.main(argv)  # every run file is reused: the same test numbers
     assert again["summary"]["spreadout"]["federated"] == result["summary"]["spreadout"]["federated"]
+
+
+def test_the_server_learning_rate_is_chosen_per_loss_on_validation_not_on_test():
+    from ning_protocol import choose_server_lr
+
+    def run(loss, lr, valid, test):
+        return {"loss": loss, "settings": {"server_lr": lr}, "valid": {"recall@10": valid}, "test": {"recall@10": test}}
+
+    got = choose_server_lr([run("a", 0.1, 0.05, 0.01), run("a", 1.0, 0.04, 0.09), run("b", 0.1, 0.02, 0.0), run("b", 1.0, 0.02, 0.5)])
+    assert got["a"]["chosen"] == 0.1  # the higher validation recall, although its test recall is lower
+    assert got["b"]["chosen"] == 0.1  # a tie keeps the value listed first
+    assert got["a"]["candidates"]["1"] == {"valid_recall@10": 0.04, "test_recall@10": 0.09, "kept_round": None}
+
+
+def test_server_lr_flag_refuses_what_is_not_a_list_of_distinct_positive_numbers(capsys):
+    from ning_protocol import parse
+
+    assert parse(["--server-lr", "0.3"]).server_lrs == [0.3]
+    for bad in ("x", "0", "0.1,0.1", ""):
+        with pytest.raises(SystemExit):
+            parse(["--server-lr", bad])
+        assert "--server-lr" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- clients side by side
