@@ -370,8 +370,14 @@ SUMMARIES = {"ning": summarize_ning, "fedrecgel": summarize_fedrecgel, "rf2": su
 
 
 # ------------------------------------------------------------------------------------------ the default run
-def quality(data: str, extra: Sequence[str]) -> tuple[dict[str, Any], str]:
-    """`python train.py --federated --data <data>` with train.py's defaults, timed, against centralized."""
+def quality(data: str, extra: Sequence[str], time_rounds: bool = True) -> tuple[dict[str, Any], str]:
+    """`python train.py --federated --data <data>` with train.py's defaults, timed, against centralized.
+
+    Args:
+        data: the --data value.
+        extra: more train.py flags.
+        time_rounds: also time QUALITY_ROUNDS rounds one client after another and side by side (`round_cost`).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["train.py", "--federated", "--data", data, *extra]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -392,10 +398,11 @@ def quality(data: str, extra: Sequence[str]) -> tuple[dict[str, Any], str]:
            "train_seconds": train_s, "rounds_run": len(history), "rounds_per_second": len(history) / train_s, "kept": report["best"],
            "test": report["overall"], "tiers": report["tiers"], "centralized_test_ne": central,
            "ne_over_centralized_pct": 100 * (report["overall"]["ne"] / central - 1), "curve": curve,
-           "round_cost": round_cost(Config(federated=True, data=data, quiet=True, rounds=QUALITY_ROUNDS, patience=0)),
            "config": report["config"]}
     rows = [[c["rounds"], f"{c['valid_ne']:.4f}", f"{c['valid_auc']:.4f}"] for c in curve]
-    cost = out["round_cost"]
+    if not time_rounds:
+        return out, md(["rounds", "valid NE", "valid AUC"], rows)
+    cost = out["round_cost"] = round_cost(Config(federated=True, data=data, quiet=True, rounds=QUALITY_ROUNDS, patience=0))
     text = (f"`{out['command']}`: test NE {out['test']['ne']:.4f} (AUC {out['test']['auc']:.4f}) after keeping round "
             f"{out['kept']['rounds']} of {out['rounds_run']}; centralized early-stopped AFM {central:.4f} "
             f"({out['ne_over_centralized_pct']:+.1f}%). {out['wall_seconds']:.0f} s wall, {out['cpu_seconds']:.0f} s CPU, "

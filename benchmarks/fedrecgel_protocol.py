@@ -245,7 +245,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"tiny settings for the test: {QUICK}")
     ap.add_argument("--merge-only", action="store_true", help="merge the run files there are; run nothing (a grid still under way)")
     ap.add_argument("--out", default=str(harness.RESULTS / "fedrecgel_protocol.json"))
-    ap.add_argument("--runs-dir", default="", help="one file per run (default: runs/fedrecgel_protocol/<out stem>/, git-ignored)")
+    ap.add_argument("--runs-dir", default="", help="one file per run (default: <out without .json>/, committed beside it so a grid spans sessions)")
     args = ap.parse_args(argv)
     bad = [a for a in args.arms.split(",") if a not in ARMS]
     if bad:
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     settings = settings_of(args)
     datas = [d for d in args.data.split(",") if d]
-    runs_dir = Path(args.runs_dir or harness.ROOT / "runs" / "fedrecgel_protocol" / Path(args.out).stem)
+    runs_dir = Path(args.runs_dir or Path(args.out).with_suffix(""))
     run = harness.start(__file__, argv, config={"data": datas, "seeds": args.seeds, **settings,
                                                 "protocol": asdict(PrivateRoundSettings())}, workers=args.workers)
     grid = [(d, arm, s, settings, str(runs_dir / f"{Path(d).name.replace(':', '_')}_{arm}_seed{s}.json"))
