@@ -259,6 +259,23 @@ def test_the_server_learning_rate_is_chosen_per_loss_on_validation_not_on_test()
     assert got["a"]["candidates"]["1"] == {"valid_recall@10": 0.04, "test_recall@10": 0.09, "kept_round": None}
 
 
+def test_gain_is_over_federated_batch_softmax_and_gap_is_a_share_of_centralized():
+    from ning_protocol import LOSSES, summarize
+
+    def run(mode, loss, seed, r10):
+        return {"mode": mode, "loss": loss, "seed": seed, "test": {"recall@1": 0.0, "recall@5": 0.0, "recall@10": r10, "mean_rank": 1.0}}
+
+    runs = [run("federated", "batch_softmax", s, 0.05) for s in (0, 1)] + [run("federated", "spreadout", s, 0.075) for s in (0, 1)]
+    runs += [run("centralized", loss, s, 0.1) for s in (0, 1) for loss in ("batch_softmax", "spreadout")]
+    popular = {s: {"recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.06, "mean_rank": 9.0} for s in (0, 1)}
+    got = summarize(runs, popular)
+    assert got["spreadout"]["gain_over_batch_softmax_pct"]["mean"] == pytest.approx(50.0)
+    assert got["batch_softmax"]["gap_to_centralized_pct"]["mean"] == pytest.approx(50.0)  # (0.1 - 0.05) / 0.1
+    assert got["spreadout"]["gap_to_centralized_pct"]["mean"] == pytest.approx(25.0)
+    assert got["spreadout"]["federated_above_most_popular"] and not got["batch_softmax"]["federated_above_most_popular"]
+    assert set(LOSSES) <= set(got) and "federated" not in got["hinge_spreadout"]  # no run: no row, not a zero
+
+
 def test_server_lr_flag_refuses_what_is_not_a_list_of_distinct_positive_numbers(capsys):
     from ning_protocol import parse
 
