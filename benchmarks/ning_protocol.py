@@ -94,7 +94,9 @@ def run_one(data: str, mode: str, loss: str, seed: int, settings: dict[str, Any]
                                 parallel_clients=settings.get("parallel_clients", FederatedSettings().parallel_clients),
                                 local_batch=settings.get("local_batch", FederatedSettings().local_batch))
         out = fit_federated(splits, spec, seed, fed)
-    result = {"data": data, "mode": mode, "loss": loss, "seed": seed, "settings": settings, **out}
+    # the grid's knobs are what a rerun compares; fit_federated's own settings (every FederatedSettings field) sit beside them
+    extra = {"federated_settings": out.pop("settings")} if "settings" in out else {}
+    result = {"data": data, "mode": mode, "loss": loss, "seed": seed, **out, **extra, "settings": settings}
     write_json(result, path)
     return result
 
@@ -148,14 +150,15 @@ def table(summary: dict[str, Any]) -> str:
 
     lines = [f"most-popular test recall@10: {summary['most_popular']['recall@10']:.4f}", "",
              "| loss | centralized recall@10 | federated recall@10 | gain over batch softmax (%) | gap to centralized (%) "
-             "| server lr: first seed's valid recall@10 |",
-             "|---|---|---|---|---|---|"]
+             "| server lr: first seed's valid recall@10 | seeds (centralized / federated) |",
+             "|---|---|---|---|---|---|---|"]
     for loss in LOSSES:
         r, lr = summary[loss], summary.get("server_lr", {}).get(loss)
         trials = "" if not lr else ", ".join(f"{'**' + k + '**' if float(k) == lr['chosen'] else k}: {v['valid_recall@10']:.4f}"
                                              for k, v in lr["candidates"].items())
         lines.append(f"| {loss} | {cell(r.get('centralized', {}).get('recall@10'))} | {cell(r.get('federated', {}).get('recall@10'))} "
-                     f"| {cell(r['gain_over_batch_softmax_pct'], '{:.1f}')} | {cell(r['gap_to_centralized_pct'], '{:.1f}')} | {trials} |")
+                     f"| {cell(r['gain_over_batch_softmax_pct'], '{:.1f}')} | {cell(r['gap_to_centralized_pct'], '{:.1f}')} | {trials} "
+                     f"| {r.get('centralized', {}).get('recall@10', {}).get('n', 0)} / {r.get('federated', {}).get('recall@10', {}).get('n', 0)} |")
     return "\n".join(lines)
 
 
@@ -232,6 +235,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-evals", type=int, default=100, help="most centralized validations")
     ap.add_argument("--workers", type=int, default=1, help="runs side by side (one torch thread each)")
     ap.add_argument("--quick", action="store_true", help=f"tiny settings for the test: {QUICK}")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="merge the run files there are and list the rest as missing_runs; run nothing (a grid still under way)")
     ap.add_argument("--out", default=str(harness.RESULTS / "ning_protocol.json"))
     ap.add_argument("--runs-dir", default="", help="one file per run (default: <out without .json>/)")
     args = ap.parse_args(argv)
@@ -255,18 +260,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name = f"{mode}_{loss}_seed{seed}.json" if lr is None else f"{mode}_{loss}_lr{lr:g}_seed{seed}.json"
         return args.data, mode, loss, seed, settings_of(args, mode, lr), str(runs_dir / name)
 
+    missing: list[str] = []
+
     def finish(tasks: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:  # run what no file with the same settings holds
         done, todo = [], []
         for t in tasks:
             d, left = harness.split_finished([t], t[4])
             done, todo = done + d, todo + left
+        if args.merge_only:
+            missing.extend(Path(t[-1]).stem for t in todo)
+            return done
         return done + harness.run_pool(run_one, todo, workers=args.workers)
 
     fed = "federated" in modes
     trials = finish([task("federated", loss, first, lr) for loss in losses for lr in args.server_lrs] * fed
                     + [task("centralized", loss, s) for s in args.seeds for loss in losses] * ("centralized" in modes))
-    lr_choice = choose_server_lr([r for r in trials if r["mode"] == "federated"])
-    later = finish([task("federated", loss, s, lr_choice[loss]["chosen"]) for s in args.seeds[1:] for loss in losses] * fed)
+    lr_choice = choose_server_lr([r for r in trials if r["mode"] == "federated"])  # --merge-only: among the candidates there are
+    for row in lr_choice.values():
+        row["complete"] = len(row["candidates"]) == len(args.server_lrs)
+    settled = [loss for loss in losses if lr_choice.get(loss, {}).get("complete")]  # the other seeds wait for the whole choice
+    later = finish([task("federated", loss, s, lr_choice[loss]["chosen"]) for s in args.seeds[1:] for loss in settled] * fed)
+    missing += [f"federated_{loss}_seed{s} (its server lr not chosen yet)" for s in args.seeds[1:] for loss in losses
+                if fed and loss not in settled]
     chosen = [r for r in trials if r["mode"] == "centralized" or r["settings"]["server_lr"] == lr_choice[r["loss"]]["chosen"]] + later
     popular = {s: most_popular(args.data, s) for s in args.seeds}
     summary = {**summarize(chosen, popular), "server_lr": lr_choice}
@@ -275,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             | ({"server_lr": r["settings"]["server_lr"]} if r["mode"] == "federated" else {}) for r in trials + later]
     losses_used = dataclasses.asdict(NextItemLoss(table_spreadout=args.table_spreadout))
     result = harness.write_result(args.out, run, {"summary": summary, "most_popular_per_seed": popular, "runs": keep,
-                                                  "table": table(summary), "loss_settings": losses_used})
+                                                  "table": table(summary), "loss_settings": losses_used, "missing_runs": missing})
     print(result["table"])
     return result
 

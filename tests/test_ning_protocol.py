@@ -243,8 +243,28 @@ def test_the_quick_benchmark_writes_every_run_and_the_summary(tmp_path: Path, fa
         assert lr["candidates"][f"{lr['chosen']:g}"]["valid_recall@10"] == best
         seed1 = [r for r in result["runs"] if r["loss"] == loss and r["mode"] == "federated" and r["seed"] == 1]
         assert [r["server_lr"] for r in seed1] == [lr["chosen"]]  # the other seeds run the choice only
-    again = ning_protocol.main(argv)  # every run file is reused: the same test numbers
+    stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "ning").glob("*.json")}
+    again = ning_protocol.main(argv)  # every run file is reused: the same test numbers, nothing rewritten
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "ning").glob("*.json")} == stamps
     assert again["summary"]["spreadout"]["federated"] == result["summary"]["spreadout"]["federated"]
+
+
+@pytest.mark.slow
+def test_merge_only_summarizes_what_is_there_and_names_the_rest(tmp_path: Path, fake_movielens):
+    import ning_protocol
+
+    data = write_ml1m(tmp_path / "ml", fake_movielens)
+    base = ["--quick", "--data", f"movielens:{data}", "--seeds", "0,1", "--out", str(tmp_path / "n.json")]
+    ning_protocol.main([*base, "--modes", "federated", "--losses", "batch_softmax"])
+    merged = ning_protocol.main([*base, "--merge-only"])
+    assert len(list((tmp_path / "n").glob("*.json"))) == 3  # two server lrs on seed 0, the choice on seed 1: merging trained nothing
+    row = merged["summary"]["batch_softmax"]
+    assert row["federated"]["recall@10"]["n"] == 2 and "centralized" not in row
+    missing = merged["missing_runs"]
+    assert "centralized_batch_softmax_seed0" in missing and "federated_spreadout_lr0.1_seed0" in missing
+    assert "federated_spreadout_seed1 (its server lr not chosen yet)" in missing
+    assert not any(m.startswith("federated_batch_softmax") for m in missing)
+    assert merged["summary"]["server_lr"]["batch_softmax"]["complete"]
 
 
 def test_the_server_learning_rate_is_chosen_per_loss_on_validation_not_on_test():
