@@ -31,12 +31,13 @@ round of 100 clients, validation excluded:
     batch_softmax     1.3 (full-table updates; 1.09 touched rows)    18.8 (touched rows)
     hinge_spreadout   6.2                                            49
 
-A validation (recall@10 of ~10% of the users' examples over the whole catalog) took 6.6 s; every
-`--eval-every 10` rounds that is 22 over 200 rounds (20 plus the kept state's valid and test). Projected
-federated grid, every run at the 200-round cap (early stopping only shortens it), global_softmax and
-spreadout costed as hinge_spreadout (the same whole-table round): batch_softmax 200 x 1.3 + 22 x 6.6
-= 7 min, each whole-catalog loss 200 x 6.2 + 145 = 23 min, so 76 min a seed and 3.8 h for 3 seeds
-(was about 30 h one by one); the centralized runs come on top (not timed here).
+A validation (recall@10 of ~10% of the users' examples over the whole catalog) took 6.6 s. Measured
+whole runs (the `seconds` of the run files, Intel Xeon, 2 cores, 2-4 grid processes side by side): federated
+batch_softmax 135-139 s for 200 rounds, global_softmax 660-673 s, hinge_spreadout 530-630 s, spreadout
+190-220 s (it stops at round 10-20: it learns nothing); centralized batch_softmax 847 s (150,000 steps, the kept state at 100,000),
+global_softmax 1,966 s (240,000 steps, the kept state at 190,000). So a seed is about 1 h federated (two server learning rates on the
+first seed: 1.5 h) and 1-2 h centralized, 6-8 h for the whole 3-seed grid on one core: a grid spans sessions
+(one file per run under --runs-dir, committed; --merge-only summarizes the runs there are).
 """
 from __future__ import annotations
 

@@ -532,6 +532,37 @@ def fedrecgel_protocol(name: str) -> Callable[[], str]:
     return render
 
 
+def ning_protocol(name: str) -> Callable[[], str]:
+    """benchmarks/ning_protocol.py: Ning et al.'s dual encoder on their own next-item protocol, four losses."""
+    def render() -> str:
+        r = load(name)
+        cfg, runs = r["config"], r["runs"]
+        fed, cen = cfg["federated"], cfg["centralized"]
+        minutes = sum(x.get("seconds", 0) for x in runs) / 60
+        missing = r.get("missing_runs") or []
+        return r["table"] + (
+            f"\n\n`{r['command'].strip()}` (`benchmarks/results/{name}`, one file per run in `benchmarks/results/{Path(name).stem}/`; "
+            f"{cfg['data']}, seeds {', '.join(map(str, cfg['seeds']))}, each seed its own 80/10/10 user split; federated: up to "
+            f"{fed['rounds']} rounds of {fed['clients_per_round']} clients, validation every {fed['eval_every']} rounds, patience "
+            f"{fed['patience']}, the server learning rate per loss from {', '.join(f'{x:g}' for x in cfg['server_lrs'])} on the first "
+            f"seed's validation (bold); centralized: validation every {cen['centralized_eval_every']:,} steps, patience {cen['patience']}); "
+            f"95% t-intervals over seeds in brackets; gain and gap are relative, per seed; the runs took {minutes:.0f} min together "
+            f"on {machine(r['machine'])}.") + (f" Not run yet ({len(missing)} runs): {', '.join(missing)}." if missing else "")
+    return render
+
+
+def federated_tune(name: str) -> Callable[[], str]:
+    """benchmarks/federated_tune.py: the federated AFM's settings chosen on validation, against centralized."""
+    def render() -> str:
+        r = load(name)
+        minutes = sum(c["wall_seconds"] for c in r["summary"]["candidates"]) / 60
+        return r["table"] + (
+            f"\n\n`{r['command'].strip()}` (`benchmarks/results/{name}`, one file per run in `benchmarks/results/{Path(name).stem}/`): "
+            f"each candidate one `python train.py --federated` run with train.py's defaults otherwise (device tiers on), chosen by the "
+            f"kept validation NE of seed {r['config']['seeds'][0]}; the first seed's runs took {minutes:.0f} min on {machine(r['machine'])}.")
+    return render
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery": cohort_recovery,
     "afm_vs_linear": afm_vs_linear,
@@ -562,6 +593,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "cohort_recovery_worlds": cohort_recovery_worlds,
     "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
     "fedrecgel_protocol_server-lr": fedrecgel_protocol("fedrecgel_protocol_server-lr-0.01.json"),
+    "ning_protocol": ning_protocol("ning_protocol.json"),
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
