@@ -559,7 +559,8 @@ def federated_tune(name: str) -> Callable[[], str]:
         return r["table"] + (
             f"\n\n`{r['command'].strip()}` (`benchmarks/results/{name}`, one file per run in `benchmarks/results/{Path(name).stem}/`): "
             f"each candidate one `python train.py --federated` run with train.py's defaults otherwise (device tiers on), chosen by the "
-            f"kept validation NE of seed {r['config']['seeds'][0]}; the first seed's runs took {minutes:.0f} min on {machine(r['machine'])}.")
+            f"kept validation NE of seed {r['config']['seeds'][0]}; the first seed's runs took {minutes:.0f} min on {machine(r['machine'])}."
+            + (f" Not run yet: {', '.join(r['missing_runs'])}." if r.get("missing_runs") else ""))
     return render
 
 
@@ -594,6 +595,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
     "fedrecgel_protocol_server-lr": fedrecgel_protocol("fedrecgel_protocol_server-lr-0.01.json"),
     "ning_protocol": ning_protocol("ning_protocol.json"),
+    "federated_tune": federated_tune("federated_tune_movielens-1m.json"),
 }
 
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)

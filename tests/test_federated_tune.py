@@ -66,6 +66,7 @@ def test_merge_only_reads_what_is_there_and_says_so_when_nothing_is(tmp_path: Pa
     tune.main([*argv[:-4], "--seeds", "0,", *argv[-2:]])  # seed 0 only
     merged = tune.main([*argv, "--merge-only"])["summary"]
     assert len(calls) == 2 and merged["chosen"]["seeds"] == [0]  # seed 1 not run: left out, not trained
+    assert json.loads((tmp_path / "t.json").read_text())["missing_runs"] == ["server-lr-0.03_seed1", "defaults_seed1"]
 
 
 @pytest.mark.slow
