@@ -379,8 +379,21 @@ def federated_headline() -> str:
             continue
         lines.append(f"- {r['config']['data']}: federated test NE {r['test']['ne']:.4f} against the centralized AFM's "
                      f"{r['centralized_test_ne']:.4f} ({pct(r['ne_over_centralized_pct'])}), {r['kept']['rounds']} rounds kept, "
-                     f"{r['wall_seconds']:.0f} s wall on {machine(r['machine'])}")
-    return "\n".join(lines) + "\n\n(`benchmarks/results/federated_quality_<data>.json`)"
+                     f"{r['wall_seconds']:.0f} s wall on {machine(r['machine'])} (`{path.name}`)")
+    for path in sorted(RESULTS.glob("federated_tune_*.json")):  # the settings chosen on that data set's validation
+        chosen = load(path.name)["summary"]["chosen"]
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen["flags"].items()) or "the defaults"
+        over = chosen["ne_over_centralized_pct"]
+        lines.append(f"- {path.stem.removeprefix('federated_tune_')} with `{flags}` (chosen on validation by `benchmarks/federated_tune.py`): "
+                     f"test NE {interval_cell(chosen['test_ne'])}, {interval_cell(over, '{:+.2f}')}% over centralized, "
+                     f"{len(chosen['seeds'])} seeds (`{path.name}`)")
+    return "\n".join(lines)
+
+
+def interval_cell(c: dict[str, Any], fmt: str = "{:.4f}") -> str:
+    """A result file's {"mean", "ci95", "n"} as "mean [low, high]" (the mean alone for one value)."""
+    lo, hi = c["ci95"]
+    return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c.get("n", 1) > 1 else "")
 
 
 def federated_robust() -> str:
