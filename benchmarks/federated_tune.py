@@ -20,7 +20,6 @@ summary = {"chosen": {"flags", "valid_ne", "test_ne": {"mean", "ci95"}, "ne_over
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -73,12 +72,10 @@ def argv_of(flags: dict[str, str]) -> list[str]:
     return [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), v)]
 
 
-def run_one(data: str, base: dict[str, str], flags: dict[str, str], seed: int, path: Path) -> dict[str, Any]:
-    """One train.py run of a candidate (`base` flags, then the candidate's); its result file is written before it returns."""
-    settings = {"data": data, "base": base, "flags": flags, "seed": seed}
-    old = json.loads(path.read_text()) if path.is_file() else None
-    if old is not None and old.get("settings") == settings:
-        return old
+def run_one(settings: dict[str, Any], path: str) -> dict[str, Any]:
+    """One train.py run of a candidate (settings: data, `base` flags, then the candidate's `flags`, seed); its
+    result file is written before it returns."""
+    data, base, flags, seed = settings["data"], settings["base"], settings["flags"], settings["seed"]
     log.info("running %s seed %d", slug(flags), seed)
     doc, _ = federated.quality(data, [*argv_of({**base, **flags}), "--seed", str(seed)], time_rounds=False)
     out = {"settings": settings, "valid_ne": doc["kept"]["valid_ne"], "test_ne": doc["test"]["ne"], "test_auc": doc["test"]["auc"],
@@ -154,15 +151,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     missing: list[str] = []
 
-    def get(flags: dict[str, str], seed: int) -> dict[str, Any] | None:
-        path = runs_dir / f"{slug(flags)}_seed{seed}.json"
-        if args.merge_only:
-            old = json.loads(path.read_text()) if path.is_file() else None
-            if old and old.get("settings") == {"data": args.data, "base": args.base_flags, "flags": flags, "seed": seed}:
-                return old
-            missing.append(path.stem)
-            return None
-        return run_one(args.data, args.base_flags, flags, seed, path)
+    def get(flags: dict[str, str], seed: int) -> dict[str, Any] | None:  # the run's file if it holds these settings, else run it
+        task = ({"data": args.data, "base": args.base_flags, "flags": flags, "seed": seed}, str(runs_dir / f"{slug(flags)}_seed{seed}.json"))
+        done, _ = harness.split_finished([task])
+        if done or args.merge_only:
+            missing.extend([] if done else [Path(task[-1]).stem])
+            return done[0] if done else None
+        return run_one(*task)
 
     first = [r for r in (get(c, args.seeds[0]) for c in args.candidate_flags) if r is not None]
     if not first:

@@ -222,17 +222,19 @@ def _collect(futures: dict[Future, int], pool: ProcessPoolExecutor, on_result: C
     return results
 
 
-def split_finished(grid: Sequence[tuple[Any, ...]], settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+def split_finished(grid: Sequence[tuple[Any, ...]], settings: dict[str, Any] | None = None
+                   ) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
     """(results already written, tasks still to run) of a grid whose tasks end with their run file's path.
 
     A run file counts as finished when it exists and was written with the same `settings` (its
-    "settings" key), so a rerun of a grid skips what is done and redoes what changed.
+    "settings" key), so a rerun of a grid skips what is done and redoes what changed. Without
+    `settings`, each task's own settings are its second-to-last item (tasks whose settings differ).
     """
     done, todo = [], []
     for task in grid:
         path = Path(task[-1])
         old = json.loads(path.read_text()) if path.is_file() else None
-        if old is not None and old.get("settings") == settings:
+        if old is not None and old.get("settings") == (task[-2] if settings is None else settings):
             done.append(old)
         else:
             todo.append(task)

@@ -264,10 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     missing: list[str] = []
 
     def finish(tasks: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:  # run what no file with the same settings holds
-        done, todo = [], []
-        for t in tasks:
-            d, left = harness.split_finished([t], t[4])
-            done, todo = done + d, todo + left
+        done, todo = harness.split_finished(tasks)  # each task carries its mode's settings
         if args.merge_only:
             missing.extend(Path(t[-1]).stem for t in todo)
             return done

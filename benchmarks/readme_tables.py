@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 READMES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")  # the user README, then the evidence
@@ -385,15 +387,10 @@ def federated_headline() -> str:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen["flags"].items()) or "the defaults"
         over = chosen["ne_over_centralized_pct"]
         lines.append(f"- {path.stem.removeprefix('federated_tune_')} with `{flags}` (chosen on validation by `benchmarks/federated_tune.py`): "
-                     f"test NE {interval_cell(chosen['test_ne'])}, {interval_cell(over, '{:+.2f}')}% over centralized, "
+                     f"test NE {harness.format_interval(chosen['test_ne'])}, {harness.format_interval(over, '{:+.2f}')}% over centralized, "
                      f"{len(chosen['seeds'])} seeds (`{path.name}`)")
     return "\n".join(lines)
 
-
-def interval_cell(c: dict[str, Any], fmt: str = "{:.4f}") -> str:
-    """A result file's {"mean", "ci95", "n"} as "mean [low, high]" (the mean alone for one value)."""
-    lo, hi = c["ci95"]
-    return fmt.format(c["mean"]) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if c.get("n", 1) > 1 else "")
 
 
 def federated_robust() -> str:
