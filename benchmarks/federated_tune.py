@@ -36,7 +36,7 @@ log = logging.getLogger("federated_tune")
 # 1 local epoch, patience 2 evaluations of 5 rounds): the step size, the round's sample, the stopping rule, local work;
 # and the two single changes that lowered validation NE on MovieLens-1M (a smaller server step, more clients), together.
 CANDIDATES = ("", "server_lr=0.03", "server_lr=0.003", "clients_per_round=500", "server_lr=0.003,clients_per_round=500",
-              "patience=6", "local_epochs=2")
+              "patience=6", "server_lr=0.003,clients_per_round=500,patience=6", "local_epochs=2")
 
 
 def parse_candidate(text: str) -> dict[str, str]:
