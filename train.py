@@ -5,6 +5,7 @@
   python train.py --data synthetic --model attention-fm --aux-cohorts 3
   python train.py --data ratings.csv --label click --sparse user,item,city --user-col user
   torchrun --nproc_per_node 2 train.py --aux-cohorts   # sharded over 2 processes (gloo on CPU)
+  python train.py --model next-item --data movielens-1m --next-item-loss global-softmax --federated   # Ning et al. 2021
 
 Writes OUT/config.json, OUT/report.json and checkpoints (see --out); OUT is locked while a run writes.
 An OUT that holds another run's files is refused unless --resume continues it or --overwrite replaces
@@ -23,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from c2al.config import Config, add_config_flags, parse_args
+from c2al.config import SEQUENCE_MODELS, Config, add_config_flags, parse_args
 from c2al.errors import C2ALError
 
 _OTHER_RANK_GRACE_S = 5.0  # how long a non-main rank waits for the main rank to report the same error
@@ -96,6 +97,8 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
     quiet_libraries()
     # 1. validate: nothing is written until the flags, OUT, the checkpoints and the data have passed
     check_command_line(cfg, given)
+    if cfg.model in SEQUENCE_MODELS:
+        return run_sequence(cfg, given)
     check_model(cfg)
     out = out_dir(cfg)
     if not cfg.out and out != default_out(cfg):
@@ -119,8 +122,33 @@ def run(cfg: Config, given: set[str] | None = None) -> dict[str, Any]:
             lock.release()
 
 
-def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
-    """What the main process does once OUT is its own: tidy it, save the config, say what runs."""
+def run_sequence(cfg: Config, given: set[str] | None) -> dict[str, Any]:
+    """--model next-item: user timelines instead of table rows, one process (c2al.jobs.next_item_job)."""
+    from c2al.dist.outdir import check_out_dir, lock_out_dir
+    from c2al.dist.process import init_distributed
+    from c2al.jobs.next_item_job import check_next_item, next_item_data, run_next_item
+    from c2al.jobs.preflight import given_flags
+
+    given = given_flags(cfg) if given is None else given
+    check_next_item(cfg, given)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise C2ALError(f"--model {cfg.model} runs in one process (its federated clients are simulated): start it without torchrun")
+    out = out_dir(cfg)
+    check_out_dir(out)
+    splits = next_item_data(cfg)
+    info = init_distributed("cpu")
+    lock = lock_out_dir(out, info, reuse=cfg.overwrite)
+    try:
+        prepare_out(cfg, out)
+        log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
+        return run_next_item(cfg, given, out, splits)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare_out(cfg: Config, out: Path) -> None:
+    """Tidy OUT (a killed run's temporaries; with --overwrite the previous run's files) and save the config."""
     from c2al.dist.outdir import remove_run_files, remove_stale_temporaries
     from c2al.eval.report import write_json
 
@@ -132,6 +160,11 @@ def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
         if replaced:
             log.info(f"--overwrite: removed the previous run's {', '.join(p.name for p in replaced)} from {out}")
     write_json(cfg.to_dict(), out / "config.json")
+
+
+def start(cfg: Config, out: Path, info: Any, splits: Any) -> None:
+    """What the main process does once OUT is its own: tidy it, save the config, say what runs."""
+    prepare_out(cfg, out)
     log.info(f"c2al train.py on {info.world_size} process(es), {info.device}, backend {info.backend}")
     log.info(f"config: {changed_flags(cfg)}  (every field: {out / 'config.json'})")
     s = splits.schema

@@ -14,7 +14,10 @@ from typing import Any, NamedTuple, Sequence
 
 from c2al.errors import C2ALError
 
-MODELS = ("afm", "attention-fm", "two-tower")
+MODELS = ("afm", "attention-fm", "two-tower")  # tabular models (c2al.models.registry)
+# Models over each user's time-ordered items instead of a table's rows (c2al.jobs.next_item_job).
+SEQUENCE_MODELS = ("next-item",)
+NEXT_ITEM_LOSSES = ("softmax", "global-softmax", "hinge-spreadout", "spreadout")  # c2al.jobs.next_item.LOSSES, spelled as flags
 # Optimizer and sharding names, once: c2al.dist.sharding maps them to classes.
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # adam only on CUDA (FBGEMM's CPU kernels)
@@ -106,7 +109,9 @@ class Config:
     min_count: int = _opt("streaming sources: instead of hashing, a vocabulary built in one pass over the training rows; values seen "
                           "fewer than N times share id 0 (0: hash)", default=0)
     # model
-    model: str = _opt(f"model: {', '.join(MODELS)}", default="afm", choices=MODELS)
+    model: str = _opt(f"model: {', '.join(MODELS)} (rows of a table), or next-item (Ning et al. 2021's dual encoder: the mean of a "
+                      "user's previous 10 items through a dense layer against one shared item table, trained on time-ordered "
+                      "timelines, split by user; reports recall@K over the whole catalog)", default="afm", choices=MODELS + SEQUENCE_MODELS)
     embedding_dim: int = _opt("embedding dimension D of every table", default=16)
     attention_dim: int = _opt("AFM attention MLP width / AttentionFM rank K'", default=16)
     dropout: float = _opt("AFM dropout on the pairwise products", default=0.2)
@@ -114,6 +119,10 @@ class Config:
                                default="bce", choices=("bce", "softmax"))
     two_tower_logq: bool = _opt("--two-tower-loss softmax: logQ correction (Yi et al. 2019), each in-batch candidate's logits minus the "
                                 "log of its item's share of the training rows, so popular items are not over-penalised as negatives", default=True)
+    next_item_loss: str = _opt("--model next-item: softmax (in-batch negatives), global-softmax (every catalog item a negative), "
+                               "hinge-spreadout (squared hinge on the positive + spread-out over the whole catalog) or spreadout "
+                               "(the spread-out terms alone); the last three do not depend on the batch, which federated clients "
+                               "of one user need (Ning et al. 2021)", default="softmax", choices=NEXT_ITEM_LOSSES)
     # training
     epochs: int = _opt("most passes over the training split (early stopping usually ends sooner)", default=10)
     patience: int = _opt("early stopping: evaluations of validation NE (recall@10 with --two-tower-loss softmax) without a strictly "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from c2al.data.movielens import _read_any, default_movielens_dir
 from c2al.data.schema import JaggedColumn, Schema, SparseFeature, Table
@@ -74,6 +75,40 @@ def read_timelines(path: Path) -> Timelines:
     ratings = _read_any(Path(path)).ratings
     if ratings.empty:
         raise C2ALError(f"{path}: no ratings")
+    return _timelines(ratings[["user", "item", "timestamp"]])
+
+
+def read_timelines_table(path: str | Path, user: str, item: str, time: str) -> Timelines:
+    """The timelines of a CSV / Parquet interaction log: one row per (user, item, time) event.
+
+    Args:
+        path: a file `c2al.data.tabular.read_frame` reads.
+        user, item, time: its columns (time: numbers, or dates / datetimes).
+
+    Returns:
+        Timelines; a missing column, an empty table or a missing user / item value is a C2ALError naming it.
+    """
+    from c2al.data.tabular import _check_roles, _timestamps, read_frame
+
+    where = str(path)
+    if not (user and item and time):
+        raise C2ALError(f"{where}: next-item timelines need --user-col, --item-col and --time-col (got {user!r}, {item!r}, {time!r})")
+    df = read_frame(path)
+    _check_roles(where, df.columns, {"user column": [user], "item column": [item], "time column": [time]})
+    if df.empty:
+        raise C2ALError(f"{where}: the table has no rows")
+    for role, col in (("user", user), ("item", item)):
+        missing = df[col].isna().to_numpy()
+        if missing.any():
+            raise C2ALError(f"{where}: {role} column {col!r} has {int(missing.sum())} missing values (first at row {int(np.flatnonzero(missing)[0])})")
+    # users as integer codes (the example tables hold int64 user keys), items by their text (renumbered 1..V below)
+    frame = pd.DataFrame({"user": pd.factorize(df[user].astype(str), sort=True)[0].astype(np.int64), "item": df[item].astype(str).to_numpy(),
+                          "timestamp": _timestamps(df, time, where)})
+    return _timelines(frame)
+
+
+def _timelines(ratings: pd.DataFrame) -> Timelines:
+    """{user, item, timestamp} events -> Timelines (items renumbered 1..V in raw-id order, each user's events by time)."""
     raw_items = ratings["item"].to_numpy()
     catalog = np.unique(raw_items)
     frame = ratings.assign(item=np.searchsorted(catalog, raw_items) + 1)

@@ -42,7 +42,7 @@ from c2al.federated.client import ClientData, Layout, LocalTrainer, group_by_use
 from c2al.federated.heterogeneity import TierSpec
 from c2al.federated.rounds import FedTrained
 from c2al.federated.simulation import run_rounds
-from c2al.federated.strategy import Aggregation, make_strategy
+from c2al.federated.strategy import STRATEGIES, Aggregation, make_strategy
 from c2al.losses import in_batch_softmax_loss, positive_hinge_loss, spreadout_terms
 from c2al.models.sequence_two_tower import SequenceTwoTower, build_sequence_two_tower
 from c2al.train.task import TrainModule, train_epoch
@@ -145,9 +145,9 @@ def catalog_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, catalog: 
     return (per_row * w).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _seeded(num_items: int, seed: int, loss: NextItemLoss) -> NextItemTrainModule:
+def _seeded(num_items: int, seed: int, loss: NextItemLoss, embedding_dim: int = 16) -> NextItemTrainModule:
     torch.manual_seed(seed)
-    return NextItemTrainModule(build_sequence_two_tower(num_items), loss)
+    return NextItemTrainModule(build_sequence_two_tower(num_items, embedding_dim, (embedding_dim,)), loss)
 
 
 def _epochs(splits: NextItemSplits, batch_size: int, seed: int) -> Any:
@@ -157,7 +157,8 @@ def _epochs(splits: NextItemSplits, batch_size: int, seed: int) -> Any:
 
 
 def fit_centralized(splits: NextItemSplits, loss: NextItemLoss, seed: int, *, lr: float = 0.01, batch_size: int = 16,
-                    eval_every: int = 10_000, patience: int = 3, max_evals: int = 100) -> dict[str, Any]:
+                    eval_every: int = 10_000, patience: int = 3, max_evals: int = 100, embedding_dim: int = 16,
+                    show: bool = False, keep_model: bool = False) -> dict[str, Any]:
     """Adam on the pooled training examples (their centralized launcher), early-stopped on validation recall@10.
 
     Args:
@@ -168,17 +169,21 @@ def fit_centralized(splits: NextItemSplits, loss: NextItemLoss, seed: int, *, lr
         eval_every: steps between validation evaluations (their launcher's "epoch" of steps).
         patience: evaluations without a strictly higher recall@10 before stopping.
         max_evals: the most evaluations (a cap on steps).
+        embedding_dim: D of the item table and the context tower (16 in the paper).
+        show: a progress bar over each evaluation's steps.
+        keep_model: also return the best state's model as "model".
 
     Returns:
-        {"valid": best validation metrics, "test": test metrics of the best state, "steps", "history", "seconds"}.
+        {"valid": best validation metrics, "test": test metrics of the best state, "steps", "history", "seconds"}
+        (and "model" with keep_model).
     """
-    module = _seeded(splits.num_items, seed, loss)
+    module = _seeded(splits.num_items, seed, loss, embedding_dim)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     stream, began = _epochs(splits, batch_size, seed), time.perf_counter()
     best: dict[str, Any] = {}
     history, bad = [], 0
     for i in range(max_evals):
-        stats = train_epoch(module, opt, itertools.islice(stream, eval_every), total=eval_every, show=False, desc="centralized")
+        stats = train_epoch(module, opt, itertools.islice(stream, eval_every), total=eval_every, show=show, desc=f"centralized {loss.kind}")
         valid = next_item_metrics(module.model, splits.valid, splits.schema)
         history.append({"steps": (i + 1) * eval_every, "loss": stats.get("loss"), **{f"valid_{k}": v for k, v in valid.items()}})
         log.info(f"[centralized {loss.kind}] step {(i + 1) * eval_every}  loss {stats.get('loss', float('nan')):.4f}  "
@@ -191,7 +196,8 @@ def fit_centralized(splits: NextItemSplits, loss: NextItemLoss, seed: int, *, lr
                 break
     module.load_state_dict(best.pop("state"))
     test = next_item_metrics(module.model, splits.test, splits.schema)
-    return {**best, "test": test, "history": history, "seconds": time.perf_counter() - began}
+    kept = {"model": module.model} if keep_model else {}
+    return {**best, "test": test, "history": history, "seconds": time.perf_counter() - began, **kept}
 
 
 def next_item_layout(model: SequenceTwoTower) -> Layout:
@@ -245,6 +251,9 @@ class FederatedSettings:
             row and lazy Adam (the AFM's federated path). The whole-catalog losses send every row either way.
         drop_last: a client's last partial local batch is dropped, as their client datasets are cut
             (`batch(batch_size, drop_remainder=True)` in movielens_data_gen.create_tf_datasets); False pads it.
+        server_optimizer: the server's strategy (`c2al.federated.strategy.STRATEGIES`): fedadam (their
+            launcher's), fedadagrad (RF^2's), fedavg, fedyogi or fedprox (with proximal_mu on the clients).
+            beta1, beta2 and tau are Adam's and Yogi's; the others keep their strategy's own constants.
     """
 
     clients_per_round: int = 100
@@ -261,8 +270,14 @@ class FederatedSettings:
     parallel_clients: int = 100
     full_table_updates: bool = True
     drop_last: bool = True
+    server_optimizer: str = "fedadam"
+    proximal_mu: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.server_optimizer not in STRATEGIES:
+            raise C2ALError(f"FederatedSettings.server_optimizer must be one of {sorted(STRATEGIES)}, got {self.server_optimizer!r}")
+        if not self.server_lr > 0:
+            raise C2ALError(f"FederatedSettings.server_lr must be > 0, got {self.server_lr}")
         for name in ("clients_per_round", "local_batch", "local_epochs", "rounds", "eval_every"):
             if getattr(self, name) < 1:
                 raise C2ALError(f"FederatedSettings.{name} must be >= 1, got {getattr(self, name)}")
@@ -272,25 +287,26 @@ class FederatedSettings:
 
 
 def federated_rounds(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: FederatedSettings, *,
-                     show: bool = False) -> FedTrained:
+                     show: bool = False, embedding_dim: int = 16) -> FedTrained:
     """The federated rounds of `fit_federated` (FedAdam over `CatalogTrainer` clients), early-stopped on
     validation recall@10; the FedTrained holds the kept global parameters.
 
     Args:
-        splits, loss, seed, fed, show: as `fit_federated`.
+        splits, loss, seed, fed, show, embedding_dim: as `fit_federated`.
 
     Returns:
         The FedTrained of `run_rounds`.
     """
-    module = _seeded(splits.num_items, seed, loss)
+    module = _seeded(splits.num_items, seed, loss, embedding_dim)
     layout = next_item_layout(module.model)
     trainer = CatalogTrainer(module, layout, splits.schema, splits.train, dense_optimizer="sgd", lr=fed.client_lr,
                              table_optimizer="sgd", table_lr=fed.client_lr, batch_size=fed.local_batch,
                              whole_catalog=loss.whole_catalog or fed.full_table_updates, drop_last=fed.drop_last)
     clients = [ClientData(cid=i, user=u, train=rows) for i, (u, rows) in enumerate(group_by_user(splits.train).items())]
     # TFF weighs a client by its examples, uncapped (c2al's default caps a count at 5x the round's median against liars)
-    strategy = make_strategy("fedadam", layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
-                             seed=seed, beta1=fed.beta1, beta2=fed.beta2, tau=fed.tau, aggregation=Aggregation("mean", count_cap=0.0))
+    moments = {"beta1": fed.beta1, "beta2": fed.beta2, "tau": fed.tau} if fed.server_optimizer in ("fedadam", "fedyogi") else {}
+    strategy = make_strategy(fed.server_optimizer, layout, fed.clients_per_round, epochs=fed.local_epochs, server_lr=fed.server_lr,
+                             proximal_mu=fed.proximal_mu, seed=seed, aggregation=Aggregation("mean", count_cap=0.0), **moments)
 
     def evaluate(trained: Any) -> dict[str, Any]:  # the installed global model (a FedTrained) -> validation metrics
         return next_item_metrics(trained.model, splits.valid, splits.schema)
@@ -301,7 +317,7 @@ def federated_rounds(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed:
 
 
 def fit_federated(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: FederatedSettings = FederatedSettings(),
-                  *, show: bool = False) -> dict[str, Any]:
+                  *, show: bool = False, embedding_dim: int = 16, keep_model: bool = False) -> dict[str, Any]:
     """1 client = 1 training user; FedAdam rounds through `run_rounds`, early-stopped on validation recall@10.
 
     Args:
@@ -310,14 +326,17 @@ def fit_federated(splits: NextItemSplits, loss: NextItemLoss, seed: int, fed: Fe
         seed: model init, client sampling and local shuffles.
         fed: the protocol's settings.
         show: a progress bar over rounds.
+        embedding_dim: D, as `fit_centralized`.
+        keep_model: also return the kept global model as "model".
 
     Returns:
-        {"valid": best validation metrics, "test": test metrics of the kept state, "rounds", "history", "seconds", "settings"}.
+        {"valid": best validation metrics, "test": test metrics of the kept state, "rounds", "history", "seconds", "settings"}
+        (and "model" with keep_model).
     """
-    trained = federated_rounds(splits, loss, seed, fed, show=show)
+    trained = federated_rounds(splits, loss, seed, fed, show=show, embedding_dim=embedding_dim)
     # run_rounds keeps recall@10 only; the kept state's other validation metrics are recomputed here.
     valid = next_item_metrics(trained.model, splits.valid, splits.schema)
     test = next_item_metrics(trained.model, splits.test, splits.schema)
     history = [{k: h[k] for k in ("round", "loss", f"valid_{CRITERION}") if k in h} for h in trained.history]
     return {"valid": valid, "test": test, "rounds": len(trained.history), "kept_round": trained.best.get("rounds"),
-            "history": history, "seconds": trained.seconds, "settings": asdict(fed)}
+            "history": history, "seconds": trained.seconds, "settings": asdict(fed), **({"model": trained.model} if keep_model else {})}

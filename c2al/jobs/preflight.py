@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from c2al.config import GROUPS, RESUME_FIELDS, Config
+from c2al.config import GROUPS, RESUME_FIELDS, SEQUENCE_MODELS, Config
 from c2al.data.batch import num_batches
 from c2al.data.schema import Splits
 from c2al.data.stream import is_stream
@@ -43,6 +43,12 @@ FEDERATED_ONLY = _federated_fields()
 CENTRALIZED_ONLY = ("epochs", "sharding", "pipeline", "checkpoint_every")
 
 
+def given_flags(cfg: Config) -> set[str]:
+    """A Config built in code, whose typed flags are unknown: the fields that differ from the defaults stand for them."""
+    default = Config()
+    return {f.name for f in fields(Config) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
 def check_command_line(cfg: Config, given: set[str] | None) -> None:
     """Flags that mean nothing in this run's mode, and --resume with --overwrite, are refused.
 
@@ -51,9 +57,7 @@ def check_command_line(cfg: Config, given: set[str] | None) -> None:
         given: the fields whose flags were typed; None: those that differ from Config's defaults
             (a Config built in code, whose typed flags are unknown).
     """
-    if given is None:
-        default = Config()
-        given = {f.name for f in fields(Config) if getattr(cfg, f.name) != getattr(default, f.name)}
+    given = given_flags(cfg) if given is None else given
     if cfg.federated:
         wrong = [n for n in CENTRALIZED_ONLY if n in given]
         if wrong:
@@ -64,6 +68,8 @@ def check_command_line(cfg: Config, given: set[str] | None) -> None:
         if wrong:
             raise C2ALError(f"{_flags(wrong)} applies to --federated runs only; this centralized run would ignore it: "
                             "drop it or add --federated")
+    if "next_item_loss" in given and cfg.model not in SEQUENCE_MODELS:
+        raise C2ALError(f"--next-item-loss trains --model next-item, not {cfg.model} (its loss is --two-tower-loss or BCE): drop it")
     if is_stream(cfg) and "epochs" in given:
         raise C2ALError("--epochs: a streamed source trains one pass in stream order; drop it (validation every --eval-every "
                         "steps and --patience decide where the pass stops early)")
