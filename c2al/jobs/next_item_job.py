@@ -30,6 +30,7 @@ from c2al.dist.checkpoint import save_checkpoint
 from c2al.errors import C2ALError
 from c2al.eval.next_item import label_ranks, popularity, recall_metrics
 from c2al.eval.report import format_table, write_json
+from c2al.federated.strategy import DEFAULT_SERVER_LR
 from c2al.jobs.next_item import FederatedSettings, NextItemLoss, fit_centralized, fit_federated
 
 log = logging.getLogger("c2al.next_item")
@@ -98,19 +99,13 @@ def describe(splits: NextItemSplits) -> dict[str, Any]:
 
 def federated_settings(cfg: Config, given: set[str]) -> FederatedSettings:
     """The FederatedSettings a --federated next-item run trains with (the paper's where no flag was typed)."""
-    lr = cfg.server_lr or (SERVER_LR if cfg.server_optimizer in ("fedadam", "fedyogi") else 0.0)
-    base = FederatedSettings()
-    return replace(base, clients_per_round=setting(cfg, given, "clients_per_round"), local_batch=setting(cfg, given, "local_batch_size"),
+    # 0 (not typed): 0.1 for Adam and Yogi (the measured choice), else the strategy's own default
+    lr = cfg.server_lr or (SERVER_LR if cfg.server_optimizer in ("fedadam", "fedyogi") else DEFAULT_SERVER_LR[cfg.server_optimizer])
+    return replace(FederatedSettings(), clients_per_round=setting(cfg, given, "clients_per_round"), local_batch=setting(cfg, given, "local_batch_size"),
                    local_epochs=cfg.local_epochs, client_lr=setting(cfg, given, "lr"), rounds=setting(cfg, given, "rounds"),
                    eval_every=cfg.eval_rounds or ("eval_every" in given and cfg.eval_every) or FEDERATED_EVAL_ROUNDS, patience=setting(cfg, given, "patience"),
                    parallel_clients=setting(cfg, given, "parallel_clients"), server_optimizer=cfg.server_optimizer,
-                   server_lr=lr or _strategy_default_lr(cfg.server_optimizer), proximal_mu=cfg.proximal_mu)
-
-
-def _strategy_default_lr(name: str) -> float:
-    from c2al.federated.strategy import DEFAULT_SERVER_LR
-
-    return DEFAULT_SERVER_LR[name]
+                   server_lr=lr, proximal_mu=cfg.proximal_mu)
 
 
 def next_item_data(cfg: Config) -> NextItemSplits:
