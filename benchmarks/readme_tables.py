@@ -605,6 +605,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "fedrecgel_protocol": fedrecgel_protocol("fedrecgel_protocol.json"),
     "fedrecgel_protocol_server-lr": fedrecgel_protocol("fedrecgel_protocol_server-lr-0.01.json"),
     "ning_protocol": ning_protocol("ning_protocol.json"),
+    "ning_protocol_rounds-600": ning_protocol("ning_protocol_rounds-600.json"),
     "federated_tune": federated_tune("federated_tune_movielens-1m.json"),
 }
 
