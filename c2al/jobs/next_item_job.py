@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def federated_settings(cfg: Config, given: set[str]) -> FederatedSettings:
     """The FederatedSettings a --federated next-item run trains with (the paper's where no flag was typed)."""
     # 0 (not typed): 0.1 for Adam and Yogi (the measured choice), else the strategy's own default
     lr = cfg.server_lr or (SERVER_LR if cfg.server_optimizer in ("fedadam", "fedyogi") else DEFAULT_SERVER_LR[cfg.server_optimizer])
-    return replace(FederatedSettings(), clients_per_round=setting(cfg, given, "clients_per_round"), local_batch=setting(cfg, given, "local_batch_size"),
+    return FederatedSettings(clients_per_round=setting(cfg, given, "clients_per_round"), local_batch=setting(cfg, given, "local_batch_size"),
                    local_epochs=cfg.local_epochs, client_lr=setting(cfg, given, "lr"), rounds=setting(cfg, given, "rounds"),
                    eval_every=cfg.eval_rounds or ("eval_every" in given and cfg.eval_every) or FEDERATED_EVAL_ROUNDS, patience=setting(cfg, given, "patience"),
                    parallel_clients=setting(cfg, given, "parallel_clients"), server_optimizer=cfg.server_optimizer,
@@ -133,13 +132,13 @@ def run_next_item(cfg: Config, given: set[str], out: Path, splits: NextItemSplit
         result = fit_federated(splits, loss, cfg.seed, fed, show=not cfg.quiet, embedding_dim=cfg.embedding_dim, keep_model=True)
         kept, step = f"round {result['kept_round']}", int(result["kept_round"] or 0)
     else:
-        batch = setting(cfg, given, "batch_size")
+        batch, lr = setting(cfg, given, "batch_size"), setting(cfg, given, "lr")
         per_epoch = max(1, len(splits.train) // batch)
         every = cfg.eval_every if "eval_every" in given and cfg.eval_every else min(CENTRALIZED_EVAL_STEPS, per_epoch)
         max_evals = max(1, math.ceil(cfg.epochs * per_epoch / every))
-        log.info(f"centralized: Adam lr {setting(cfg, given, 'lr'):g}, batch {batch}, validation every {every} steps, "
+        log.info(f"centralized: Adam lr {lr:g}, batch {batch}, validation every {every} steps, "
                  f"at most {max_evals * every} steps ({cfg.epochs} epochs)")
-        result = fit_centralized(splits, loss, cfg.seed, lr=setting(cfg, given, "lr"), batch_size=batch, eval_every=every,
+        result = fit_centralized(splits, loss, cfg.seed, lr=lr, batch_size=batch, eval_every=every,
                                  patience=setting(cfg, given, "patience"), max_evals=max_evals, embedding_dim=cfg.embedding_dim,
                                  show=not cfg.quiet, keep_model=True)
         kept, step = f"step {result['steps']}", int(result["steps"])
