@@ -436,7 +436,8 @@ def round_cost(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ main
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}, or quality (the default run, timed)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}, quality (the default run, timed), "
+                    f"or a paper's own protocol: {', '.join(PROTOCOLS)}")
     harness.add_seeds_flag(ap, "0,1,2", what="every arm (3 or more for intervals)")
     ap.add_argument("--workers", type=int, default=2, help="arms side by side, one torch thread each")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where federated_<part>.json go")
